@@ -1,0 +1,214 @@
+"""End-to-end load comparison: meshproxy vs HAProxy, same origin, same core, same run.
+
+    python -m bench.load [--duration 10] [--connections 64] [--rounds 2]
+
+Setup (2-core machine): each proxy runs pinned to core 0 with one worker (HAProxy:
+nbthread 1); nginx (the origin, 100-byte responses, keep-alive) and wrk run on core 1.
+Both proxies keep upstream connections alive. For each proxy, after a warm-up, wrk runs
+for `--duration` seconds and the proxy's CPU time (utime + stime from /proc/PID/stat) is
+divided by the requests wrk completed: CPU microseconds per request, the figure that does
+not depend on how busy the shared machine is. Rounds alternate the proxies so that drift
+in machine load hits both. Prints a Markdown table with the ratios to HAProxy.
+
+Needs haproxy, nginx and wrk (Debian packages: haproxy nginx-light wrk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PROXY_CORE = "0"
+LOAD_CORE = "1"
+BODY = "x" * 100
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its threads (fields 14, 15 of /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+@dataclass
+class Result:
+    name: str
+    rps: float
+    p99_ms: float
+    requests: int
+    cpu_us_per_req: float
+
+
+def start_nginx(tmp: Path, port: int) -> subprocess.Popen:
+    conf = tmp / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        location / {{ default_type text/plain; return 200 "{BODY}"; }}
+    }}
+}}
+""")
+    proc = subprocess.Popen(["taskset", "-c", LOAD_CORE, "nginx", "-c", str(conf), "-p", str(tmp)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc
+
+
+def start_haproxy(tmp: Path, port: int, origin: int) -> subprocess.Popen:
+    conf = tmp / "haproxy.cfg"
+    conf.write_text(f"""
+global
+    nbthread 1
+    maxconn 4000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    option http-keep-alive
+    http-reuse always
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend be
+backend be
+    server origin 127.0.0.1:{origin} maxconn 1000
+""")
+    proc = subprocess.Popen(["taskset", "-c", PROXY_CORE, "haproxy", "-db", "-f", str(conf)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc
+
+
+def start_meshproxy(tmp: Path, port: int, origin: int) -> subprocess.Popen:
+    conf = tmp / "meshproxy.json"
+    conf.write_text(json.dumps({
+        "listeners": [{"name": "bench", "address": "127.0.0.1", "port": port,
+                       "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+                           {"match": {"prefix": "/"}, "route": {"cluster": "origin"}}]}]}],
+        "clusters": [{"name": "origin", "max_idle_connections": 1024,
+                      "endpoints": [{"address": "127.0.0.1", "port": origin}]}],
+    }))
+    proc = subprocess.Popen(["taskset", "-c", PROXY_CORE, sys.executable, "-m", "meshproxy",
+                             "run", "--config", str(conf), "--workers", "1",
+                             "--log-level", "warning"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc
+
+
+def run_wrk(port: int, duration: float, connections: int) -> tuple[int, float, float]:
+    out = subprocess.run(["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}",
+                          f"-d{max(1, round(duration))}s", "--latency", f"http://127.0.0.1:{port}/"],
+                         capture_output=True, text=True, check=True).stdout
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    m = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    p99 = float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)] if m else 0.0
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", out)
+    if errors:
+        print(f"  wrk reported: {errors.group(0)}", file=sys.stderr)
+    return requests, rps, p99
+
+
+def measure(name: str, proc: subprocess.Popen, port: int, duration: float,
+            connections: int) -> Result:
+    run_wrk(port, 2, connections)  # warm-up: pools filled, code paths hot
+    c0 = cpu_seconds(proc.pid)
+    requests, rps, p99 = run_wrk(port, duration, connections)
+    c1 = cpu_seconds(proc.pid)
+    return Result(name, rps, p99, requests, (c1 - c0) / max(requests, 1) * 1e6)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args(argv)
+    for tool in ("haproxy", "nginx", "wrk", "taskset"):
+        if shutil.which(tool) is None:
+            print(f"bench.load needs {tool} (apt-get install haproxy nginx-light wrk)",
+                  file=sys.stderr)
+            return 2
+    results: dict[str, list[Result]] = {"haproxy": [], "meshproxy": []}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        origin_port = free_port()
+        nginx = start_nginx(tmp, origin_port)
+        try:
+            for _ in range(args.rounds):
+                for name, starter in (("haproxy", start_haproxy), ("meshproxy", start_meshproxy)):
+                    port = free_port()
+                    proc = starter(tmp, port, origin_port)
+                    try:
+                        r = measure(name, proc, port, args.duration, args.connections)
+                    finally:
+                        stop(proc)
+                    results[name].append(r)
+                    print(f"  {name}: {r.rps:,.0f} req/s, p99 {r.p99_ms:.2f} ms, "
+                          f"{r.cpu_us_per_req:.1f} us CPU/req", file=sys.stderr)
+        finally:
+            stop(nginx)
+
+    def best(name: str) -> Result:
+        return min(results[name], key=lambda r: r.cpu_us_per_req)
+
+    h, m = best("haproxy"), best("meshproxy")
+    print(f"\nGET, 100-byte responses, keep-alive, wrk -c{args.connections} "
+          f"-d{args.duration:g}s, one proxy core; best of {args.rounds} rounds\n")
+    print("| proxy | requests/s | p99 latency | CPU per request | CPU vs HAProxy |")
+    print("|---|---:|---:|---:|---:|")
+    for r in (h, m):
+        print(f"| {r.name} | {r.rps:,.0f} | {r.p99_ms:.2f} ms | {r.cpu_us_per_req:.1f} us | "
+              f"{r.cpu_us_per_req / h.cpu_us_per_req:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Command line: argument parsing only; the work is done by the modules it calls.
+
+  meshproxy run --config F [--workers 1] [--access-log PATH|off] [--log-level L]
+  meshproxy validate --config F
+  meshproxy demo [--port P] [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from meshproxy.config.compile import compile_config
+from meshproxy.config.load import ConfigError, load_file
+
+EXIT_CONFIG = 2
+
+
+def _print_config_errors(exc: ConfigError) -> None:
+    print(f"meshproxy: invalid config {exc.source}:", file=sys.stderr)
+    for line in exc.errors:
+        print(f"  {line}", file=sys.stderr)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        load_file(args.config)
+    except ConfigError as exc:
+        _print_config_errors(exc)
+        return EXIT_CONFIG
+    print(f"{args.config}: valid")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import trio
+
+    from meshproxy.process.worker import run_until_signal
+
+    try:
+        config = load_file(args.config)
+    except ConfigError as exc:
+        _print_config_errors(exc)
+        return EXIT_CONFIG
+    if args.workers != 1:
+        # The supervised SO_REUSEPORT pool is the next step (issue 3); refuse rather than
+        # silently run a different number of workers than asked for.
+        print("meshproxy: --workers other than 1 is not available yet", file=sys.stderr)
+        return EXIT_CONFIG
+    snapshot = compile_config(config, access_log_override=args.access_log)
+    try:
+        trio.run(run_until_signal, snapshot)
+    except OSError as exc:
+        print(f"meshproxy: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from meshproxy.demo import run_demo
+
+    return run_demo(args.port, args.origin_port, check=args.check)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshproxy", description="meshproxy data plane")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="serve a config")
+    run.add_argument("--config", "-c", required=True, help="YAML or JSON config file")
+    run.add_argument("--workers", type=int, default=1,
+                     help="worker processes (only 1 for now; the pool comes next)")
+    run.add_argument("--access-log", default=None, metavar="PATH",
+                     help="override every listener's access log: stdout, stderr, a file, or off")
+    run.add_argument("--log-level", default=os.environ.get("MESHPROXY_LOG_LEVEL", "info"),
+                     choices=["debug", "info", "warning", "error"], help="default: info")
+    run.set_defaults(func=_cmd_run)
+
+    validate = sub.add_parser("validate", help="check a config, print every error, exit 2 if any")
+    validate.add_argument("--config", "-c", required=True)
+    validate.set_defaults(func=_cmd_validate, log_level="warning")
+
+    demo = sub.add_parser("demo", help="run a bundled origin behind the proxy and call it")
+    demo.add_argument("--port", type=int, default=10000, help="proxy port (default 10000)")
+    demo.add_argument("--origin-port", type=int, default=8080, help="origin port (default 8080)")
+    demo.add_argument("--check", action="store_true",
+                      help="exit after the first proxied response (0 when it was a 200)")
+    demo.set_defaults(func=_cmd_demo, log_level="info")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

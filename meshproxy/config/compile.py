@@ -1,0 +1,240 @@
+"""Config -> an immutable runtime Snapshot: route tables, actions and cluster specs, all as
+bytes and seconds, so that the data path does no conversions per request.
+
+A Snapshot is built once per config version (in the supervisor, later sent to workers) and
+never mutated; a worker swaps it in one assignment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from meshproxy._core.route_table import HeaderMatcher, Route, RouteTable, VirtualHost
+from meshproxy.config import schema
+from meshproxy.config.durations import parse_duration
+
+MatcherKind = Literal["exact", "prefix", "suffix", "regex", "present", "absent"]
+PathKind = Literal["prefix", "path", "regex"]
+
+# Request headers never forwarded as they came (RFC 9110 section 7.6.1 hop-by-hop fields,
+# plus those the proxy itself rewrites: Host, the framing and Expect, which the proxy answers
+# itself as Envoy does, and the x-forwarded-* it sets).
+REQUEST_SKIP = frozenset({
+    b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+    b"proxy-connection", b"host", b"expect", b"x-forwarded-for", b"x-forwarded-proto",
+})
+# Response headers never forwarded as they came: hop-by-hop and the framing the proxy
+# chooses for the downstream connection.
+RESPONSE_SKIP = frozenset({
+    b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+    b"proxy-connection",
+})
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderOps:
+    """Header mutations of a route merged with its virtual host's (route applied last)."""
+
+    request_skip: frozenset[bytes]
+    request_add: tuple[tuple[bytes, bytes], ...]
+    response_skip: frozenset[bytes]
+    response_add: tuple[tuple[bytes, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterAction:
+    """Forward upstream. `clusters` holds (name, cumulative weight); one entry unless
+    weighted_clusters, where a request goes to the first whose cumulative weight exceeds a
+    uniform draw in [0, total)."""
+
+    clusters: tuple[tuple[str, int], ...]
+    total_weight: int
+    prefix: bytes | None
+    prefix_rewrite: bytes | None
+    host_rewrite: bytes | None
+    timeout: float
+    ops: HeaderOps
+
+
+@dataclass(frozen=True, slots=True)
+class RedirectAction:
+    scheme: bytes | None
+    host: bytes | None
+    port: int | None
+    path: bytes | None
+    prefix: bytes | None
+    prefix_rewrite: bytes | None
+    status: int
+    strip_query: bool
+    ops: HeaderOps
+
+
+@dataclass(frozen=True, slots=True)
+class DirectAction:
+    status: int
+    body: bytes
+    content_type: bytes
+    ops: HeaderOps
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    name: str
+    endpoints: tuple[tuple[str, int, int], ...]  # (address, port, weight)
+    connect_timeout: float
+    idle_timeout: float
+    max_idle_connections: int
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogSpec:
+    path: str
+    format: str
+    flush_interval: float
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSpec:
+    name: str
+    address: str
+    port: int
+    route_table: RouteTable
+    request_headers_timeout: float
+    idle_timeout: float
+    max_request_line: int
+    max_header_bytes: int
+    max_headers: int
+    access_log: AccessLogSpec | None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    version: int
+    config: schema.Config
+    listeners: tuple[ListenerSpec, ...]
+    clusters: dict[str, ClusterSpec] = field(default_factory=dict)
+
+
+def _enc(s: str) -> bytes:
+    return s.encode("latin-1") if s.isascii() else s.encode("utf-8")
+
+
+def _matcher(m: schema.QueryParameterMatch, lower: bool) -> HeaderMatcher:
+    name = _enc(m.name)
+    kinds: tuple[MatcherKind, ...] = ("exact", "prefix", "suffix", "regex")
+    for kind in kinds:
+        value = getattr(m, kind)
+        if value is not None:
+            return HeaderMatcher(name, kind, _enc(value), m.invert, lower)
+    # load.check() has made sure exactly one of present: true / absent: true is set.
+    return HeaderMatcher(name, "present" if m.present else "absent", b"", m.invert, lower)
+
+
+def _ops(vh: schema.VirtualHost, route: schema.Route) -> HeaderOps:
+    def merge(adds: list[schema.HeaderValue], removes: list[str], base: frozenset[bytes]
+              ) -> tuple[frozenset[bytes], tuple[tuple[bytes, bytes], ...]]:
+        skip = set(base) | {_enc(n.lower()) for n in removes}
+        out: list[tuple[bytes, bytes]] = []
+        for hv in adds:
+            name = _enc(hv.name.lower())
+            if not hv.append:
+                skip.add(name)
+                out = [p for p in out if p[0] != name]
+            out.append((name, _enc(hv.value)))
+        return frozenset(skip), tuple(out)
+
+    rq_skip, rq_add = merge(vh.request_headers_to_add + route.request_headers_to_add,
+                            vh.request_headers_to_remove + route.request_headers_to_remove,
+                            REQUEST_SKIP)
+    rs_skip, rs_add = merge(vh.response_headers_to_add + route.response_headers_to_add,
+                            vh.response_headers_to_remove + route.response_headers_to_remove,
+                            RESPONSE_SKIP)
+    return HeaderOps(rq_skip, rq_add, rs_skip, rs_add)
+
+
+def _action(vh: schema.VirtualHost, r: schema.Route) -> object:
+    ops = _ops(vh, r)
+    prefix = _enc(r.match.prefix) if r.match.prefix is not None else None
+    if r.route is not None:
+        a = r.route
+        if a.cluster is not None:
+            clusters: tuple[tuple[str, int], ...] = ((a.cluster, 1),)
+            total = 1
+        else:
+            acc = 0
+            weighted = []
+            for wc in a.weighted_clusters or ():
+                if wc.weight:
+                    acc += wc.weight
+                    weighted.append((wc.name, acc))
+            clusters, total = tuple(weighted), acc
+        return ClusterAction(
+            clusters, total, prefix,
+            _enc(a.prefix_rewrite) if a.prefix_rewrite is not None else None,
+            _enc(a.host_rewrite) if a.host_rewrite is not None else None,
+            parse_duration(a.timeout), ops)
+    if r.redirect is not None:
+        d = r.redirect
+        return RedirectAction(
+            _enc(d.scheme_redirect) if d.scheme_redirect else None,
+            _enc(d.host_redirect) if d.host_redirect else None,
+            d.port_redirect,
+            _enc(d.path_redirect) if d.path_redirect is not None else None,
+            prefix,
+            _enc(d.prefix_rewrite) if d.prefix_rewrite is not None else None,
+            d.response_code, d.strip_query, ops)
+    assert r.direct_response is not None
+    dr = r.direct_response
+    return DirectAction(dr.status, dr.body.encode("utf-8"), _enc(dr.content_type), ops)
+
+
+def _route(vh: schema.VirtualHost, r: schema.Route) -> Route:
+    m = r.match
+    kind: PathKind
+    if m.prefix is not None:
+        kind, path = "prefix", m.prefix
+    elif m.path is not None:
+        kind, path = "path", m.path
+    else:
+        kind, path = "regex", m.regex or ""
+    methods = [_enc(x.upper()) for x in m.methods] if m.methods else None
+    return Route(kind, _enc(path), methods,
+                 [_matcher(h, True) for h in m.headers],
+                 [_matcher(q, False) for q in m.query_parameters],
+                 _action(vh, r), m.case_sensitive, r.name)
+
+
+def _access_log(spec: schema.AccessLog | None, override: str | None) -> AccessLogSpec | None:
+    if override is not None:
+        if override in ("", "off", "none"):
+            return None
+        fmt = spec.format if spec is not None else "text"
+        return AccessLogSpec(override, fmt, parse_duration(spec.flush_interval) if spec else 1.0)
+    if spec is None:
+        return None
+    return AccessLogSpec(spec.path, spec.format, parse_duration(spec.flush_interval))
+
+
+def compile_config(config: schema.Config, version: int = 1,
+                   access_log_override: str | None = None) -> Snapshot:
+    """Build the runtime snapshot. The config must have passed load.check()."""
+    listeners = []
+    for lst in config.listeners:
+        vhosts = []
+        for vh in lst.virtual_hosts:
+            routes = [_route(vh, r) for r in vh.routes]
+            vhosts.append((VirtualHost(vh.name, routes), list(vh.domains)))
+        listeners.append(ListenerSpec(
+            lst.name, lst.address, lst.port, RouteTable(vhosts),
+            parse_duration(lst.request_headers_timeout), parse_duration(lst.idle_timeout),
+            lst.max_request_line, lst.max_request_headers_kb * 1024, lst.max_headers_count,
+            _access_log(lst.access_log or config.access_log, access_log_override)))
+    clusters = {
+        c.name: ClusterSpec(
+            c.name, tuple((e.address, e.port, e.weight) for e in c.endpoints),
+            parse_duration(c.connect_timeout), parse_duration(c.idle_timeout),
+            c.max_idle_connections)
+        for c in config.clusters
+    }
+    return Snapshot(version, config, tuple(listeners), clusters)

@@ -1,0 +1,268 @@
+"""Decode a YAML or JSON config into `schema.Config`, reporting every error with its path.
+
+msgspec stops at the first error, so the raw document is first walked against the Struct
+types field by field: each leaf is converted on its own and each failure is recorded with
+its path (`listeners[0].virtual_hosts[0].routes[2].match.prefix: expected str, got int`).
+Only a document with no structural error is converted in one call; then the cross-field
+rules run (exactly one action, known clusters, unique names, compilable regexes).
+
+Sans-IO apart from `load_file`, which reads the file and nothing else.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from meshproxy.config import schema
+from meshproxy.config.durations import parse_duration
+
+
+class ConfigError(Exception):
+    """A config that must not be adopted; `errors` lists one line per problem."""
+
+    def __init__(self, errors: list[str], source: str = "") -> None:
+        self.errors = errors
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(where + "; ".join(errors))
+
+
+_MSGSPEC_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<at>[^`]*)`)?$", re.S)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _reword(exc: msgspec.ValidationError, path: str) -> str:
+    m = _MSGSPEC_AT.match(str(exc))
+    assert m is not None
+    msg = m.group("msg").replace("`", "")
+    msg = msg[:1].lower() + msg[1:]
+    msg = msg.replace(" | null", "")  # optional fields: say what is expected, not "or null"
+    at = m.group("at") or ""
+    full = (path + at).lstrip(".")
+    return f"{full or '(root)'}: {msg}"
+
+
+def _struct_of(tp: Any) -> type[msgspec.Struct] | None:
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return tp
+    return None
+
+
+def _optional_struct(tp: Any) -> type[msgspec.Struct] | None:
+    """S for `S | None`, else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return _struct_of(args[0])
+    return None
+
+
+def _list_item_struct(tp: Any) -> type[msgspec.Struct] | None:
+    """S for `list[S]` or `list[S] | None`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) != 1:
+            return None
+        tp = args[0]
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        return _struct_of(item)
+    return None
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    return type(value).__name__
+
+
+def walk(value: Any, cls: type[msgspec.Struct], path: str, errors: list[str]) -> None:
+    """Record every structural error of `value` against Struct `cls`."""
+    if not isinstance(value, dict):
+        errors.append(f"{path or '(root)'}: expected object, got {_type_name(value)}")
+        return
+    fields = {f.encode_name: f for f in msgspec.structs.fields(cls)}
+    for key in value:
+        if key not in fields:
+            errors.append(f"{_join(path, str(key))}: unknown field")
+    for name, f in fields.items():
+        sub = _join(path, name)
+        if name not in value:
+            if f.required:
+                errors.append(f"{sub}: missing required field")
+            continue
+        v = value[name]
+        struct = _struct_of(f.type) or (_optional_struct(f.type) if v is not None else None)
+        item = _list_item_struct(f.type)
+        if struct is not None:
+            walk(v, struct, sub, errors)
+        elif item is not None and isinstance(v, list):
+            for i, element in enumerate(v):
+                walk(element, item, f"{sub}[{i}]", errors)
+        else:
+            try:
+                msgspec.convert(v, f.type)
+            except msgspec.ValidationError as exc:
+                errors.append(_reword(exc, sub))
+
+
+def decode(raw: Any, source: str = "") -> schema.Config:
+    """Raw document (dicts and lists) -> Config, or ConfigError listing every problem."""
+    errors: list[str] = []
+    walk(raw, schema.Config, "", errors)
+    if errors:
+        raise ConfigError(errors, source)
+    try:
+        config = msgspec.convert(raw, schema.Config)
+    except msgspec.ValidationError as exc:  # the walk should have caught it; never lose it
+        raise ConfigError([_reword(exc, "")], source) from None
+    errors = check(config)
+    if errors:
+        raise ConfigError(errors, source)
+    return config
+
+
+def parse_text(text: str, source: str = "") -> Any:
+    """YAML (a superset of JSON) text -> raw document."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{where}invalid YAML/JSON: {problem}"], source) from None
+
+
+def load_file(path: str | Path) -> schema.Config:
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"cannot read config: {exc}"], source) from None
+    return decode(parse_text(text, source), source)
+
+
+# ---------------------------------------------------------------- cross-field rules
+
+
+def _exactly_one(obj: Any, names: tuple[str, ...], path: str, errors: list[str]) -> None:
+    given = [n for n in names if getattr(obj, n) not in (None, False)]
+    if len(given) != 1:
+        which = ", ".join(given) if given else "none"
+        errors.append(f"{path}: exactly one of {', '.join(names)} is required (got {which})")
+
+
+def _check_regex(pattern: str | None, path: str, errors: list[str]) -> None:
+    if pattern is None:
+        return
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        errors.append(f"{path}: invalid regex: {exc}")
+
+
+def _check_duration(value: str | float, path: str, errors: list[str]) -> None:
+    try:
+        parse_duration(value)
+    except ValueError as exc:
+        errors.append(f"{path}: {exc}")
+
+
+def _check_domain(domain: str, path: str, errors: list[str]) -> None:
+    if domain == "*":
+        return
+    stars = domain.count("*")
+    if stars > 1 or (stars == 1 and not (domain.startswith("*") or domain.endswith("*"))):
+        errors.append(f"{path}: a wildcard is `*`, `*suffix` or `prefix*`, got {domain!r}")
+
+
+_MATCHER_KINDS = ("exact", "prefix", "suffix", "regex", "present", "absent")
+
+
+def _check_route(route: schema.Route, path: str, clusters: set[str], errors: list[str]) -> None:
+    _exactly_one(route.match, ("prefix", "path", "regex"), f"{path}.match", errors)
+    _check_regex(route.match.regex, f"{path}.match.regex", errors)
+    groups: tuple[tuple[str, list[schema.QueryParameterMatch]], ...] = (
+        ("headers", list(route.match.headers)),
+        ("query_parameters", route.match.query_parameters))
+    for kind, matchers in groups:
+        for k, hm in enumerate(matchers):
+            mp = f"{path}.match.{kind}[{k}]"
+            _exactly_one(hm, _MATCHER_KINDS, mp, errors)
+            _check_regex(hm.regex, f"{mp}.regex", errors)
+    _exactly_one(route, ("route", "redirect", "direct_response"), path, errors)
+    action = route.route
+    if action is not None:
+        ap = f"{path}.route"
+        _exactly_one(action, ("cluster", "weighted_clusters"), ap, errors)
+        _check_duration(action.timeout, f"{ap}.timeout", errors)
+        if action.cluster is not None and action.cluster not in clusters:
+            errors.append(f"{ap}.cluster: unknown cluster {action.cluster!r}")
+        if action.weighted_clusters is not None:
+            if not action.weighted_clusters:
+                errors.append(f"{ap}.weighted_clusters: must not be empty")
+            elif sum(w.weight for w in action.weighted_clusters) <= 0:
+                errors.append(f"{ap}.weighted_clusters: weights must not all be 0")
+            for k, wc in enumerate(action.weighted_clusters):
+                if wc.name not in clusters:
+                    errors.append(f"{ap}.weighted_clusters[{k}].name: unknown cluster {wc.name!r}")
+        if action.prefix_rewrite is not None and route.match.prefix is None:
+            errors.append(f"{ap}.prefix_rewrite: needs a prefix match")
+    if route.redirect is not None and route.redirect.prefix_rewrite is not None:
+        if route.redirect.path_redirect is not None:
+            errors.append(f"{path}.redirect: path_redirect and prefix_rewrite exclude each other")
+        if route.match.prefix is None:
+            errors.append(f"{path}.redirect.prefix_rewrite: needs a prefix match")
+
+
+def check(config: schema.Config) -> list[str]:
+    """The rules a single field's type cannot express. Returns the errors, in order."""
+    errors: list[str] = []
+    clusters: set[str] = set()
+    for i, c in enumerate(config.clusters):
+        p = f"clusters[{i}]"
+        if c.name in clusters:
+            errors.append(f"{p}.name: duplicate cluster name {c.name!r}")
+        clusters.add(c.name)
+        _check_duration(c.connect_timeout, f"{p}.connect_timeout", errors)
+        _check_duration(c.idle_timeout, f"{p}.idle_timeout", errors)
+    if not config.listeners:
+        errors.append("listeners: at least one listener is required")
+    names: set[str] = set()
+    binds: set[tuple[str, int]] = set()
+    for i, lst in enumerate(config.listeners):
+        p = f"listeners[{i}]"
+        if lst.name in names:
+            errors.append(f"{p}.name: duplicate listener name {lst.name!r}")
+        names.add(lst.name)
+        if lst.port and (lst.address, lst.port) in binds:
+            errors.append(f"{p}.port: {lst.address}:{lst.port} is used by another listener")
+        binds.add((lst.address, lst.port))
+        _check_duration(lst.request_headers_timeout, f"{p}.request_headers_timeout", errors)
+        _check_duration(lst.idle_timeout, f"{p}.idle_timeout", errors)
+        seen: dict[str, str] = {}
+        for j, vh in enumerate(lst.virtual_hosts):
+            vp = f"{p}.virtual_hosts[{j}]"
+            for k, d in enumerate(vh.domains):
+                _check_domain(d, f"{vp}.domains[{k}]", errors)
+                if d.lower() in seen:
+                    errors.append(f"{vp}.domains[{k}]: {d!r} is already served by "
+                                  f"virtual host {seen[d.lower()]!r}")
+                seen[d.lower()] = vh.name
+            for k, route in enumerate(vh.routes):
+                _check_route(route, f"{vp}.routes[{k}]", clusters, errors)
+    return errors

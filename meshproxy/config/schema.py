@@ -1,0 +1,180 @@
+"""The configuration schema: one family of frozen msgspec Structs.
+
+Names and defaults follow Envoy where Envoy has them (connect_timeout 5 s, route timeout
+15 s, max_request_headers_kb 60, max_headers_count 100, request_headers_timeout), with a
+flatter spelling. Durations are strings like "250ms", "1s", "1.5m", "1h", or a number of
+seconds. Every Struct forbids unknown fields, so a typo is an error, not a silent default.
+Cross-field rules (exactly one action, referenced clusters exist, ...) live in load.py.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)\s*$"
+Duration = Annotated[str, Meta(pattern=DURATION_PATTERN)] | Annotated[float, Meta(ge=0)]
+Port = Annotated[int, Meta(ge=1, le=65535)]
+NonEmptyStr = Annotated[str, Meta(min_length=1)]
+HeaderName = Annotated[str, Meta(pattern=r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")]
+
+
+class Base(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class Admin(Base, frozen=True):
+    address: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 9901
+
+
+class AccessLog(Base, frozen=True):
+    """`path`: "stdout", "stderr", or a file appended to. `format`: "text" or "json"."""
+
+    path: NonEmptyStr = "stdout"
+    format: Literal["text", "json"] = "text"
+    # Envoy's access_log_flush_interval default: lines are written in batches, not a write
+    # syscall per request.
+    flush_interval: Duration = "1s"
+
+
+class Endpoint(Base, frozen=True):
+    address: NonEmptyStr
+    port: Port
+    weight: Annotated[int, Meta(ge=1, le=1_000_000)] = 1
+
+
+class Cluster(Base, frozen=True):
+    name: NonEmptyStr
+    endpoints: list[Endpoint]
+    connect_timeout: Duration = "5s"
+    lb_policy: Literal["round_robin"] = "round_robin"
+    # Idle upstream keep-alive connections are closed after this. Shorter than the idle
+    # timeouts of common servers (Apache and Node 5 s, nginx 75 s) so that the proxy, not the
+    # origin, closes an idle connection and a request never races the origin's close.
+    idle_timeout: Duration = "4s"
+    # Idle connections kept per endpoint per worker; more are closed on release.
+    max_idle_connections: Annotated[int, Meta(ge=0, le=100_000)] = 64
+
+
+class QueryParameterMatch(Base, frozen=True):
+    """A predicate on a value. Exactly one of exact, prefix, suffix, regex (full match),
+    present: true, absent: true; `invert` negates it."""
+
+    name: NonEmptyStr
+    exact: str | None = None
+    prefix: str | None = None
+    suffix: str | None = None
+    regex: str | None = None
+    present: bool | None = None
+    absent: bool | None = None
+    invert: bool = False
+
+
+class HeaderMatch(QueryParameterMatch, frozen=True):
+    """The same predicates on a header; the name must be a valid field name."""
+
+    name: HeaderName
+
+
+class RouteMatch(Base, frozen=True):
+    """Exactly one of prefix, path (exact), regex (full match)."""
+
+    prefix: str | None = None
+    path: str | None = None
+    regex: str | None = None
+    case_sensitive: bool = True
+    methods: list[Annotated[str, Meta(pattern=r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")]] | None = None
+    headers: list[HeaderMatch] = []
+    query_parameters: list[QueryParameterMatch] = []
+
+
+class WeightedCluster(Base, frozen=True):
+    name: NonEmptyStr
+    weight: Annotated[int, Meta(ge=0, le=1_000_000)]
+
+
+class RouteAction(Base, frozen=True):
+    """Exactly one of cluster, weighted_clusters."""
+
+    cluster: str | None = None
+    weighted_clusters: list[WeightedCluster] | None = None
+    prefix_rewrite: str | None = None
+    host_rewrite: str | None = None
+    # Envoy's route timeout: from the end of the downstream request until the upstream
+    # response is complete; 504 UT when it fires before the response started. 0 disables.
+    timeout: Duration = "15s"
+
+
+class RedirectAction(Base, frozen=True):
+    scheme_redirect: Literal["http", "https"] | None = None
+    host_redirect: str | None = None
+    port_redirect: Port | None = None
+    path_redirect: str | None = None
+    prefix_rewrite: str | None = None
+    response_code: Literal[301, 302, 303, 307, 308] = 301
+    strip_query: bool = False
+
+
+class DirectResponse(Base, frozen=True):
+    status: Annotated[int, Meta(ge=200, le=599)]
+    body: str = ""
+    content_type: str = "text/plain"
+
+
+class HeaderValue(Base, frozen=True):
+    """append: true adds a value; false replaces any value of that name."""
+
+    name: HeaderName
+    value: str
+    append: bool = True
+
+
+class Route(Base, frozen=True):
+    """Exactly one of route, redirect, direct_response."""
+
+    match: RouteMatch
+    name: str = ""
+    route: RouteAction | None = None
+    redirect: RedirectAction | None = None
+    direct_response: DirectResponse | None = None
+    request_headers_to_add: list[HeaderValue] = []
+    request_headers_to_remove: list[HeaderName] = []
+    response_headers_to_add: list[HeaderValue] = []
+    response_headers_to_remove: list[HeaderName] = []
+
+
+class VirtualHost(Base, frozen=True):
+    name: NonEmptyStr
+    domains: list[NonEmptyStr]
+    routes: list[Route]
+    request_headers_to_add: list[HeaderValue] = []
+    request_headers_to_remove: list[HeaderName] = []
+    response_headers_to_add: list[HeaderValue] = []
+    response_headers_to_remove: list[HeaderName] = []
+
+
+class Listener(Base, frozen=True):
+    name: NonEmptyStr
+    port: Annotated[int, Meta(ge=0, le=65535)]
+    virtual_hosts: list[VirtualHost]
+    address: str = "0.0.0.0"
+    # Envoy's request_headers_timeout, on by default here: a client that sends nothing or
+    # trickles its head (slowloris) is cut off after this long.
+    request_headers_timeout: Duration = "10s"
+    # Keep-alive connections with no request in flight are closed after this (nginx: 75 s).
+    idle_timeout: Duration = "60s"
+    max_request_line: Annotated[int, Meta(ge=64, le=1_048_576)] = 8192
+    max_request_headers_kb: Annotated[int, Meta(ge=1, le=8192)] = 60
+    max_headers_count: Annotated[int, Meta(ge=1, le=10_000)] = 100
+    access_log: AccessLog | None = None
+
+
+class Config(Base, frozen=True):
+    listeners: list[Listener]
+    clusters: list[Cluster] = []
+    admin: Admin | None = None
+    # The default for listeners that have no access_log of their own.
+    access_log: AccessLog | None = None

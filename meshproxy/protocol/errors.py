@@ -1,0 +1,39 @@
+"""Errors that say who failed and what to answer (DESIGN.md section 5.4).
+
+Every failure on the data path becomes a ProxyError carrying the status to answer, Envoy's
+response flag for the access log, the source (downstream, upstream, internal), whether a
+retry may help, and a detail line for the log and the local reply body. Only the retry
+policy decides retries; this only says whether one would be safe.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Source = Literal["downstream", "upstream", "internal"]
+
+
+class ProxyError(Exception):
+    __slots__ = ("status", "flag", "source", "retriable", "detail")
+
+    def __init__(self, status: int, flag: str, source: Source, detail: str,
+                 retriable: bool = False) -> None:
+        super().__init__(f"{flag} {status}: {detail}")
+        self.status = status
+        self.flag = flag
+        self.source = source
+        self.retriable = retriable
+        self.detail = detail
+
+
+# Envoy's response flags (access log %RESPONSE_FLAGS%) used by the HTTP/1.1 data path.
+NO_ROUTE = "NR"                    # no route for the request: 404
+NO_CLUSTER = "NC"                  # the route names a cluster that does not exist: 503
+NO_HEALTHY_UPSTREAM = "UH"         # the cluster has no endpoint to pick: 503
+UPSTREAM_CONNECT_FAILURE = "UF"    # connect refused or timed out: 503
+UPSTREAM_CONNECTION_TERMINATION = "UC"  # upstream closed or reset before/while answering: 503
+UPSTREAM_REQUEST_TIMEOUT = "UT"    # route timeout: 504
+UPSTREAM_PROTOCOL_ERROR = "UPE"    # the upstream's response broke HTTP/1.1 framing: 502
+DOWNSTREAM_PROTOCOL_ERROR = "DPE"  # the client's request broke HTTP/1.1: 4xx
+DOWNSTREAM_CONNECTION_TERMINATION = "DC"  # the client went away mid-exchange
+STREAM_IDLE_TIMEOUT = "SI"         # the client stalled: request headers or body timeout: 408

@@ -1,0 +1,337 @@
+"""One downstream HTTP/1.1 connection: read heads, route, answer or forward, keep alive.
+
+Structure (one trio task per connection, DESIGN.md section 6):
+- the socket is a raw non-blocking socket driven by trio readiness waits (transport.sockio);
+- heads are parsed by the compiled parser (`_core.http1_parser`) straight from the bytes
+  received, routed by the compiled route table, and either answered here (local replies:
+  no route, redirects, direct responses, errors) or forwarded by `proxy.forward`;
+- requests are served in order, so pipelined requests are answered in order (RFC 9112
+  section 9.3.2) simply by leaving unconsumed bytes in the buffer for the next turn.
+
+Timeouts: a single CancelScope per connection whose deadline moves with the phase, which
+is cheaper than a scope per wait. `phase` says what was being waited for when it fired:
+  idle (keep-alive, nothing received)      -> close quietly
+  head (request_headers_timeout; slowloris) -> 408 if anything was received, close
+  request body (idle_timeout per progress)  -> 408, close
+  upstream/response (the route timeout)     -> 504 UT, or a reset if the response started
+A scope that fired stays cancelled, so every timeout ends the connection.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import trio
+
+from meshproxy._core.http1_parser import HeadParser, MessageHead, ParseError
+from meshproxy.config.compile import ClusterAction, DirectAction, ListenerSpec, RedirectAction
+from meshproxy.protocol import errors as flags
+from meshproxy.proxy.access_log import AccessLogger, Entry, format_time, text
+from meshproxy.proxy.forward import forward
+from meshproxy.proxy.local_reply import local_reply
+from meshproxy.proxy.phases import PH_HEAD, PH_IDLE, PH_REQ_BODY
+from meshproxy.transport.sockio import PeerClosed, abort, close, recv_after_wait, recv_now, send_all
+from meshproxy.upstream.cluster_manager import ClusterManager
+from meshproxy.upstream.conn_pool import UpstreamConn
+
+# Bound on writing a last error reply to a client after a timeout: it may not be reading.
+FAREWELL_TIMEOUT = 1.0
+
+
+class ListenerContext:
+    """What the connections of one listener share inside a worker."""
+
+    __slots__ = ("spec", "parser", "clusters", "logger", "scheme")
+
+    def __init__(self, spec: ListenerSpec, clusters: ClusterManager,
+                 logger: AccessLogger | None) -> None:
+        self.spec = spec
+        self.parser = HeadParser(spec.max_request_line, spec.max_header_bytes, spec.max_headers)
+        self.clusters = clusters
+        self.logger = logger
+        self.scheme = b"http"
+
+
+class Exchange:
+    """One request and its response, as the access log and the error paths see it."""
+
+    __slots__ = ("head", "method", "target", "host", "start", "wall_start", "status", "flags",
+                 "bytes_in", "bytes_out", "upstream_host", "request_id", "response_started")
+
+    def __init__(self, head: MessageHead | None, start: float) -> None:
+        self.head = head
+        self.method = head.method if head is not None else b"-"
+        self.target = head.target if head is not None else b"-"
+        self.host = b""
+        self.start = start
+        self.wall_start = 0.0
+        self.status = 0
+        self.flags = "-"
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.upstream_host = "-"
+        self.request_id: bytes | None = None
+        self.response_started = False
+
+
+class DownstreamConnection:
+    __slots__ = ("ctx", "sock", "peer", "peer_ip", "buf", "pos", "phase", "ex", "requests",
+                 "upstream", "cs")
+
+    def __init__(self, ctx: ListenerContext, sock: socket.socket, peer: tuple) -> None:
+        self.ctx = ctx
+        self.sock = sock
+        self.peer = peer
+        self.peer_ip = peer[0].encode("ascii") if peer else b"-"
+        self.buf = b""
+        self.pos = 0
+        self.phase = PH_HEAD
+        self.ex: Exchange | None = None
+        self.requests = 0
+        self.upstream: UpstreamConn | None = None
+        self.cs = trio.CancelScope(
+            deadline=trio.current_time() + ctx.spec.request_headers_timeout)
+
+    async def run(self) -> None:
+        try:
+            with self.cs:
+                while await self._one_request():
+                    pass
+            if self.cs.cancelled_caught:
+                await self._on_timeout()
+        except PeerClosed:
+            if self.ex is not None and self.ex.status == 0:
+                self.ex.flags = flags.DOWNSTREAM_CONNECTION_TERMINATION
+                self._log(self.ex)
+        finally:
+            if self.upstream is not None:
+                abort(self.upstream.sock)
+                self.upstream = None
+            close(self.sock)
+
+    # ------------------------------------------------------------------ heads
+
+    async def _read_head(self) -> MessageHead | None:
+        """The next request head; None when the client closed between requests."""
+        ctx = self.ctx
+        parser = ctx.parser
+        buf, pos = self.buf, self.pos
+        head = None
+        if pos < len(buf):
+            head = parser.parse_request(buf, pos)
+            if head is not None:
+                return head
+            self.phase = PH_HEAD
+            if self.requests:
+                self.cs.deadline = trio.current_time() + ctx.spec.request_headers_timeout
+        elif self.requests:
+            # Keep-alive: the client has just been answered, so nothing is queued yet; wait
+            # before the recv instead of paying for a recv that fails with EAGAIN.
+            self.phase = PH_IDLE
+            self.cs.deadline = trio.current_time() + ctx.spec.idle_timeout
+            buf = await recv_after_wait(self.sock)
+            if not buf:
+                return None
+            pos = 0
+            self.phase = PH_HEAD
+            self.buf, self.pos = buf, 0
+            head = parser.parse_request(buf, 0)
+            if head is not None:
+                return head
+            self.cs.deadline = trio.current_time() + ctx.spec.request_headers_timeout
+        else:
+            self.phase = PH_HEAD
+        while head is None:
+            data = await recv_now(self.sock)
+            if not data:
+                self.buf, self.pos = buf, pos
+                return None
+            buf = buf[pos:] + data if pos < len(buf) else data
+            pos = 0
+            self.buf, self.pos = buf, 0
+            head = parser.parse_request(buf, 0)
+        return head
+
+    async def _one_request(self) -> bool:
+        """Serve one request; True when the connection stays open for another."""
+        try:
+            head = await self._read_head()
+        except ParseError as exc:
+            ex = self.ex = Exchange(None, trio.current_time())
+            self._stamp(ex)
+            await self._send_local(ex, None, exc.status, exc.reason.encode() + b"\n",
+                                   flags.DOWNSTREAM_PROTOCOL_ERROR, close=True)
+            self._log(ex)
+            return False
+        if head is None:
+            return False
+        self.requests += 1
+        self.pos = head.end
+        ex = self.ex = Exchange(head, trio.current_time())
+        if self.ctx.logger is not None:
+            self._stamp(ex)
+        keep = await self._dispatch(head, ex)
+        self._log(ex)
+        self.ex = None
+        return keep
+
+    def _stamp(self, ex: Exchange) -> None:
+        ex.wall_start = time.time()
+
+    # ------------------------------------------------------------------ routing
+
+    async def _dispatch(self, head: MessageHead, ex: Exchange) -> bool:
+        target = head.target
+        host = head.host or b""
+        if target[:1] != b"/":
+            split = split_absolute_form(target)
+            if split is not None:
+                # RFC 9112 section 3.2.2: the authority of an absolute-form target replaces
+                # the Host header.
+                host, target = split
+            elif not (target == b"*" and head.method == b"OPTIONS"):
+                return await self._send_local(ex, head, 400, b"unsupported request target\n",
+                                              flags.DOWNSTREAM_PROTOCOL_ERROR, close=True)
+        ex.host = host
+        ex.target = target
+        _vh, route = self.ctx.spec.route_table.route(host, head.method, target, head.headers)
+        if route is None:
+            return await self._send_local(ex, head, 404, b"", flags.NO_ROUTE)
+        action = route.action
+        kind = type(action)
+        if kind is ClusterAction:
+            return await forward(self, head, ex, action)
+        if kind is DirectAction:
+            return await self._send_local(ex, head, action.status, action.body, "-",
+                                          extra=list(action.ops.response_add),
+                                          content_type=action.content_type)
+        assert kind is RedirectAction
+        location = redirect_location(action, self.ctx.scheme, host, target)
+        return await self._send_local(ex, head, action.status, b"", "-",
+                                      extra=[(b"location", location)] +
+                                      list(action.ops.response_add))
+
+    # ------------------------------------------------------------------ local replies
+
+    def body_skippable(self, head: MessageHead) -> bool:
+        """Consume an unread request body when all of it is already buffered; otherwise the
+        connection must close after the reply (the rest of the body is still coming)."""
+        if head.chunked:
+            return False
+        cl = head.content_length
+        if cl <= 0:
+            return True
+        if len(self.buf) - self.pos >= cl:
+            self.pos += cl
+            return True
+        return False
+
+    async def _send_local(self, ex: Exchange, head: MessageHead | None, status: int, body: bytes,
+                          flag: str, *, close: bool = False, body_done: bool = False,
+                          extra: list[tuple[bytes, bytes]] | None = None,
+                          content_type: bytes = b"text/plain") -> bool:
+        keep = (head is not None and not close and head.keep_alive
+                and (body_done or self.body_skippable(head)))
+        hdrs = list(extra or ())
+        if keep and head is not None and head.version == 10:
+            hdrs.append((b"connection", b"keep-alive"))
+        head_only = head is not None and head.method == b"HEAD"
+        data = local_reply(status, body, close=not keep, head_only=head_only,
+                           content_type=content_type, extra=hdrs)
+        ex.status = status
+        ex.flags = flag
+        ex.response_started = True
+        ex.bytes_out = 0 if head_only else len(body)
+        await send_all(self.sock, data)
+        return keep
+
+    async def _on_timeout(self) -> None:
+        ex, phase = self.ex, self.phase
+        if self.upstream is not None:
+            abort(self.upstream.sock)
+            self.upstream = None
+        if phase == PH_IDLE or (phase == PH_HEAD and ex is None and self.pos >= len(self.buf)):
+            return
+        if ex is None:
+            ex = Exchange(None, trio.current_time())
+            self._stamp(ex)
+        if ex.response_started:
+            ex.flags = flags.UPSTREAM_REQUEST_TIMEOUT
+            abort(self.sock)
+            self._log(ex)
+            return
+        if phase in (PH_HEAD, PH_REQ_BODY):
+            status, flag, body = 408, flags.STREAM_IDLE_TIMEOUT, b"request timeout\n"
+        else:
+            status, flag, body = 504, flags.UPSTREAM_REQUEST_TIMEOUT, b"upstream request timeout\n"
+        with trio.move_on_after(FAREWELL_TIMEOUT):
+            try:
+                await self._send_local(ex, ex.head, status, body, flag, close=True)
+            except PeerClosed:
+                pass
+        self._log(ex)
+
+    def _log(self, ex: Exchange) -> None:
+        logger = self.ctx.logger
+        if logger is None:
+            return
+        head = ex.head
+        logger.log(Entry(
+            start_time=format_time(ex.wall_start or time.time()),
+            method=text(ex.method), path=text(ex.target),
+            protocol="HTTP/1.0" if head is not None and head.version == 10 else "HTTP/1.1",
+            response_code=ex.status, response_flags=ex.flags,
+            bytes_received=ex.bytes_in, bytes_sent=ex.bytes_out,
+            duration=int((trio.current_time() - ex.start) * 1000),
+            upstream_host=ex.upstream_host,
+            x_request_id=text(ex.request_id or (head.request_id if head is not None else None)),
+            downstream_remote_address=f"{self.peer[0]}:{self.peer[1]}" if self.peer else "-",
+            authority=text(ex.host or (head.host if head is not None else None)),
+            user_agent=text(head.get(b"user-agent") if head is not None else None),
+            x_forwarded_for=text(head.forwarded_for if head is not None else None),
+        ))
+
+
+def split_absolute_form(target: bytes) -> tuple[bytes, bytes] | None:
+    """http://authority/path?q -> (authority, /path?q) (RFC 9112 section 3.2.2)."""
+    lower = target[:8].lower()
+    if lower.startswith(b"http://"):
+        rest = target[7:]
+    elif lower.startswith(b"https://"):
+        rest = target[8:]
+    else:
+        return None
+    cut = len(rest)
+    for sep in (b"/", b"?"):
+        i = rest.find(sep)
+        if 0 <= i < cut:
+            cut = i
+    authority, path = rest[:cut], rest[cut:]
+    if not authority or b"@" in authority:
+        return None  # userinfo is deprecated and a phishing vector (RFC 9110 section 4.2.4)
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return authority, path
+
+
+def redirect_location(a: RedirectAction, scheme: bytes, host: bytes, target: bytes) -> bytes:
+    path, sep, query = target.partition(b"?")
+    if a.path is not None:
+        new_path = a.path
+        if b"?" in new_path:
+            new_path, _, query = new_path.partition(b"?")
+            sep = b"?"
+    elif a.prefix_rewrite is not None and a.prefix is not None:
+        new_path = a.prefix_rewrite + path[len(a.prefix):]
+    else:
+        new_path = path
+    new_host = a.host if a.host is not None else host
+    if a.port is not None:
+        hostname = new_host.rsplit(b":", 1)[0] if not new_host.endswith(b"]") else new_host
+        new_host = hostname + b":%d" % a.port
+    location = (a.scheme or scheme) + b"://" + new_host + new_path
+    if sep and query and not a.strip_query:
+        location += b"?" + query
+    return location
+

@@ -1,0 +1,486 @@
+"""Forward one request upstream and relay the response: the router's terminal step.
+
+Order of work for a request (decide, then do I/O):
+ 1. pick the cluster (weighted draw) and the endpoint (compiled smooth WRR);
+ 2. build the upstream head in one compiled call: hop-by-hop fields removed (RFC 9110
+    section 7.6.1, plus the names Connection lists), Host (or host_rewrite), prefix_rewrite,
+    x-forwarded-for appended, x-forwarded-proto set, x-request-id added when absent, route
+    header mutations, framing re-stated (chunked in, chunked out);
+ 3. reuse an idle keep-alive connection or connect (connect_timeout -> 503 UF);
+ 4. send head (and the body when it is already buffered) in one send, else answer
+    `Expect: 100-continue` ourselves (as Envoy does) and stream the body with backpressure;
+ 5. read the response head: 1xx interim responses are relayed (RFC 9110 section 15.2) and
+    never taken for the final one; broken framing is 502 UPE;
+ 6. relay the response with the framing the client can take: Content-Length as is, chunked
+    re-encoded for HTTP/1.1 clients, raw-then-close for HTTP/1.0 clients; HEAD/204/304 carry
+    no body;
+ 7. return the connection to the pool only when the exchange ended cleanly on both sides.
+
+A request that fails on a reused connection before any byte of a response arrived is sent
+once more on a new connection when it can be replayed (no body, or a body still buffered):
+the origin closed the idle connection as we wrote to it, the request never ran.
+
+Failure after the response head went out cannot be answered any more: the client
+connection is reset, so a truncated body is never mistaken for a complete one.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from typing import TYPE_CHECKING
+
+import trio
+
+from meshproxy._core.http1_parser import (
+    ChunkedDecoder,
+    MessageHead,
+    ParseError,
+    encode_chunk,
+    encode_last_chunk,
+    serialize_head,
+)
+from meshproxy.config.compile import RESPONSE_SKIP, ClusterAction
+from meshproxy.protocol import errors as flags
+from meshproxy.protocol.errors import ProxyError
+from meshproxy.proxy.local_reply import CONTINUE_100, reason
+from meshproxy.proxy.phases import PH_REQ_BODY, PH_RESP_BODY, PH_TUNNEL, PH_UPSTREAM
+from meshproxy.proxy.request_id import new_request_id
+from meshproxy.transport.sockio import (
+    RECV_SIZE,
+    PeerClosed,
+    abort,
+    close,
+    connect,
+    recv_after_wait,
+    recv_now,
+    send_all,
+)
+from meshproxy.upstream.cluster_manager import Cluster
+from meshproxy.upstream.conn_pool import Endpoint, UpstreamConn
+
+if TYPE_CHECKING:
+    from meshproxy.proxy.downstream import DownstreamConnection, Exchange
+
+_random = random.random
+
+TE_CHUNKED = (b"transfer-encoding", b"chunked")
+CONN_CLOSE = (b"connection", b"close")
+CONN_KEEP_ALIVE = (b"connection", b"keep-alive")
+CONN_UPGRADE = (b"connection", b"upgrade")
+
+F_NONE, F_LENGTH, F_CHUNKED, F_CLOSE = range(4)
+
+
+class _StaleConnection(Exception):
+    """A reused connection closed before any response byte: the request did not run."""
+
+
+class _UpstreamGone(Exception):
+    """The upstream stopped taking the request body (closed or reset its side)."""
+
+
+async def _send_up(sock: socket.socket, data: bytes) -> None:
+    try:
+        await send_all(sock, data)
+    except PeerClosed:
+        raise _UpstreamGone() from None
+
+
+def choose_cluster(action: ClusterAction) -> str:
+    clusters = action.clusters
+    if len(clusters) == 1:
+        return clusters[0][0]
+    draw = _random() * action.total_weight
+    for name, cumulative in clusters:
+        if draw < cumulative:
+            return name
+    return clusters[-1][0]
+
+
+def build_upstream_head(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
+                        action: ClusterAction, websocket: bool) -> bytes:
+    target = ex.target
+    if action.prefix_rewrite is not None and action.prefix is not None:
+        target = action.prefix_rewrite + target[len(action.prefix):]
+    xff = head.forwarded_for
+    extra = [
+        (b"host", action.host_rewrite or ex.host),
+        (b"x-forwarded-for", xff + b", " + dc.peer_ip if xff else dc.peer_ip),
+        (b"x-forwarded-proto", dc.ctx.scheme),
+    ]
+    if head.request_id is None:
+        ex.request_id = new_request_id()
+        extra.append((b"x-request-id", ex.request_id))
+    if head.chunked:
+        extra.append(TE_CHUNKED)
+    if websocket:
+        extra.append(CONN_UPGRADE)
+        extra.append((b"upgrade", head.upgrade))
+    return _serialize(head.method + b" " + target + b" HTTP/1.1", head, action.ops.request_skip,
+                      action.ops.request_add, extra)
+
+
+def _serialize(first_line: bytes, msg: MessageHead, skip: frozenset[bytes],
+               add: tuple[tuple[bytes, bytes], ...], extra: list[tuple[bytes, bytes]]) -> bytes:
+    """The head to send on: msg's fields minus `skip` and the names its Connection header
+    lists (RFC 9110 section 7.6.1), then the proxy's `extra` and the route's `add`."""
+    if add:
+        extra.extend(add)
+    if msg.conn_extra:
+        skip = skip | frozenset(msg.conn_extra)
+    return serialize_head(first_line, msg.headers, skip, extra)
+
+
+async def forward(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
+                  action: ClusterAction) -> bool:
+    cluster = dc.ctx.clusters.get(choose_cluster(action))
+    if cluster is None:
+        return await dc._send_local(ex, head, 503, b"cluster not found\n", flags.NO_CLUSTER)
+    ep = cluster.pick()
+    if ep is None:
+        return await dc._send_local(ex, head, 503, b"no healthy upstream\n",
+                                    flags.NO_HEALTHY_UPSTREAM)
+    websocket = (head.conn_upgrade and head.upgrade is not None and head.version >= 11
+                 and head.upgrade.lower() == b"websocket")
+    up_head = build_upstream_head(dc, head, ex, action, websocket)
+    state = _BodyState()
+    try:
+        return await _exchange(dc, head, ex, action, cluster, ep, up_head, websocket, state)
+    except ProxyError as err:
+        if dc.upstream is not None:
+            abort(dc.upstream.sock)
+            dc.upstream = None
+        ex.flags = err.flag
+        if ex.response_started:
+            abort(dc.sock)
+            return False
+        return await dc._send_local(ex, head, err.status, err.detail.encode() + b"\n", err.flag,
+                                    close=state.started and not state.done,
+                                    body_done=state.done)
+
+
+class _BodyState:
+    __slots__ = ("started", "done")
+
+    def __init__(self) -> None:
+        self.started = False
+        self.done = False
+
+
+async def _connect(ep: Endpoint, timeout: float) -> UpstreamConn:
+    with trio.move_on_after(timeout):
+        try:
+            return UpstreamConn(await connect(ep.address, ep.port), ep)
+        except OSError as exc:
+            raise ProxyError(503, flags.UPSTREAM_CONNECT_FAILURE, "upstream",
+                             f"upstream connect error: {exc.strerror or exc}",
+                             retriable=True) from None
+    raise ProxyError(503, flags.UPSTREAM_CONNECT_FAILURE, "upstream",
+                     "upstream connect error: connect timeout", retriable=True)
+
+
+async def _exchange(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
+                    action: ClusterAction, cluster: Cluster, ep: Endpoint, up_head: bytes,
+                    websocket: bool, state: _BodyState) -> bool:
+    cl = head.content_length
+    has_body = head.chunked or cl > 0
+    buffered = not head.chunked and cl > 0 and len(dc.buf) - dc.pos >= cl
+    first = up_head + dc.buf[dc.pos:dc.pos + cl] if buffered else up_head
+    attempt = 0
+    while True:
+        attempt += 1
+        conn = ep.acquire(trio.current_time())
+        reused = conn is not None
+        if conn is None:
+            conn = await _connect(ep, cluster.spec.connect_timeout)
+        dc.upstream = conn
+        ex.upstream_host = ep.label
+        try:
+            try:
+                await send_all(conn.sock, first)
+            except PeerClosed:
+                raise _StaleConnection() from None
+            if buffered:
+                if not state.done:
+                    dc.pos += cl
+                    ex.bytes_in = cl
+                    state.started = state.done = True
+            elif has_body:
+                state.started = True
+                await _send_request_body(dc, head, ex, conn, state)
+            dc.phase = PH_UPSTREAM
+            dc.cs.deadline = (trio.current_time() + action.timeout if action.timeout
+                              else float("inf"))
+            resp, ubuf = await _read_response_head(dc, head, conn)
+        except _StaleConnection:
+            close(conn.sock)
+            dc.upstream = None
+            if reused and attempt == 1 and (buffered or not has_body):
+                continue
+            raise ProxyError(503, flags.UPSTREAM_CONNECTION_TERMINATION, "upstream",
+                             "upstream connect error or disconnect/reset before headers",
+                             retriable=True) from None
+        break
+    conn.requests += 1
+    if resp.status == 101:
+        if not websocket:
+            raise ProxyError(502, flags.UPSTREAM_PROTOCOL_ERROR, "upstream",
+                             "upstream switched protocols without being asked")
+        await _tunnel(dc, ex, conn, resp, ubuf)
+        return False
+    return await _relay_response(dc, head, ex, action, conn, resp, ubuf, state.done or not has_body)
+
+
+async def _send_request_body(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
+                             conn: UpstreamConn, state: _BodyState) -> None:
+    """Stream the request body client -> upstream; each send waits for the upstream to take
+    the bytes before more are read from the client (backpressure)."""
+    sock_d, sock_u = dc.sock, conn.sock
+    idle = dc.ctx.spec.idle_timeout
+    dc.phase = PH_REQ_BODY
+    buf, pos = dc.buf, dc.pos
+    if head.expect_continue and pos >= len(buf):
+        # RFC 9110 section 10.1.1: the client waits for this before sending the body.
+        await send_all(sock_d, CONTINUE_100)
+    try:
+        if head.chunked:
+            dec = ChunkedDecoder()
+            while True:
+                try:
+                    parts, pos = dec.feed(buf, pos)
+                except ParseError as exc:
+                    raise ProxyError(exc.status, flags.DOWNSTREAM_PROTOCOL_ERROR, "downstream",
+                                     exc.reason) from None
+                out = b""
+                if parts:
+                    data = parts[0] if len(parts) == 1 else b"".join(parts)
+                    ex.bytes_in += len(data)
+                    out = encode_chunk(data)
+                if dec.done:
+                    await _send_up(sock_u, out + encode_last_chunk(dec.trailers))
+                    break
+                if out:
+                    await _send_up(sock_u, out)
+                dc.cs.deadline = trio.current_time() + idle
+                buf, pos = await recv_now(sock_d), 0
+                if not buf:
+                    raise PeerClosed("client closed during the request body")
+            dc.buf, dc.pos = buf, pos
+        else:
+            remaining = head.content_length
+            take = min(remaining, len(buf) - pos)
+            if take:
+                await _send_up(sock_u, buf[pos:pos + take])
+                remaining -= take
+                ex.bytes_in += take
+            dc.buf, dc.pos = buf, pos + take
+            while remaining:
+                dc.cs.deadline = trio.current_time() + idle
+                # Read no further than the body: what follows belongs to the next request.
+                data = await recv_now(sock_d, min(remaining, RECV_SIZE))
+                if not data:
+                    raise PeerClosed("client closed during the request body")
+                await _send_up(sock_u, data)
+                remaining -= len(data)
+                ex.bytes_in += len(data)
+        state.done = True
+    except _UpstreamGone:
+        # The upstream stopped taking the body; it may have answered early (413, 401...),
+        # which is read and relayed next. The connection closes after it: the rest of the
+        # request body was never read.
+        dc.phase = PH_UPSTREAM
+
+
+async def _read_response_head(dc: DownstreamConnection, head: MessageHead,
+                              conn: UpstreamConn) -> tuple[MessageHead, bytes]:
+    """The final response head (1xx relayed on the way) and the bytes read with it."""
+    parser = dc.ctx.parser
+    sock_u = conn.sock
+    try:
+        data = await recv_after_wait(sock_u)
+    except PeerClosed:
+        raise _StaleConnection() from None
+    if not data:
+        raise _StaleConnection()
+    ubuf, upos = data, 0
+    while True:
+        try:
+            resp = parser.parse_response(ubuf, upos)
+            while resp is not None and resp.status < 200 and resp.status != 101:
+                if head.version >= 11:  # RFC 9110 15.2: never a 1xx to an HTTP/1.0 client
+                    await send_all(dc.sock, serialize_head(
+                        b"HTTP/1.1 %d %s" % (resp.status, resp.reason or reason(resp.status)),
+                        resp.headers, RESPONSE_SKIP, []))
+                upos = resp.end
+                resp = parser.parse_response(ubuf, upos) if upos < len(ubuf) else None
+        except ParseError as exc:
+            raise ProxyError(502, flags.UPSTREAM_PROTOCOL_ERROR, "upstream",
+                             f"upstream protocol error: {exc.reason}") from None
+        if resp is not None:
+            return resp, ubuf
+        try:
+            data = await recv_now(sock_u)
+        except PeerClosed:
+            data = b""
+        if not data:
+            raise ProxyError(503, flags.UPSTREAM_CONNECTION_TERMINATION, "upstream",
+                             "upstream disconnect/reset before the response was complete")
+        ubuf = ubuf[upos:] + data if upos < len(ubuf) else data
+        upos = 0
+
+
+def _truncated() -> ProxyError:
+    return ProxyError(502, flags.UPSTREAM_CONNECTION_TERMINATION, "upstream",
+                      "upstream closed before the response body was complete")
+
+
+async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
+                          action: ClusterAction, conn: UpstreamConn, resp: MessageHead,
+                          ubuf: bytes, request_complete: bool) -> bool:
+    sock_d, sock_u = dc.sock, conn.sock
+    status = resp.status
+    if head.method == b"HEAD" or status == 204 or status == 304:
+        framing = F_NONE
+    elif resp.chunked:
+        framing = F_CHUNKED
+    elif resp.content_length >= 0:
+        framing = F_LENGTH
+    else:
+        framing = F_CLOSE
+    keep = head.keep_alive and request_complete
+    extra: list[tuple[bytes, bytes]] = []
+    down_chunked = False
+    if framing in (F_CHUNKED, F_CLOSE):
+        if head.version == 10:
+            keep = False  # HTTP/1.0 has no chunked coding: the body ends when we close
+        else:
+            down_chunked = True
+            extra.append(TE_CHUNKED)
+    if not keep:
+        extra.append(CONN_CLOSE)
+    elif head.version == 10:
+        extra.append(CONN_KEEP_ALIVE)
+    out = _serialize(b"HTTP/1.1 %d %s" % (status, resp.reason or reason(status)), resp,
+                     action.ops.response_skip, action.ops.response_add, extra)
+    ex.status = status
+    dc.phase = PH_RESP_BODY
+    upos = resp.end
+    reusable = request_complete and resp.keep_alive and framing != F_CLOSE
+    ex.response_started = True
+    if framing == F_NONE:
+        await send_all(sock_d, out)
+    elif framing == F_LENGTH:
+        remaining = resp.content_length
+        take = min(len(ubuf) - upos, remaining)
+        await send_all(sock_d, out + ubuf[upos:upos + take] if take else out)
+        remaining -= take
+        upos += take
+        ex.bytes_out = take
+        while remaining:
+            try:
+                data = await recv_now(sock_u, min(remaining, RECV_SIZE))
+            except PeerClosed:
+                data = b""
+            if not data:
+                raise _truncated()
+            await send_all(sock_d, data)
+            remaining -= len(data)
+            ex.bytes_out += len(data)
+    elif framing == F_CHUNKED:
+        dec = ChunkedDecoder(error_status=502)
+        pending = out
+        while True:
+            try:
+                parts, upos = dec.feed(ubuf, upos)
+            except ParseError as exc:
+                raise ProxyError(502, flags.UPSTREAM_PROTOCOL_ERROR, "upstream",
+                                 f"upstream protocol error: {exc.reason}") from None
+            if parts:
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                ex.bytes_out += len(data)
+                pending += encode_chunk(data) if down_chunked else data
+            if dec.done:
+                if down_chunked:
+                    pending += encode_last_chunk(dec.trailers)
+                await send_all(sock_d, pending)
+                break
+            if pending:
+                await send_all(sock_d, pending)
+                pending = b""
+            try:
+                ubuf, upos = await recv_now(sock_u), 0
+            except PeerClosed:
+                ubuf = b""
+            if not ubuf:
+                raise _truncated()
+    else:
+        pending, data = out, ubuf[upos:]
+        while True:
+            if data:
+                ex.bytes_out += len(data)
+                pending += encode_chunk(data) if down_chunked else data
+            if pending:
+                await send_all(sock_d, pending)
+                pending = b""
+            try:
+                data = await recv_now(sock_u)
+            except PeerClosed:
+                raise _truncated() from None  # a reset is not an end of body
+            if not data:
+                break
+        if down_chunked:
+            await send_all(sock_d, encode_last_chunk())
+        upos = len(ubuf)
+    dc.upstream = None
+    if reusable and upos >= len(ubuf):
+        conn.endpoint.release(conn, trio.current_time())
+    else:
+        close(sock_u)
+    return keep
+
+
+async def _tunnel(dc: DownstreamConnection, ex: Exchange, conn: UpstreamConn,
+                  resp: MessageHead, ubuf: bytes) -> None:
+    """After a 101 to a WebSocket upgrade, relay bytes both ways until both sides are done.
+    The listener's idle_timeout, renewed by traffic either way, bounds a silent tunnel."""
+    sock_d, sock_u = dc.sock, conn.sock
+    extra = [CONN_UPGRADE, (b"upgrade", resp.upgrade or b"websocket")]
+    out = serialize_head(b"HTTP/1.1 101 %s" % (resp.reason or b"Switching Protocols"),
+                         resp.headers, RESPONSE_SKIP, extra)
+    ex.status = 101
+    ex.response_started = True
+    dc.phase = PH_TUNNEL
+    idle = dc.ctx.spec.idle_timeout
+    dc.cs.deadline = trio.current_time() + idle
+    await send_all(sock_d, out + ubuf[resp.end:])
+    if dc.pos < len(dc.buf):
+        await send_all(sock_u, dc.buf[dc.pos:])
+        dc.pos = len(dc.buf)
+
+    async def pump(src: socket.socket, dst: socket.socket, upstream_bound: bool,
+                   nursery: trio.Nursery) -> None:
+        try:
+            while True:
+                data = await recv_now(src)
+                if not data:
+                    break
+                dc.cs.deadline = trio.current_time() + idle
+                await send_all(dst, data)
+                if upstream_bound:
+                    ex.bytes_in += len(data)
+                else:
+                    ex.bytes_out += len(data)
+        except PeerClosed:
+            nursery.cancel_scope.cancel()  # a reset on one side ends the tunnel
+            return
+        try:
+            dst.shutdown(socket.SHUT_WR)  # pass the half-close on (RFC 9293 FIN)
+        except OSError:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pump, sock_d, sock_u, True, nursery)
+        nursery.start_soon(pump, sock_u, sock_d, False, nursery)
+    dc.upstream = None
+    close(sock_u)

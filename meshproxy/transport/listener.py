@@ -1,0 +1,62 @@
+"""Listening sockets and the accept loop.
+
+Every listener is bound with SO_REUSEPORT so that each worker process of the pool (issue 3)
+binds its own socket to the same address and the kernel spreads connections among them.
+Accepting is batched: one readiness wait, then accept() until EAGAIN (at most ACCEPT_BATCH,
+so one busy listener cannot starve the connections already open).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+import trio
+
+log = logging.getLogger("meshproxy.listener")
+
+# The kernel's queue of connections not yet accepted; Linux caps it at net.core.somaxconn.
+BACKLOG = 1024
+ACCEPT_BATCH = 64
+
+
+def bind_listener(address: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((address, port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def accept_loop(lsock: socket.socket,
+                      handler: Callable[[socket.socket, tuple], Awaitable[None]],
+                      nursery: trio.Nursery) -> None:
+    while True:
+        await trio.lowlevel.wait_readable(lsock)
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = lsock.accept()
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: leave connections in the backlog and retry shortly
+                    # instead of spinning on a listener that stays readable.
+                    log.error("accept failed: %s; pausing accepts for 100 ms", exc)
+                    await trio.sleep(0.1)
+                    break
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            nursery.start_soon(handler, sock, peer)

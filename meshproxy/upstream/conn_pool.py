@@ -1,0 +1,80 @@
+"""Per-worker, per-endpoint pool of idle HTTP/1.1 keep-alive connections.
+
+Decide, then do I/O: `acquire` and `release` are synchronous bookkeeping; they return the
+connection to use or close, and the caller does the connecting and closing.
+
+Rules:
+- LIFO: the most recently used idle connection is reused first, so the rest age out and the
+  pool shrinks back after a burst; the oldest are at the front, where `sweep` looks.
+- A connection idle longer than `idle_timeout` is never reused (the origin may be closing
+  it); `sweep`, run every second by the worker, closes those so no descriptor lingers.
+- At most `max_idle` idle connections per endpoint; one more is closed on release.
+- A reused connection may still have been closed by the origin in the instant before the
+  request was written; the data path retries such a request once on a new connection
+  when nothing of the response arrived and the request can be replayed.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from meshproxy.transport.sockio import close
+
+
+class UpstreamConn:
+    __slots__ = ("sock", "endpoint", "idle_since", "requests")
+
+    def __init__(self, sock: socket.socket, endpoint: Endpoint) -> None:
+        self.sock = sock
+        self.endpoint = endpoint
+        self.idle_since = 0.0
+        self.requests = 0
+
+
+class Endpoint:
+    """One upstream host:port of a cluster, with its pool of idle connections."""
+
+    __slots__ = ("address", "port", "weight", "label", "idle", "idle_timeout", "max_idle")
+
+    def __init__(self, address: str, port: int, weight: int, idle_timeout: float,
+                 max_idle: int) -> None:
+        self.address = address
+        self.port = port
+        self.weight = weight
+        self.label = f"{address}:{port}"
+        self.idle: list[UpstreamConn] = []
+        self.idle_timeout = idle_timeout
+        self.max_idle = max_idle
+
+    def acquire(self, now: float) -> UpstreamConn | None:
+        """An idle connection young enough to reuse, or None (connect a new one)."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if now - conn.idle_since < self.idle_timeout:
+                return conn
+            close(conn.sock)
+        return None
+
+    def release(self, conn: UpstreamConn, now: float) -> None:
+        if len(self.idle) >= self.max_idle:
+            close(conn.sock)
+            return
+        conn.idle_since = now
+        self.idle.append(conn)
+
+    def sweep(self, now: float) -> None:
+        idle = self.idle
+        expired = 0
+        for conn in idle:
+            if now - conn.idle_since < self.idle_timeout:
+                break
+            close(conn.sock)
+            expired += 1
+        if expired:
+            del idle[:expired]
+
+    def close_all(self) -> None:
+        for conn in self.idle:
+            close(conn.sock)
+        self.idle.clear()

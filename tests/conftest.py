@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Origin, Proxy
+
+
+@pytest.fixture
+def origin_factory() -> Iterator[Callable[..., Origin]]:
+    origins: list[Origin] = []
+
+    def make(handler=None) -> Origin:
+        o = Origin(handler) if handler is not None else Origin()
+        origins.append(o.start())
+        return o
+
+    yield make
+    for o in origins:
+        o.stop()
+
+
+@pytest.fixture
+def origin(origin_factory) -> Origin:
+    return origin_factory()
+
+
+@pytest.fixture
+def proxy_factory(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
+    proxies: list[Proxy] = []
+
+    def start(config: dict, *args: str) -> Proxy:
+        p = Proxy(config, tmp_path, args)
+        proxies.append(p)
+        return p
+
+    yield start
+    for p in proxies:
+        p.stop()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One origin (handler switchable per test) behind one proxy, for a module's tests."""
+    from tests.helpers import config
+
+    o = Origin().start()
+    log = tmp_path_factory.mktemp("log") / "access.log"
+    p = Proxy(config(o.port, access_log={"path": str(log), "format": "json",
+                                         "flush_interval": "50ms"}),
+              tmp_path_factory.mktemp("proxy"))
+    p.access_log = log
+    yield o, p
+    p.stop()
+    o.stop()
+
+
+@pytest.fixture
+def env(shared):
+    o, p = shared
+    from tests.helpers import echo_handler
+
+    o.handler = echo_handler
+    o.requests.clear()
+    return o, p

@@ -1,0 +1,269 @@
+"""Test fixtures' machinery: a scripted origin on real sockets and a real proxy process.
+
+The origin parses requests with h11 (an independent parser: an oracle, not our own code)
+and answers with whatever raw bytes a test's handler returns, so a test controls every
+byte on the wire, broken framing included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h11
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Req:
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    http_version: bytes
+    conn_id: int
+
+    def header(self, name: bytes) -> bytes | None:
+        for k, v in self.headers:
+            if k == name.lower():
+                return v
+        return None
+
+    def all(self, name: bytes) -> list[bytes]:
+        return [v for k, v in self.headers if k == name.lower()]
+
+
+class Reset(Exception):
+    """Raised by a handler: the origin resets the connection (RST) without answering."""
+
+
+class Close(Exception):
+    """Raised by a handler: the origin closes the connection (FIN) without answering."""
+
+
+def ok_response(body: bytes = b"hello", status: int = 200, headers: tuple = ()) -> bytes:
+    lines = [b"HTTP/1.1 %d OK" % status, b"content-length: %d" % len(body),
+             b"content-type: text/plain"] + [k + b": " + v for k, v in headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def echo_handler(req: Req, sock: socket.socket) -> bytes:
+    body = json.dumps({
+        "method": req.method.decode(), "target": req.target.decode(),
+        "headers": [[k.decode(), v.decode("latin-1")] for k, v in req.headers],
+        "body_len": len(req.body), "conn": req.conn_id,
+    }).encode()
+    return ok_response(body, headers=((b"content-type", b"application/json"),))
+
+
+Handler = Callable[[Req, socket.socket], "bytes | None"]
+
+
+@dataclass
+class Origin:
+    handler: Handler = echo_handler
+    port: int = 0
+    requests: list[Req] = field(default_factory=list)
+    connections: int = 0
+    raw_bytes: int = 0
+
+    def start(self) -> Origin:
+        self._lsock = socket.socket()
+        self._lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._lsock.bind(("127.0.0.1", self.port))
+        self._lsock.listen(128)
+        self.port = self._lsock.getsockname()[1]
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop = True
+        try:
+            self._lsock.close()
+        except OSError:
+            pass
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                sock, _ = self._lsock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(sock, self.connections),
+                             daemon=True).start()
+
+    def _serve(self, sock: socket.socket, conn_id: int) -> None:
+        leftover = b""
+        try:
+            while True:
+                conn = h11.Connection(h11.SERVER)
+                if leftover:
+                    conn.receive_data(leftover)
+                req = None
+                body = []
+                while True:
+                    ev = conn.next_event()
+                    if ev is h11.NEED_DATA:
+                        data = sock.recv(65536)
+                        self.raw_bytes += len(data)
+                        conn.receive_data(data)
+                        if not data:
+                            return
+                        continue
+                    if isinstance(ev, h11.Request):
+                        req = ev
+                    elif isinstance(ev, h11.Data):
+                        body.append(bytes(ev.data))
+                    elif isinstance(ev, h11.EndOfMessage):
+                        break
+                    elif isinstance(ev, h11.ConnectionClosed):
+                        return
+                leftover = conn.trailing_data[0]
+                assert req is not None
+                r = Req(req.method, req.target, list(req.headers), b"".join(body),
+                        req.http_version, conn_id)
+                self.requests.append(r)
+                try:
+                    out = self.handler(r, sock)
+                except Reset:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    return
+                except Close:
+                    return
+                if out is not None:
+                    sock.sendall(out)
+        except (OSError, h11.RemoteProtocolError):
+            return
+        finally:
+            sock.close()
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+class Proxy:
+    """`python -m meshproxy run` in a subprocess; ports read from its log."""
+
+    LISTEN = re.compile(r"listener (\S+) on [^ ]+:(\d+)")
+
+    def __init__(self, config: dict, tmp: Path, args: tuple[str, ...] = ()) -> None:
+        self.config_path = tmp / f"config-{time.monotonic_ns()}.json"
+        self.config_path.write_text(json.dumps(config))
+        self.stderr_path = tmp / f"stderr-{time.monotonic_ns()}.log"
+        self._err = open(self.stderr_path, "w+b")  # noqa: SIM115
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "meshproxy", "run", "--config", str(self.config_path),
+             *args], stdout=subprocess.PIPE, stderr=self._err, env=env, cwd=str(ROOT))
+        self.ports: dict[str, int] = {}
+        want = len(config["listeners"])
+        deadline = time.monotonic() + 15
+        while len(self.ports) < want:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"proxy exited {self.proc.returncode}: {self.stderr()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"proxy did not start: {self.stderr()}")
+            for m in self.LISTEN.finditer(self.stderr()):
+                self.ports[m.group(1)] = int(m.group(2))
+            time.sleep(0.02)
+        self.port = next(iter(self.ports.values()))
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._err.close()
+
+
+def config(origin_port: int | None = None, *, routes: list | None = None,
+           clusters: list | None = None, listener: dict | None = None,
+           access_log: dict | None = None) -> dict:
+    if routes is None:
+        routes = [{"match": {"prefix": "/"}, "route": {"cluster": "web"}}]
+    if clusters is None:
+        clusters = [{"name": "web", "connect_timeout": "1s",
+                     "endpoints": [{"address": "127.0.0.1", "port": origin_port}]}]
+    lst = {"name": "ingress", "address": "127.0.0.1", "port": 0,
+           "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]}
+    lst.update(listener or {})
+    cfg: dict = {"listeners": [lst], "clusters": clusters}
+    if access_log is not None:
+        cfg["access_log"] = access_log
+    return cfg
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 5.0, shutdown: bool = False) -> bytes:
+    """Send raw bytes, read until the proxy closes or `timeout` of silence."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        if shutdown:
+            s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            r, _, _ = select.select([s], [], [], timeout)
+            if not r:
+                break
+            try:
+                d = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not d:
+                break
+            chunks.append(d)
+        return b"".join(chunks)
+
+
+def read_response(sock: socket.socket, head_only: bool = False) -> tuple[int, dict, bytes]:
+    """Read one response with h11 as the client-side oracle (Content-Length or chunked)."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="HEAD" if head_only else "GET", target="/",
+                          headers=[("host", "x")]))
+    status, headers, body = 0, {}, []
+    while True:
+        ev = conn.next_event()
+        if ev is h11.NEED_DATA:
+            conn.receive_data(sock.recv(65536))
+            continue
+        if isinstance(ev, h11.InformationalResponse):
+            continue
+        if isinstance(ev, h11.Response):
+            status = ev.status_code
+            headers = {k.decode(): v.decode("latin-1") for k, v in ev.headers}
+        elif isinstance(ev, h11.Data):
+            body.append(bytes(ev.data))
+        elif isinstance(ev, (h11.EndOfMessage, h11.ConnectionClosed)):
+            return status, headers, b"".join(body)
+
+
+def curl(*args: str, timeout: float = 10) -> subprocess.CompletedProcess:
+    return subprocess.run(["curl", "-sS", "--max-time", str(timeout), *args],
+                          capture_output=True, timeout=timeout + 5)
