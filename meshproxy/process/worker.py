@@ -18,7 +18,7 @@ from meshproxy.config.compile import AccessLogSpec, Snapshot
 from meshproxy.proxy.access_log import AccessLogger
 from meshproxy.proxy.downstream import DownstreamConnection, ListenerContext
 from meshproxy.transport.listener import accept_loop, bind_listener
-from meshproxy.transport.sockio import close
+from meshproxy.transport.reactor import Reactor
 from meshproxy.upstream.cluster_manager import ClusterManager
 
 log = logging.getLogger("meshproxy.worker")
@@ -28,15 +28,16 @@ async def _serve_connection(ctx: ListenerContext, sock: socket.socket, peer: tup
     try:
         await DownstreamConnection(ctx, sock, peer).run()
     except Exception:
-        # A bug must cost one connection, never the worker and every other connection.
+        # A bug must cost one connection, never the worker and every other connection
+        # (run() has closed the socket on its way out).
         log.exception("internal error on a connection from %s", peer)
-        close(sock)
 
 
 async def serve(snapshot: Snapshot, *,
                 task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
                 ) -> None:
     clusters = ClusterManager(snapshot.clusters)
+    reactor = Reactor()
     loggers: dict[AccessLogSpec, AccessLogger] = {}
     socks = []
     try:
@@ -47,7 +48,9 @@ async def serve(snapshot: Snapshot, *,
                 raise OSError(exc.errno, f"listener {spec.name!r}: cannot bind "
                                          f"{spec.address}:{spec.port}: {exc.strerror}") from None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(clusters.run_sweeper)
+            await nursery.start(reactor.run)
+            nursery.start_soon(reactor.run_timers)
+            nursery.start_soon(clusters.run_sweeper, reactor)
             bound = []
             for spec, lsock in zip(snapshot.listeners, socks, strict=True):
                 logger = None
@@ -56,7 +59,7 @@ async def serve(snapshot: Snapshot, *,
                     if logger is None:
                         logger = loggers[spec.access_log] = AccessLogger(spec.access_log)
                         nursery.start_soon(logger.run_flusher)
-                ctx = ListenerContext(spec, clusters, logger)
+                ctx = ListenerContext(spec, clusters, logger, reactor)
 
                 async def handler(sock: socket.socket, peer: tuple,
                                   ctx: ListenerContext = ctx) -> None:
@@ -69,7 +72,8 @@ async def serve(snapshot: Snapshot, *,
             task_status.started(bound)
     finally:
         for lsock in socks:
-            close(lsock)
+            trio.lowlevel.notify_closing(lsock)
+            lsock.close()
         clusters.close_all()
         for logger in loggers.values():
             logger.close()

@@ -31,6 +31,7 @@ from meshproxy.proxy.access_log import AccessLogger, Entry, format_time, text
 from meshproxy.proxy.forward import forward
 from meshproxy.proxy.local_reply import local_reply
 from meshproxy.proxy.phases import PH_HEAD, PH_IDLE, PH_REQ_BODY
+from meshproxy.transport.reactor import Reactor
 from meshproxy.transport.sockio import PeerClosed, abort, close, recv_after_wait, recv_now, send_all
 from meshproxy.upstream.cluster_manager import ClusterManager
 from meshproxy.upstream.conn_pool import UpstreamConn
@@ -42,11 +43,12 @@ FAREWELL_TIMEOUT = 1.0
 class ListenerContext:
     """What the connections of one listener share inside a worker."""
 
-    __slots__ = ("spec", "parser", "clusters", "logger", "scheme")
+    __slots__ = ("spec", "parser", "clusters", "logger", "scheme", "reactor")
 
     def __init__(self, spec: ListenerSpec, clusters: ClusterManager,
-                 logger: AccessLogger | None) -> None:
+                 logger: AccessLogger | None, reactor: Reactor) -> None:
         self.spec = spec
+        self.reactor = reactor
         self.parser = HeadParser(spec.max_request_line, spec.max_header_bytes, spec.max_headers)
         self.clusters = clusters
         self.logger = logger
@@ -76,11 +78,13 @@ class Exchange:
 
 
 class DownstreamConnection:
-    __slots__ = ("ctx", "sock", "peer", "peer_ip", "buf", "pos", "phase", "ex", "requests",
-                 "upstream", "cs")
+    __slots__ = ("ctx", "reactor", "ch", "sock", "peer", "peer_ip", "buf", "pos", "phase", "ex",
+                 "requests", "upstream", "cs", "deadline")
 
     def __init__(self, ctx: ListenerContext, sock: socket.socket, peer: tuple) -> None:
         self.ctx = ctx
+        self.reactor = ctx.reactor
+        self.ch = ctx.reactor.register(sock)
         self.sock = sock
         self.peer = peer
         self.peer_ip = peer[0].encode("ascii") if peer else b"-"
@@ -90,10 +94,13 @@ class DownstreamConnection:
         self.ex: Exchange | None = None
         self.requests = 0
         self.upstream: UpstreamConn | None = None
-        self.cs = trio.CancelScope(
-            deadline=trio.current_time() + ctx.spec.request_headers_timeout)
+        # The reactor's ticker cancels `cs` once `deadline` has passed (see reactor.py).
+        self.cs = trio.CancelScope()
+        self.deadline = self.reactor.now + ctx.spec.request_headers_timeout
 
     async def run(self) -> None:
+        timed = self.reactor.timed
+        timed.add(self)
         try:
             with self.cs:
                 while await self._one_request():
@@ -105,10 +112,11 @@ class DownstreamConnection:
                 self.ex.flags = flags.DOWNSTREAM_CONNECTION_TERMINATION
                 self._log(self.ex)
         finally:
+            timed.discard(self)
             if self.upstream is not None:
-                abort(self.upstream.sock)
+                abort(self.upstream.ch)
                 self.upstream = None
-            close(self.sock)
+            close(self.ch)
 
     # ------------------------------------------------------------------ heads
 
@@ -124,13 +132,13 @@ class DownstreamConnection:
                 return head
             self.phase = PH_HEAD
             if self.requests:
-                self.cs.deadline = trio.current_time() + ctx.spec.request_headers_timeout
+                self.deadline = self.reactor.now + ctx.spec.request_headers_timeout
         elif self.requests:
             # Keep-alive: the client has just been answered, so nothing is queued yet; wait
             # before the recv instead of paying for a recv that fails with EAGAIN.
             self.phase = PH_IDLE
-            self.cs.deadline = trio.current_time() + ctx.spec.idle_timeout
-            buf = await recv_after_wait(self.sock)
+            self.deadline = self.reactor.now + ctx.spec.idle_timeout
+            buf = await recv_after_wait(self.ch)
             if not buf:
                 return None
             pos = 0
@@ -139,11 +147,11 @@ class DownstreamConnection:
             head = parser.parse_request(buf, 0)
             if head is not None:
                 return head
-            self.cs.deadline = trio.current_time() + ctx.spec.request_headers_timeout
+            self.deadline = self.reactor.now + ctx.spec.request_headers_timeout
         else:
             self.phase = PH_HEAD
         while head is None:
-            data = await recv_now(self.sock)
+            data = await recv_now(self.ch)
             if not data:
                 self.buf, self.pos = buf, pos
                 return None
@@ -158,7 +166,7 @@ class DownstreamConnection:
         try:
             head = await self._read_head()
         except ParseError as exc:
-            ex = self.ex = Exchange(None, trio.current_time())
+            ex = self.ex = Exchange(None, self.reactor.now)
             self._stamp(ex)
             await self._send_local(ex, None, exc.status, exc.reason.encode() + b"\n",
                                    flags.DOWNSTREAM_PROTOCOL_ERROR, close=True)
@@ -168,7 +176,7 @@ class DownstreamConnection:
             return False
         self.requests += 1
         self.pos = head.end
-        ex = self.ex = Exchange(head, trio.current_time())
+        ex = self.ex = Exchange(head, self.reactor.now)
         if self.ctx.logger is not None:
             self._stamp(ex)
         keep = await self._dispatch(head, ex)
@@ -249,16 +257,16 @@ class DownstreamConnection:
     async def _on_timeout(self) -> None:
         ex, phase = self.ex, self.phase
         if self.upstream is not None:
-            abort(self.upstream.sock)
+            abort(self.upstream.ch)
             self.upstream = None
         if phase == PH_IDLE or (phase == PH_HEAD and ex is None and self.pos >= len(self.buf)):
             return
         if ex is None:
-            ex = Exchange(None, trio.current_time())
+            ex = Exchange(None, self.reactor.now)
             self._stamp(ex)
         if ex.response_started:
             ex.flags = flags.UPSTREAM_REQUEST_TIMEOUT
-            abort(self.sock)
+            abort(self.ch)
             self._log(ex)
             return
         if phase in (PH_HEAD, PH_REQ_BODY):

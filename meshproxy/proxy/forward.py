@@ -46,6 +46,7 @@ from meshproxy.protocol.errors import ProxyError
 from meshproxy.proxy.local_reply import CONTINUE_100, reason
 from meshproxy.proxy.phases import PH_REQ_BODY, PH_RESP_BODY, PH_TUNNEL, PH_UPSTREAM
 from meshproxy.proxy.request_id import new_request_id
+from meshproxy.transport.reactor import Channel
 from meshproxy.transport.sockio import (
     RECV_SIZE,
     PeerClosed,
@@ -70,6 +71,7 @@ CONN_KEEP_ALIVE = (b"connection", b"keep-alive")
 CONN_UPGRADE = (b"connection", b"upgrade")
 
 F_NONE, F_LENGTH, F_CHUNKED, F_CLOSE = range(4)
+NO_DEADLINE = float("inf")
 
 
 class _StaleConnection(Exception):
@@ -149,11 +151,11 @@ async def forward(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
         return await _exchange(dc, head, ex, action, cluster, ep, up_head, websocket, state)
     except ProxyError as err:
         if dc.upstream is not None:
-            abort(dc.upstream.sock)
+            abort(dc.upstream.ch)
             dc.upstream = None
         ex.flags = err.flag
         if ex.response_started:
-            abort(dc.sock)
+            abort(dc.ch)
             return False
         return await dc._send_local(ex, head, err.status, err.detail.encode() + b"\n", err.flag,
                                     close=state.started and not state.done,
@@ -168,10 +170,10 @@ class _BodyState:
         self.done = False
 
 
-async def _connect(ep: Endpoint, timeout: float) -> UpstreamConn:
+async def _connect(dc: DownstreamConnection, ep: Endpoint, timeout: float) -> UpstreamConn:
     with trio.move_on_after(timeout):
         try:
-            return UpstreamConn(await connect(ep.address, ep.port), ep)
+            return UpstreamConn(await connect(dc.reactor, ep.address, ep.port), ep)
         except OSError as exc:
             raise ProxyError(503, flags.UPSTREAM_CONNECT_FAILURE, "upstream",
                              f"upstream connect error: {exc.strerror or exc}",
@@ -190,10 +192,10 @@ async def _exchange(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
     attempt = 0
     while True:
         attempt += 1
-        conn = ep.acquire(trio.current_time())
+        conn = ep.acquire(dc.reactor.now)
         reused = conn is not None
         if conn is None:
-            conn = await _connect(ep, cluster.spec.connect_timeout)
+            conn = await _connect(dc, ep, cluster.spec.connect_timeout)
         dc.upstream = conn
         ex.upstream_host = ep.label
         try:
@@ -210,11 +212,10 @@ async def _exchange(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
                 state.started = True
                 await _send_request_body(dc, head, ex, conn, state)
             dc.phase = PH_UPSTREAM
-            dc.cs.deadline = (trio.current_time() + action.timeout if action.timeout
-                              else float("inf"))
+            dc.deadline = dc.reactor.now + action.timeout if action.timeout else NO_DEADLINE
             resp, ubuf = await _read_response_head(dc, head, conn)
         except _StaleConnection:
-            close(conn.sock)
+            close(conn.ch)
             dc.upstream = None
             if reused and attempt == 1 and (buffered or not has_body):
                 continue
@@ -237,6 +238,7 @@ async def _send_request_body(dc: DownstreamConnection, head: MessageHead, ex: Ex
     """Stream the request body client -> upstream; each send waits for the upstream to take
     the bytes before more are read from the client (backpressure)."""
     sock_d, sock_u = dc.sock, conn.sock
+    ch_d = dc.ch
     idle = dc.ctx.spec.idle_timeout
     dc.phase = PH_REQ_BODY
     buf, pos = dc.buf, dc.pos
@@ -262,8 +264,8 @@ async def _send_request_body(dc: DownstreamConnection, head: MessageHead, ex: Ex
                     break
                 if out:
                     await _send_up(sock_u, out)
-                dc.cs.deadline = trio.current_time() + idle
-                buf, pos = await recv_now(sock_d), 0
+                dc.deadline = dc.reactor.now + idle
+                buf, pos = await recv_now(ch_d), 0
                 if not buf:
                     raise PeerClosed("client closed during the request body")
             dc.buf, dc.pos = buf, pos
@@ -276,9 +278,9 @@ async def _send_request_body(dc: DownstreamConnection, head: MessageHead, ex: Ex
                 ex.bytes_in += take
             dc.buf, dc.pos = buf, pos + take
             while remaining:
-                dc.cs.deadline = trio.current_time() + idle
+                dc.deadline = dc.reactor.now + idle
                 # Read no further than the body: what follows belongs to the next request.
-                data = await recv_now(sock_d, min(remaining, RECV_SIZE))
+                data = await recv_now(ch_d, min(remaining, RECV_SIZE))
                 if not data:
                     raise PeerClosed("client closed during the request body")
                 await _send_up(sock_u, data)
@@ -296,9 +298,9 @@ async def _read_response_head(dc: DownstreamConnection, head: MessageHead,
                               conn: UpstreamConn) -> tuple[MessageHead, bytes]:
     """The final response head (1xx relayed on the way) and the bytes read with it."""
     parser = dc.ctx.parser
-    sock_u = conn.sock
+    ch_u = conn.ch
     try:
-        data = await recv_after_wait(sock_u)
+        data = await recv_after_wait(ch_u)
     except PeerClosed:
         raise _StaleConnection() from None
     if not data:
@@ -320,7 +322,7 @@ async def _read_response_head(dc: DownstreamConnection, head: MessageHead,
         if resp is not None:
             return resp, ubuf
         try:
-            data = await recv_now(sock_u)
+            data = await recv_now(ch_u)
         except PeerClosed:
             data = b""
         if not data:
@@ -338,7 +340,7 @@ def _truncated() -> ProxyError:
 async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
                           action: ClusterAction, conn: UpstreamConn, resp: MessageHead,
                           ubuf: bytes, request_complete: bool) -> bool:
-    sock_d, sock_u = dc.sock, conn.sock
+    sock_d, ch_u = dc.sock, conn.ch
     status = resp.status
     if head.method == b"HEAD" or status == 204 or status == 304:
         framing = F_NONE
@@ -379,7 +381,7 @@ async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Excha
         ex.bytes_out = take
         while remaining:
             try:
-                data = await recv_now(sock_u, min(remaining, RECV_SIZE))
+                data = await recv_now(ch_u, min(remaining, RECV_SIZE))
             except PeerClosed:
                 data = b""
             if not data:
@@ -409,7 +411,7 @@ async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Excha
                 await send_all(sock_d, pending)
                 pending = b""
             try:
-                ubuf, upos = await recv_now(sock_u), 0
+                ubuf, upos = await recv_now(ch_u), 0
             except PeerClosed:
                 ubuf = b""
             if not ubuf:
@@ -424,7 +426,7 @@ async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Excha
                 await send_all(sock_d, pending)
                 pending = b""
             try:
-                data = await recv_now(sock_u)
+                data = await recv_now(ch_u)
             except PeerClosed:
                 raise _truncated() from None  # a reset is not an end of body
             if not data:
@@ -434,9 +436,9 @@ async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Excha
         upos = len(ubuf)
     dc.upstream = None
     if reusable and upos >= len(ubuf):
-        conn.endpoint.release(conn, trio.current_time())
+        conn.endpoint.release(conn, dc.reactor.now)
     else:
-        close(sock_u)
+        close(ch_u)
     return keep
 
 
@@ -452,20 +454,20 @@ async def _tunnel(dc: DownstreamConnection, ex: Exchange, conn: UpstreamConn,
     ex.response_started = True
     dc.phase = PH_TUNNEL
     idle = dc.ctx.spec.idle_timeout
-    dc.cs.deadline = trio.current_time() + idle
+    dc.deadline = dc.reactor.now + idle
     await send_all(sock_d, out + ubuf[resp.end:])
     if dc.pos < len(dc.buf):
         await send_all(sock_u, dc.buf[dc.pos:])
         dc.pos = len(dc.buf)
 
-    async def pump(src: socket.socket, dst: socket.socket, upstream_bound: bool,
+    async def pump(src: Channel, dst: socket.socket, upstream_bound: bool,
                    nursery: trio.Nursery) -> None:
         try:
             while True:
                 data = await recv_now(src)
                 if not data:
                     break
-                dc.cs.deadline = trio.current_time() + idle
+                dc.deadline = dc.reactor.now + idle
                 await send_all(dst, data)
                 if upstream_bound:
                     ex.bytes_in += len(data)
@@ -480,7 +482,7 @@ async def _tunnel(dc: DownstreamConnection, ex: Exchange, conn: UpstreamConn,
             pass
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(pump, sock_d, sock_u, True, nursery)
-        nursery.start_soon(pump, sock_u, sock_d, False, nursery)
+        nursery.start_soon(pump, dc.ch, sock_u, True, nursery)
+        nursery.start_soon(pump, conn.ch, sock_d, False, nursery)
     dc.upstream = None
-    close(sock_u)
+    close(conn.ch)

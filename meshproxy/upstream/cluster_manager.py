@@ -10,6 +10,7 @@ import trio
 
 from meshproxy._core.lb_select import SmoothWeightedRoundRobin
 from meshproxy.config.compile import ClusterSpec
+from meshproxy.transport.reactor import Reactor
 from meshproxy.upstream.conn_pool import Endpoint
 
 # How often idle upstream connections past their idle timeout are closed.
@@ -45,10 +46,10 @@ class ClusterManager:
     def get(self, name: str) -> Cluster | None:
         return self.clusters.get(name)
 
-    async def run_sweeper(self) -> None:
+    async def run_sweeper(self, reactor: Reactor) -> None:
         while True:
             await trio.sleep(SWEEP_INTERVAL)
-            now = trio.current_time()
+            now = reactor.now
             for cluster in self.clusters.values():
                 for ep in cluster.endpoints:
                     if ep.idle:

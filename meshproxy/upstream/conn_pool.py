@@ -16,16 +16,16 @@ Rules:
 
 from __future__ import annotations
 
-import socket
-
+from meshproxy.transport.reactor import Channel
 from meshproxy.transport.sockio import close
 
 
 class UpstreamConn:
-    __slots__ = ("sock", "endpoint", "idle_since", "requests")
+    __slots__ = ("ch", "sock", "endpoint", "idle_since", "requests")
 
-    def __init__(self, sock: socket.socket, endpoint: Endpoint) -> None:
-        self.sock = sock
+    def __init__(self, ch: Channel, endpoint: Endpoint) -> None:
+        self.ch = ch
+        self.sock = ch.sock
         self.endpoint = endpoint
         self.idle_since = 0.0
         self.requests = 0
@@ -53,12 +53,12 @@ class Endpoint:
             conn = idle.pop()
             if now - conn.idle_since < self.idle_timeout:
                 return conn
-            close(conn.sock)
+            close(conn.ch)
         return None
 
     def release(self, conn: UpstreamConn, now: float) -> None:
         if len(self.idle) >= self.max_idle:
-            close(conn.sock)
+            close(conn.ch)
             return
         conn.idle_since = now
         self.idle.append(conn)
@@ -69,12 +69,12 @@ class Endpoint:
         for conn in idle:
             if now - conn.idle_since < self.idle_timeout:
                 break
-            close(conn.sock)
+            close(conn.ch)
             expired += 1
         if expired:
             del idle[:expired]
 
     def close_all(self) -> None:
         for conn in self.idle:
-            close(conn.sock)
+            close(conn.ch)
         self.idle.clear()
