@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,11 +243,19 @@ def raw_exchange(port: int, data: bytes, timeout: float = 5.0, shutdown: bool = 
         return b"".join(chunks)
 
 
+# Bytes received after a response on a client socket belong to the next response; kept
+# here between read_response() calls (several responses can arrive in one recv).
+_LEFTOVER: weakref.WeakKeyDictionary[socket.socket, bytes] = weakref.WeakKeyDictionary()
+
+
 def read_response(sock: socket.socket, head_only: bool = False) -> tuple[int, dict, bytes]:
     """Read one response with h11 as the client-side oracle (Content-Length or chunked)."""
     conn = h11.Connection(h11.CLIENT)
     conn.send(h11.Request(method="HEAD" if head_only else "GET", target="/",
                           headers=[("host", "x")]))
+    pending = _LEFTOVER.pop(sock, b"")
+    if pending:
+        conn.receive_data(pending)
     status, headers, body = 0, {}, []
     while True:
         ev = conn.next_event()
@@ -261,6 +270,8 @@ def read_response(sock: socket.socket, head_only: bool = False) -> tuple[int, di
         elif isinstance(ev, h11.Data):
             body.append(bytes(ev.data))
         elif isinstance(ev, (h11.EndOfMessage, h11.ConnectionClosed)):
+            if isinstance(ev, h11.EndOfMessage) and conn.trailing_data[0]:
+                _LEFTOVER[sock] = bytes(conn.trailing_data[0])
             return status, headers, b"".join(body)
 
 
