@@ -37,25 +37,33 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     import trio
 
-    from meshproxy.process.worker import run_until_signal
+    from meshproxy.process.supervisor import Options, Supervisor
 
     try:
         config = load_file(args.config)
+        # Compiling catches what only the compiled form can (it is what workers will do).
+        compile_config(config, access_log_override=args.access_log)
+        sup = Supervisor(args.config, config, Options(
+            workers=args.workers, cpu_affinity=args.cpu_affinity,
+            max_connections=args.max_connections, drain_timeout=args.drain_timeout,
+            admin_address=args.admin_address, log_level=args.log_level,
+            access_log=args.access_log))
     except ConfigError as exc:
         _print_config_errors(exc)
         return EXIT_CONFIG
-    if args.workers != 1:
-        # The supervised SO_REUSEPORT pool is the next step (issue 3); refuse rather than
-        # silently run a different number of workers than asked for.
-        print("meshproxy: --workers other than 1 is not available yet", file=sys.stderr)
-        return EXIT_CONFIG
-    snapshot = compile_config(config, access_log_override=args.access_log)
     try:
-        trio.run(run_until_signal, snapshot)
+        trio.run(sup.run)
     except OSError as exc:
         print(f"meshproxy: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -70,8 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="serve a config")
     run.add_argument("--config", "-c", required=True, help="YAML or JSON config file")
-    run.add_argument("--workers", type=int, default=1,
-                     help="worker processes (only 1 for now; the pool comes next)")
+    run.add_argument("--workers", type=_positive, default=os.cpu_count() or 1,
+                     help="worker processes, each with its own event loop and SO_REUSEPORT "
+                          "sockets (default: the number of CPUs)")
+    run.add_argument("--cpu-affinity", action="store_true",
+                     help="pin worker i to CPU i modulo the number of CPUs")
+    run.add_argument("--max-connections", type=int, default=0, metavar="N",
+                     help="per worker; beyond it new connections wait in the kernel backlog "
+                          "(default 0: no limit)")
+    run.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="on SIGTERM/SIGINT, how long requests in flight may take to finish "
+                          "(default 30)")
+    run.add_argument("--admin-address", default=None, metavar="HOST:PORT",
+                     help="admin API address (default: the config's admin section; "
+                          "'off' disables it)")
     run.add_argument("--access-log", default=None, metavar="PATH",
                      help="override every listener's access log: stdout, stderr, a file, or off")
     run.add_argument("--log-level", default=os.environ.get("MESHPROXY_LOG_LEVEL", "info"),

@@ -175,6 +175,10 @@ class Proxy:
         self.stderr_path = tmp / f"stderr-{time.monotonic_ns()}.log"
         self._err = open(self.stderr_path, "w+b")  # noqa: SIM115
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if "--workers" not in args:
+            # One worker unless a test asks for more: pools and balancers are per worker,
+            # so a test that reasons about them needs to know which worker served it.
+            args = ("--workers", "1", *args)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "meshproxy", "run", "--config", str(self.config_path),
              *args], stdout=subprocess.PIPE, stderr=self._err, env=env, cwd=str(ROOT))

@@ -1,90 +1,179 @@
 """A worker: one trio loop serving every listener of a snapshot.
 
 The worker owns its accepted connections, its upstream pools and its load-balancer state;
-it shares nothing with other workers but the listening port (SO_REUSEPORT). `serve` binds
-every listener before it reports readiness, so a caller (the supervisor of issue 3, or a
-test) knows the ports are open once `nursery.start(serve, ...)` returns.
+it shares nothing with other workers but the listening ports (SO_REUSEPORT) and the stats
+segment, where it writes only its own slab.
+
+Reload (`apply`): a new snapshot is compiled by the caller and swapped in place. A listener
+whose address is unchanged keeps its socket (no connection is closed or refused); its context
+gets the new route table and cluster manager in one step, so new requests use the new
+snapshot while requests in flight finish with what they already looked up. Endpoints that
+stay keep their pools of warm connections.
+
+Drain: stop accepting, close idle keep-alive connections, answer every request still in
+flight with `Connection: close`, wait up to the drain timeout, then stop.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import socket
 
 import trio
 
-from meshproxy.config.compile import AccessLogSpec, Snapshot
+from meshproxy.config.compile import AccessLogSpec, ListenerSpec, Snapshot
 from meshproxy.proxy.access_log import AccessLogger
-from meshproxy.proxy.downstream import DownstreamConnection, ListenerContext
-from meshproxy.transport.listener import accept_loop, bind_listener
+from meshproxy.proxy.downstream import DownstreamConnection, ListenerContext, WorkerState
+from meshproxy.proxy.phases import PH_HEAD, PH_IDLE
+from meshproxy.stats.sink import Sink
+from meshproxy.transport.listener import Admission, accept_loop, bind_listener
 from meshproxy.transport.reactor import Reactor
 from meshproxy.upstream.cluster_manager import ClusterManager
 
 log = logging.getLogger("meshproxy.worker")
 
 
-async def _serve_connection(ctx: ListenerContext, sock: socket.socket, peer: tuple) -> None:
-    try:
-        await DownstreamConnection(ctx, sock, peer).run()
-    except Exception:
-        # A bug must cost one connection, never the worker and every other connection
-        # (run() has closed the socket on its way out).
-        log.exception("internal error on a connection from %s", peer)
+class _Listener:
+    def __init__(self, spec: ListenerSpec, sock: socket.socket, ctx: ListenerContext) -> None:
+        self.spec = spec
+        self.sock = sock
+        self.ctx = ctx
+        self.scope = trio.CancelScope()
+
+    def stop(self) -> None:
+        self.scope.cancel()
+        if self.sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+
+
+class Worker:
+    def __init__(self, snapshot: Snapshot, sink: Sink | None = None,
+                 max_connections: int = 0) -> None:
+        self.snapshot = snapshot
+        self.sink = sink or Sink.private()
+        self.reactor = Reactor()
+        self.stats = self.sink.worker()
+        self.state = WorkerState(self.stats)
+        self.admission = Admission(max_connections)
+        self.listeners: dict[str, _Listener] = {}
+        self.loggers: dict[AccessLogSpec, AccessLogger] = {}
+        self.clusters: ClusterManager | None = None
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[list[tuple[str, str, int]]]
+                  = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; reports [(listener, host, port)] once every port is bound."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self.reactor.run)
+                nursery.start_soon(self.reactor.run_timers)
+                nursery.start_soon(self._sweep)
+                bound = self.apply(self.snapshot)
+                self.stats.block.set(self.stats.live, 1)
+                task_status.started(bound)
+        finally:
+            self.stats.block.set(self.stats.live, 0)
+            for lst in self.listeners.values():
+                lst.stop()
+            if self.clusters is not None:
+                self.clusters.close_all()
+            for logger in self.loggers.values():
+                logger.close()
+
+    async def _sweep(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            if self.clusters is not None:
+                self.clusters.sweep(self.reactor.now)
+
+    def apply(self, snapshot: Snapshot) -> list[tuple[str, str, int]]:
+        """Adopt a snapshot (see the module docstring). Returns the bound listeners."""
+        assert self._nursery is not None
+        self.snapshot = snapshot
+        clusters = ClusterManager(snapshot.clusters, self.sink, previous=self.clusters)
+        self.clusters = clusters
+        loggers: dict[AccessLogSpec, AccessLogger] = {}
+        bound = []
+        wanted = {spec.name for spec in snapshot.listeners}
+        for name in [n for n in self.listeners if n not in wanted]:
+            self.listeners.pop(name).stop()
+        for spec in snapshot.listeners:
+            logger = None
+            if spec.access_log is not None:
+                logger = loggers.get(spec.access_log) or self.loggers.get(spec.access_log)
+                if logger is None:
+                    logger = AccessLogger(spec.access_log)
+                    self._nursery.start_soon(logger.run_flusher)
+                loggers[spec.access_log] = logger
+            cur = self.listeners.get(spec.name)
+            if cur is not None and (cur.spec.address, cur.spec.port) == (spec.address, spec.port):
+                cur.ctx.update(spec, clusters, logger)
+                cur.spec = spec
+            else:
+                if cur is not None:
+                    cur.stop()
+                try:
+                    sock = bind_listener(spec.address, spec.port)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"listener {spec.name!r}: cannot bind "
+                                             f"{spec.address}:{spec.port}: {exc.strerror}"
+                                  ) from None
+                ctx = ListenerContext(spec, clusters, logger, self.reactor, self.state, self.sink)
+                cur = self.listeners[spec.name] = _Listener(spec, sock, ctx)
+                self._nursery.start_soon(self._accept, cur)
+            host, port = cur.sock.getsockname()[:2]
+            bound.append((spec.name, host, port))
+        for spec_key, logger in self.loggers.items():
+            if spec_key not in loggers:
+                logger.close()
+        self.loggers = loggers
+        self.stats.block.set(self.stats.config_version, snapshot.version)
+        return bound
+
+    async def _accept(self, lst: _Listener) -> None:
+        ctx = lst.ctx
+        admission = self.admission
+
+        async def handler(sock: socket.socket, peer: tuple) -> None:
+            try:
+                await DownstreamConnection(ctx, sock, peer).run()
+            except Exception:
+                # A bug costs one connection, never the worker (run() closed the socket).
+                log.exception("internal error on a connection from %s", peer)
+            finally:
+                admission.leave()
+
+        assert self._nursery is not None
+        with lst.scope:
+            await accept_loop(lst.sock, handler, self._nursery, admission)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, let requests in flight finish (up to `timeout`), then return."""
+        self.state.draining = True
+        self.stats.block.set(self.stats.live, 0)
+        for lst in self.listeners.values():
+            lst.stop()
+        with trio.move_on_after(timeout):
+            while self.admission.active:
+                for conn in list(self.reactor.timed):
+                    # Idle keep-alive connections, and ones that have sent nothing yet, go
+                    # now; the others close after their response (Connection: close).
+                    if isinstance(conn, DownstreamConnection) and (
+                            conn.phase == PH_IDLE
+                            or (conn.phase == PH_HEAD and conn.pos >= len(conn.buf)
+                                and conn.ex is None)):
+                        conn.cs.cancel()
+                await trio.sleep(0.05)
+        if self.admission.active:
+            log.warning("drain timeout: closing %d connections still open",
+                        self.admission.active)
 
 
 async def serve(snapshot: Snapshot, *,
-                task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
-                ) -> None:
-    clusters = ClusterManager(snapshot.clusters)
-    reactor = Reactor()
-    loggers: dict[AccessLogSpec, AccessLogger] = {}
-    socks = []
-    try:
-        for spec in snapshot.listeners:
-            try:
-                socks.append(bind_listener(spec.address, spec.port))
-            except OSError as exc:
-                raise OSError(exc.errno, f"listener {spec.name!r}: cannot bind "
-                                         f"{spec.address}:{spec.port}: {exc.strerror}") from None
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reactor.run)
-            nursery.start_soon(reactor.run_timers)
-            nursery.start_soon(clusters.run_sweeper, reactor)
-            bound = []
-            for spec, lsock in zip(snapshot.listeners, socks, strict=True):
-                logger = None
-                if spec.access_log is not None:
-                    logger = loggers.get(spec.access_log)
-                    if logger is None:
-                        logger = loggers[spec.access_log] = AccessLogger(spec.access_log)
-                        nursery.start_soon(logger.run_flusher)
-                ctx = ListenerContext(spec, clusters, logger, reactor)
+                task_status: trio.TaskStatus[list[tuple[str, str, int]]]
+                = trio.TASK_STATUS_IGNORED) -> None:
+    """One unsupervised worker (the demo and in-process uses)."""
+    await Worker(snapshot).run(task_status=task_status)
 
-                async def handler(sock: socket.socket, peer: tuple,
-                                  ctx: ListenerContext = ctx) -> None:
-                    await _serve_connection(ctx, sock, peer)
-
-                nursery.start_soon(accept_loop, lsock, handler, nursery)
-                host, port = lsock.getsockname()[:2]
-                bound.append((host, port))
-                log.info("listener %s on %s:%d", spec.name, host, port)
-            task_status.started(bound)
-    finally:
-        for lsock in socks:
-            trio.lowlevel.notify_closing(lsock)
-            lsock.close()
-        clusters.close_all()
-        for logger in loggers.values():
-            logger.close()
-
-
-async def run_until_signal(snapshot: Snapshot) -> None:
-    """Serve until SIGTERM or SIGINT, then stop (graceful draining arrives with issue 3)."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve, snapshot)
-            async for signum in signals:
-                log.info("received %s, stopping", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break

@@ -14,16 +14,18 @@ Source = Literal["downstream", "upstream", "internal"]
 
 
 class ProxyError(Exception):
-    __slots__ = ("status", "flag", "source", "retriable", "detail")
+    __slots__ = ("status", "flag", "source", "retriable", "detail", "stat")
 
     def __init__(self, status: int, flag: str, source: Source, detail: str,
-                 retriable: bool = False) -> None:
+                 retriable: bool = False, stat: str = "") -> None:
         super().__init__(f"{flag} {status}: {detail}")
         self.status = status
         self.flag = flag
         self.source = source
         self.retriable = retriable
         self.detail = detail
+        # The cluster stat (stats.names.CLUSTER) that counts this failure, if any.
+        self.stat = stat
 
 
 # Envoy's response flags (access log %RESPONSE_FLAGS%) used by the HTTP/1.1 data path.

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import socket
 import time
+from time import perf_counter
+from typing import Any
 
 import trio
 
@@ -31,6 +33,7 @@ from meshproxy.proxy.access_log import AccessLogger, Entry, format_time, text
 from meshproxy.proxy.forward import forward
 from meshproxy.proxy.local_reply import local_reply
 from meshproxy.proxy.phases import PH_HEAD, PH_IDLE, PH_REQ_BODY
+from meshproxy.stats.sink import Sink
 from meshproxy.transport.reactor import Reactor
 from meshproxy.transport.sockio import PeerClosed, abort, close, recv_after_wait, recv_now, send_all
 from meshproxy.upstream.cluster_manager import ClusterManager
@@ -40,26 +43,47 @@ from meshproxy.upstream.conn_pool import UpstreamConn
 FAREWELL_TIMEOUT = 1.0
 
 
-class ListenerContext:
-    """What the connections of one listener share inside a worker."""
+class WorkerState:
+    """What every listener of a worker shares: its stats scope and whether it drains."""
 
-    __slots__ = ("spec", "parser", "clusters", "logger", "scheme", "reactor")
+    __slots__ = ("stats", "draining")
+
+    def __init__(self, stats: Any) -> None:
+        self.stats = stats
+        self.draining = False
+
+
+class ListenerContext:
+    """What the connections of one listener share inside a worker. A reload swaps `spec`,
+    `parser` and `clusters` in place; a request in flight keeps what it already looked up."""
+
+    __slots__ = ("spec", "parser", "clusters", "logger", "scheme", "reactor", "state",
+                 "lstats", "hstats")
 
     def __init__(self, spec: ListenerSpec, clusters: ClusterManager,
-                 logger: AccessLogger | None, reactor: Reactor) -> None:
-        self.spec = spec
+                 logger: AccessLogger | None, reactor: Reactor, state: WorkerState,
+                 sink: Sink) -> None:
         self.reactor = reactor
+        self.state = state
+        self.lstats = sink.listener(spec.name)
+        self.hstats = sink.http(spec.name)
+        self.scheme = b"http"
+        self.update(spec, clusters, logger)
+
+    def update(self, spec: ListenerSpec, clusters: ClusterManager,
+               logger: AccessLogger | None) -> None:
+        self.spec = spec
         self.parser = HeadParser(spec.max_request_line, spec.max_header_bytes, spec.max_headers)
         self.clusters = clusters
         self.logger = logger
-        self.scheme = b"http"
 
 
 class Exchange:
     """One request and its response, as the access log and the error paths see it."""
 
     __slots__ = ("head", "method", "target", "host", "start", "wall_start", "status", "flags",
-                 "bytes_in", "bytes_out", "upstream_host", "request_id", "response_started")
+                 "bytes_in", "bytes_out", "upstream_host", "request_id", "response_started",
+                 "upstream_status")
 
     def __init__(self, head: MessageHead | None, start: float) -> None:
         self.head = head
@@ -75,6 +99,7 @@ class Exchange:
         self.upstream_host = "-"
         self.request_id: bytes | None = None
         self.response_started = False
+        self.upstream_status = 0
 
 
 class DownstreamConnection:
@@ -101,6 +126,12 @@ class DownstreamConnection:
     async def run(self) -> None:
         timed = self.reactor.timed
         timed.add(self)
+        ls, ws = self.ctx.lstats, self.ctx.state.stats
+        blk = ls.block
+        blk.inc(ls.downstream_cx_total)
+        blk.add(ls.downstream_cx_active, 1)
+        blk.inc(ws.downstream_cx_total)
+        blk.add(ws.downstream_cx_active, 1)
         try:
             with self.cs:
                 while await self._one_request():
@@ -108,13 +139,19 @@ class DownstreamConnection:
             if self.cs.cancelled_caught:
                 await self._on_timeout()
         except PeerClosed:
-            if self.ex is not None and self.ex.status == 0:
-                self.ex.flags = flags.DOWNSTREAM_CONNECTION_TERMINATION
-                self._log(self.ex)
+            if self.ex is not None:
+                if self.ex.status == 0:
+                    self.ex.flags = flags.DOWNSTREAM_CONNECTION_TERMINATION
+                self._finish(self.ex)
         finally:
             timed.discard(self)
+            if self.ex is not None:
+                self._finish(self.ex)  # ended some other way (worker stopping, a bug)
+            blk.add(ls.downstream_cx_active, -1)
+            blk.inc(ls.downstream_cx_destroy)
+            blk.add(ws.downstream_cx_active, -1)
             if self.upstream is not None:
-                abort(self.upstream.ch)
+                self.upstream.abort()
                 self.upstream = None
             close(self.ch)
 
@@ -166,26 +203,53 @@ class DownstreamConnection:
         try:
             head = await self._read_head()
         except ParseError as exc:
-            ex = self.ex = Exchange(None, self.reactor.now)
-            self._stamp(ex)
+            hs = self.ctx.hstats
+            hs.block.inc(hs.downstream_cx_protocol_error)
+            ex = self._begin(None)
             await self._send_local(ex, None, exc.status, exc.reason.encode() + b"\n",
                                    flags.DOWNSTREAM_PROTOCOL_ERROR, close=True)
-            self._log(ex)
+            self._finish(ex)
             return False
         if head is None:
             return False
         self.requests += 1
         self.pos = head.end
-        ex = self.ex = Exchange(head, self.reactor.now)
-        if self.ctx.logger is not None:
-            self._stamp(ex)
+        ex = self._begin(head)
         keep = await self._dispatch(head, ex)
-        self._log(ex)
-        self.ex = None
+        self._finish(ex)
         return keep
 
-    def _stamp(self, ex: Exchange) -> None:
-        ex.wall_start = time.time()
+    def _begin(self, head: MessageHead | None) -> Exchange:
+        ex = self.ex = Exchange(head, perf_counter())
+        if self.ctx.logger is not None:
+            ex.wall_start = time.time()
+        hs, ws = self.ctx.hstats, self.ctx.state.stats
+        blk = hs.block
+        blk.inc(hs.downstream_rq_total)
+        blk.add(hs.downstream_rq_active, 1)
+        blk.inc(ws.downstream_rq_total)
+        return ex
+
+    def _finish(self, ex: Exchange) -> None:
+        """Count and log a request once, whichever way it ended."""
+        if self.ex is not ex:
+            return
+        self.ex = None
+        hs = self.ctx.hstats
+        blk = hs.block
+        blk.add(hs.downstream_rq_active, -1)
+        status = ex.status
+        if 100 <= status < 600:
+            blk.inc(hs.downstream_rq_1xx + status // 100 - 1)
+        flag = ex.flags
+        if flag == flags.NO_ROUTE:
+            blk.inc(hs.no_route)
+        elif flag == flags.STREAM_IDLE_TIMEOUT:
+            blk.inc(hs.downstream_rq_timeout)
+        elif flag == flags.DOWNSTREAM_CONNECTION_TERMINATION:
+            blk.inc(hs.downstream_rq_rx_reset)
+        blk.observe(hs.downstream_rq_time, (perf_counter() - ex.start) * 1000.0)
+        self._log(ex)
 
     # ------------------------------------------------------------------ routing
 
@@ -240,6 +304,7 @@ class DownstreamConnection:
                           extra: list[tuple[bytes, bytes]] | None = None,
                           content_type: bytes = b"text/plain") -> bool:
         keep = (head is not None and not close and head.keep_alive
+                and not self.ctx.state.draining
                 and (body_done or self.body_skippable(head)))
         hdrs = list(extra or ())
         if keep and head is not None and head.version == 10:
@@ -257,17 +322,16 @@ class DownstreamConnection:
     async def _on_timeout(self) -> None:
         ex, phase = self.ex, self.phase
         if self.upstream is not None:
-            abort(self.upstream.ch)
+            self.upstream.abort()
             self.upstream = None
         if phase == PH_IDLE or (phase == PH_HEAD and ex is None and self.pos >= len(self.buf)):
             return
         if ex is None:
-            ex = Exchange(None, self.reactor.now)
-            self._stamp(ex)
+            ex = self._begin(None)
         if ex.response_started:
             ex.flags = flags.UPSTREAM_REQUEST_TIMEOUT
             abort(self.ch)
-            self._log(ex)
+            self._finish(ex)
             return
         if phase in (PH_HEAD, PH_REQ_BODY):
             status, flag, body = 408, flags.STREAM_IDLE_TIMEOUT, b"request timeout\n"
@@ -278,7 +342,7 @@ class DownstreamConnection:
                 await self._send_local(ex, ex.head, status, body, flag, close=True)
             except PeerClosed:
                 pass
-        self._log(ex)
+        self._finish(ex)
 
     def _log(self, ex: Exchange) -> None:
         logger = self.ctx.logger
@@ -291,7 +355,7 @@ class DownstreamConnection:
             protocol="HTTP/1.0" if head is not None and head.version == 10 else "HTTP/1.1",
             response_code=ex.status, response_flags=ex.flags,
             bytes_received=ex.bytes_in, bytes_sent=ex.bytes_out,
-            duration=int((trio.current_time() - ex.start) * 1000),
+            duration=int((perf_counter() - ex.start) * 1000),
             upstream_host=ex.upstream_host,
             x_request_id=text(ex.request_id or (head.request_id if head is not None else None)),
             downstream_remote_address=f"{self.peer[0]}:{self.peer[1]}" if self.peer else "-",

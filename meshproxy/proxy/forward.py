@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import random
 import socket
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 import trio
@@ -51,7 +52,6 @@ from meshproxy.transport.sockio import (
     RECV_SIZE,
     PeerClosed,
     abort,
-    close,
     connect,
     recv_after_wait,
     recv_now,
@@ -139,19 +139,31 @@ async def forward(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
     cluster = dc.ctx.clusters.get(choose_cluster(action))
     if cluster is None:
         return await dc._send_local(ex, head, 503, b"cluster not found\n", flags.NO_CLUSTER)
+    cst = cluster.stats
+    blk = cst.block
     ep = cluster.pick()
     if ep is None:
+        blk.inc(cst.upstream_cx_none_healthy)
         return await dc._send_local(ex, head, 503, b"no healthy upstream\n",
                                     flags.NO_HEALTHY_UPSTREAM)
     websocket = (head.conn_upgrade and head.upgrade is not None and head.version >= 11
                  and head.upgrade.lower() == b"websocket")
     up_head = build_upstream_head(dc, head, ex, action, websocket)
     state = _BodyState()
+    est = ep.stats
+    blk.inc(cst.upstream_rq_total)
+    blk.add(cst.upstream_rq_active, 1)
+    blk.inc(est.rq_total)
+    blk.add(est.rq_active, 1)
+    started = perf_counter()
     try:
         return await _exchange(dc, head, ex, action, cluster, ep, up_head, websocket, state)
     except ProxyError as err:
+        blk.inc(est.rq_error)
+        if err.stat:
+            blk.inc(getattr(cst, err.stat))
         if dc.upstream is not None:
-            abort(dc.upstream.ch)
+            dc.upstream.abort()
             dc.upstream = None
         ex.flags = err.flag
         if ex.response_started:
@@ -160,6 +172,18 @@ async def forward(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
         return await dc._send_local(ex, head, err.status, err.detail.encode() + b"\n", err.flag,
                                     close=state.started and not state.done,
                                     body_done=state.done)
+    except trio.Cancelled:
+        if dc.phase in (PH_UPSTREAM, PH_RESP_BODY):
+            blk.inc(cst.upstream_rq_timeout)  # the route timeout fired (504 UT)
+            blk.inc(est.rq_error)
+        raise
+    finally:
+        blk.add(cst.upstream_rq_active, -1)
+        blk.add(est.rq_active, -1)
+        status = ex.upstream_status
+        if status:
+            blk.inc(cst.upstream_rq_1xx + status // 100 - 1)
+            blk.observe(cst.upstream_rq_time, (perf_counter() - started) * 1000.0)
 
 
 class _BodyState:
@@ -177,9 +201,10 @@ async def _connect(dc: DownstreamConnection, ep: Endpoint, timeout: float) -> Up
         except OSError as exc:
             raise ProxyError(503, flags.UPSTREAM_CONNECT_FAILURE, "upstream",
                              f"upstream connect error: {exc.strerror or exc}",
-                             retriable=True) from None
+                             retriable=True, stat="upstream_cx_connect_fail") from None
     raise ProxyError(503, flags.UPSTREAM_CONNECT_FAILURE, "upstream",
-                     "upstream connect error: connect timeout", retriable=True)
+                     "upstream connect error: connect timeout", retriable=True,
+                     stat="upstream_cx_connect_timeout")
 
 
 async def _exchange(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
@@ -215,13 +240,15 @@ async def _exchange(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
             dc.deadline = dc.reactor.now + action.timeout if action.timeout else NO_DEADLINE
             resp, ubuf = await _read_response_head(dc, head, conn)
         except _StaleConnection:
-            close(conn.ch)
+            conn.close()
             dc.upstream = None
             if reused and attempt == 1 and (buffered or not has_body):
+                cluster.stats.block.inc(cluster.stats.upstream_rq_retry)
                 continue
             raise ProxyError(503, flags.UPSTREAM_CONNECTION_TERMINATION, "upstream",
                              "upstream connect error or disconnect/reset before headers",
-                             retriable=True) from None
+                             retriable=True,
+                             stat="upstream_cx_destroy_remote_with_active_rq") from None
         break
     conn.requests += 1
     if resp.status == 101:
@@ -318,7 +345,8 @@ async def _read_response_head(dc: DownstreamConnection, head: MessageHead,
                 resp = parser.parse_response(ubuf, upos) if upos < len(ubuf) else None
         except ParseError as exc:
             raise ProxyError(502, flags.UPSTREAM_PROTOCOL_ERROR, "upstream",
-                             f"upstream protocol error: {exc.reason}") from None
+                             f"upstream protocol error: {exc.reason}",
+                             stat="upstream_cx_protocol_error") from None
         if resp is not None:
             return resp, ubuf
         try:
@@ -327,14 +355,16 @@ async def _read_response_head(dc: DownstreamConnection, head: MessageHead,
             data = b""
         if not data:
             raise ProxyError(503, flags.UPSTREAM_CONNECTION_TERMINATION, "upstream",
-                             "upstream disconnect/reset before the response was complete")
+                             "upstream disconnect/reset before the response was complete",
+                             stat="upstream_cx_destroy_remote_with_active_rq")
         ubuf = ubuf[upos:] + data if upos < len(ubuf) else data
         upos = 0
 
 
 def _truncated() -> ProxyError:
     return ProxyError(502, flags.UPSTREAM_CONNECTION_TERMINATION, "upstream",
-                      "upstream closed before the response body was complete")
+                      "upstream closed before the response body was complete",
+                      stat="upstream_cx_destroy_remote_with_active_rq")
 
 
 async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
@@ -350,7 +380,7 @@ async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Excha
         framing = F_LENGTH
     else:
         framing = F_CLOSE
-    keep = head.keep_alive and request_complete
+    keep = head.keep_alive and request_complete and not dc.ctx.state.draining
     extra: list[tuple[bytes, bytes]] = []
     down_chunked = False
     if framing in (F_CHUNKED, F_CLOSE):
@@ -365,7 +395,7 @@ async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Excha
         extra.append(CONN_KEEP_ALIVE)
     out = _serialize(b"HTTP/1.1 %d %s" % (status, resp.reason or reason(status)), resp,
                      action.ops.response_skip, action.ops.response_add, extra)
-    ex.status = status
+    ex.status = ex.upstream_status = status
     dc.phase = PH_RESP_BODY
     upos = resp.end
     reusable = request_complete and resp.keep_alive and framing != F_CLOSE
@@ -397,7 +427,8 @@ async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Excha
                 parts, upos = dec.feed(ubuf, upos)
             except ParseError as exc:
                 raise ProxyError(502, flags.UPSTREAM_PROTOCOL_ERROR, "upstream",
-                                 f"upstream protocol error: {exc.reason}") from None
+                                 f"upstream protocol error: {exc.reason}",
+                                 stat="upstream_cx_protocol_error") from None
             if parts:
                 data = parts[0] if len(parts) == 1 else b"".join(parts)
                 ex.bytes_out += len(data)
@@ -438,7 +469,7 @@ async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Excha
     if reusable and upos >= len(ubuf):
         conn.endpoint.release(conn, dc.reactor.now)
     else:
-        close(ch_u)
+        conn.close()
     return keep
 
 
@@ -450,7 +481,7 @@ async def _tunnel(dc: DownstreamConnection, ex: Exchange, conn: UpstreamConn,
     extra = [CONN_UPGRADE, (b"upgrade", resp.upgrade or b"websocket")]
     out = serialize_head(b"HTTP/1.1 101 %s" % (resp.reason or b"Switching Protocols"),
                          resp.headers, RESPONSE_SKIP, extra)
-    ex.status = 101
+    ex.status = ex.upstream_status = 101
     ex.response_started = True
     dc.phase = PH_TUNNEL
     idle = dc.ctx.spec.idle_timeout
@@ -485,4 +516,4 @@ async def _tunnel(dc: DownstreamConnection, ex: Exchange, conn: UpstreamConn,
         nursery.start_soon(pump, dc.ch, sock_u, True, nursery)
         nursery.start_soon(pump, conn.ch, sock_d, False, nursery)
     dc.upstream = None
-    close(conn.ch)
+    conn.close()

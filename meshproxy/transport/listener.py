@@ -37,12 +37,43 @@ def bind_listener(address: str, port: int) -> socket.socket:
     return sock
 
 
+class Admission:
+    """--max-connections: at the limit the worker stops calling accept(), so further
+    connections wait in the kernel's backlog (or go to another worker) instead of being
+    accepted and dropped. 0 means no limit."""
+
+    def __init__(self, limit: int = 0) -> None:
+        self.limit = limit
+        self.active = 0
+        self._room: trio.Event | None = None
+
+    def has_room(self) -> bool:
+        return not self.limit or self.active < self.limit
+
+    async def wait_room(self) -> None:
+        while not self.has_room():
+            self._room = trio.Event()
+            await self._room.wait()
+
+    def enter(self) -> None:
+        self.active += 1
+
+    def leave(self) -> None:
+        self.active -= 1
+        if self._room is not None:
+            self._room.set()
+            self._room = None
+
+
 async def accept_loop(lsock: socket.socket,
                       handler: Callable[[socket.socket, tuple], Awaitable[None]],
-                      nursery: trio.Nursery) -> None:
+                      nursery: trio.Nursery, admission: Admission) -> None:
     while True:
+        await admission.wait_room()
         await trio.lowlevel.wait_readable(lsock)
         for _ in range(ACCEPT_BATCH):
+            if not admission.has_room():
+                break
             try:
                 sock, peer = lsock.accept()
             except BlockingIOError:
@@ -59,4 +90,5 @@ async def accept_loop(lsock: socket.socket,
                 raise
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            admission.enter()  # counted now, so the batch cannot overshoot the limit
             nursery.start_soon(handler, sock, peer)

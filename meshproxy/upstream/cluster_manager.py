@@ -6,25 +6,32 @@ of `_core.lb_select`; a cluster with no endpoint answers `pick() -> None` (503 U
 
 from __future__ import annotations
 
-import trio
-
 from meshproxy._core.lb_select import SmoothWeightedRoundRobin
 from meshproxy.config.compile import ClusterSpec
-from meshproxy.transport.reactor import Reactor
+from meshproxy.stats.sink import Sink
 from meshproxy.upstream.conn_pool import Endpoint
-
-# How often idle upstream connections past their idle timeout are closed.
-SWEEP_INTERVAL = 1.0
 
 
 class Cluster:
-    __slots__ = ("spec", "name", "endpoints", "lb")
+    __slots__ = ("spec", "name", "endpoints", "lb", "stats")
 
-    def __init__(self, spec: ClusterSpec) -> None:
+    def __init__(self, spec: ClusterSpec, sink: Sink,
+                 previous: dict[tuple[str, int], Endpoint] | None = None) -> None:
         self.spec = spec
         self.name = spec.name
-        self.endpoints = [Endpoint(a, p, w, spec.idle_timeout, spec.max_idle_connections)
-                          for a, p, w in spec.endpoints]
+        self.stats = sink.cluster(spec.name)
+        self.endpoints = []
+        for a, p, w in spec.endpoints:
+            old = previous.get((a, p)) if previous else None
+            if old is not None and old.idle_timeout == spec.idle_timeout:
+                # Same endpoint in the new snapshot: keep its pool of warm connections.
+                old.weight = w
+                old.max_idle = spec.max_idle_connections
+                self.endpoints.append(old)
+            else:
+                self.endpoints.append(Endpoint(
+                    a, p, w, spec.idle_timeout, spec.max_idle_connections,
+                    sink.endpoint(spec.name, f"{a}:{p}"), self.stats))
         self.lb = (SmoothWeightedRoundRobin([e.weight for e in self.endpoints])
                    if self.endpoints else None)
 
@@ -40,20 +47,35 @@ class Cluster:
 
 
 class ClusterManager:
-    def __init__(self, specs: dict[str, ClusterSpec]) -> None:
-        self.clusters = {name: Cluster(spec) for name, spec in specs.items()}
+    def __init__(self, specs: dict[str, ClusterSpec], sink: Sink,
+                 previous: ClusterManager | None = None) -> None:
+        self.clusters: dict[str, Cluster] = {}
+        kept: set[int] = set()
+        for name, spec in specs.items():
+            old = previous.clusters.get(name) if previous is not None else None
+            prev_eps = {(e.address, e.port): e for e in old.endpoints} if old else None
+            cluster = Cluster(spec, sink, prev_eps)
+            kept.update(id(e) for e in cluster.endpoints)
+            self.clusters[name] = cluster
+        if previous is not None:
+            # Endpoints no longer in the config: their idle connections go now; busy ones
+            # close when their request ends (they are not returned to any pool).
+            for cluster in previous.clusters.values():
+                for ep in cluster.endpoints:
+                    if id(ep) not in kept:
+                        ep.close_all()
+                        ep.max_idle = 0
 
     def get(self, name: str) -> Cluster | None:
         return self.clusters.get(name)
 
-    async def run_sweeper(self, reactor: Reactor) -> None:
-        while True:
-            await trio.sleep(SWEEP_INTERVAL)
-            now = reactor.now
-            for cluster in self.clusters.values():
-                for ep in cluster.endpoints:
-                    if ep.idle:
-                        ep.sweep(now)
+    def sweep(self, now: float) -> None:
+        """Close idle connections past their idle timeout (the worker calls this every
+        second)."""
+        for cluster in self.clusters.values():
+            for ep in cluster.endpoints:
+                if ep.idle:
+                    ep.sweep(now)
 
     def close_all(self) -> None:
         for cluster in self.clusters.values():

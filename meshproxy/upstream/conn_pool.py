@@ -16,12 +16,16 @@ Rules:
 
 from __future__ import annotations
 
+from typing import Any
+
 from meshproxy.transport.reactor import Channel
-from meshproxy.transport.sockio import close
+from meshproxy.transport.sockio import abort, close
 
 
 class UpstreamConn:
-    __slots__ = ("ch", "sock", "endpoint", "idle_since", "requests")
+    """An open upstream connection; opening and closing it keep the cx gauges true."""
+
+    __slots__ = ("ch", "sock", "endpoint", "idle_since", "requests", "open")
 
     def __init__(self, ch: Channel, endpoint: Endpoint) -> None:
         self.ch = ch
@@ -29,15 +33,37 @@ class UpstreamConn:
         self.endpoint = endpoint
         self.idle_since = 0.0
         self.requests = 0
+        self.open = True
+        cs, es = endpoint.cstats, endpoint.stats
+        cs.block.inc(cs.upstream_cx_total)
+        cs.block.add(cs.upstream_cx_active, 1)
+        es.block.add(es.cx_active, 1)
+
+    def _closed(self) -> None:
+        self.open = False
+        cs, es = self.endpoint.cstats, self.endpoint.stats
+        cs.block.add(cs.upstream_cx_active, -1)
+        es.block.add(es.cx_active, -1)
+
+    def close(self) -> None:
+        if self.open:
+            self._closed()
+            close(self.ch)
+
+    def abort(self) -> None:
+        if self.open:
+            self._closed()
+            abort(self.ch)
 
 
 class Endpoint:
     """One upstream host:port of a cluster, with its pool of idle connections."""
 
-    __slots__ = ("address", "port", "weight", "label", "idle", "idle_timeout", "max_idle")
+    __slots__ = ("address", "port", "weight", "label", "idle", "idle_timeout", "max_idle",
+                 "stats", "cstats")
 
     def __init__(self, address: str, port: int, weight: int, idle_timeout: float,
-                 max_idle: int) -> None:
+                 max_idle: int, stats: Any, cstats: Any) -> None:
         self.address = address
         self.port = port
         self.weight = weight
@@ -45,6 +71,8 @@ class Endpoint:
         self.idle: list[UpstreamConn] = []
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
+        self.stats = stats      # endpoint scope (stats.names.ENDPOINT)
+        self.cstats = cstats    # its cluster's scope
 
     def acquire(self, now: float) -> UpstreamConn | None:
         """An idle connection young enough to reuse, or None (connect a new one)."""
@@ -53,12 +81,12 @@ class Endpoint:
             conn = idle.pop()
             if now - conn.idle_since < self.idle_timeout:
                 return conn
-            close(conn.ch)
+            conn.close()
         return None
 
     def release(self, conn: UpstreamConn, now: float) -> None:
         if len(self.idle) >= self.max_idle:
-            close(conn.ch)
+            conn.close()
             return
         conn.idle_since = now
         self.idle.append(conn)
@@ -69,12 +97,12 @@ class Endpoint:
         for conn in idle:
             if now - conn.idle_since < self.idle_timeout:
                 break
-            close(conn.ch)
+            conn.close()
             expired += 1
         if expired:
             del idle[:expired]
 
     def close_all(self) -> None:
         for conn in self.idle:
-            close(conn.ch)
+            conn.close()
         self.idle.clear()

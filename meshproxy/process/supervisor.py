@@ -1,0 +1,345 @@
+"""The supervisor: one process owning the config, the stats segment, the admin server and
+the worker pool (DESIGN.md section 1).
+
+Workers are separate Python processes (`meshproxy.process.worker_process`), each with its
+own trio loop and its own SO_REUSEPORT socket on every listener. The supervisor:
+- reserves every listener's port first (a bound, non-listening SO_REUSEPORT socket), so a
+  config asking for port 0 gets one real port shared by all workers, and a port that is
+  taken is reported before any worker starts;
+- sends each worker, one way over a pipe, the config and the stats slots it must use;
+- replaces a worker that exits unexpectedly at once; one that keeps dying within
+  CRASH_WINDOW of its start is restarted after a doubling back-off (up to MAX_BACKOFF) and
+  reported in the log and on /workers; the counters of a dead worker are folded into the
+  retired slab, so totals never go backwards;
+- on SIGHUP or POST /reload, reads the config again: an invalid one is refused, its errors
+  logged, and the running config stays; a valid one goes to every worker, which swaps it
+  in without closing a connection;
+- on SIGTERM, SIGINT or POST /quitquitquit, tells every worker to drain and exits 0 when
+  they are done (or after the drain timeout).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import trio
+
+from meshproxy.config import schema
+from meshproxy.config.load import ConfigError, load_file
+from meshproxy.process.messages import DrainMsg, SnapshotMsg, encode
+from meshproxy.stats.names import Scope, offset
+from meshproxy.stats.shared_memory import Capacity, Layout, Segment, Slots
+from meshproxy.stats.sink import endpoint_key
+
+log = logging.getLogger("meshproxy.supervisor")
+
+# A worker that dies sooner than this after starting is crash-looping.
+CRASH_WINDOW = 5.0
+MAX_BACKOFF = 30.0
+_LIVE = offset(Scope.WORKER, "live")
+# How often worker processes are checked; a dead one is replaced within this (plus its
+# start-up time, about 0.3 s).
+POLL_INTERVAL = 0.1
+
+
+@dataclass
+class Options:
+    workers: int
+    cpu_affinity: bool = False
+    max_connections: int = 0
+    drain_timeout: float = 30.0
+    admin_address: str | None = None  # "host:port", "off", or None for the config's
+    log_level: str = "info"
+    access_log: str | None = None
+
+
+class WorkerHandle:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.control: trio.lowlevel.FdStream | None = None
+        self.started_at = 0.0
+        self.restarts = 0
+        self.quick_crashes = 0
+        self.next_start = 0.0
+        self.state = "starting"
+        self.last_exit: int | None = None
+
+
+class Supervisor:
+    def __init__(self, config_path: str | Path, config: schema.Config, opts: Options) -> None:
+        self.config_path = Path(config_path)
+        self.opts = opts
+        self.cap = Capacity()
+        self.segment = Segment(Layout(self.cap), opts.workers + 1)
+        self.slots = Slots()
+        self.workers = [WorkerHandle(i) for i in range(opts.workers)]
+        self.reserved: dict[tuple[str, str, int], socket.socket] = {}
+        self.version = 0
+        self.config = config
+        self.message: SnapshotMsg | None = None
+        self.started = time.monotonic()
+        self.draining = False
+        self.stopping = False
+        self.admin_bound: tuple[str, int] | None = None
+        self._stop = trio.Event()
+        errors = self._prepare(config)
+        if errors:
+            raise ConfigError(errors, str(config_path))
+
+    # ---------------------------------------------------------------- config
+
+    def _reserve(self, lst: schema.Listener) -> socket.socket:
+        key = (lst.name, lst.address, lst.port)
+        sock = self.reserved.get(key)
+        if sock is None:
+            family = socket.AF_INET6 if ":" in lst.address else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                sock.bind((lst.address, lst.port))
+            except OSError:
+                sock.close()
+                raise
+            self.reserved[key] = sock
+        return sock
+
+    def _prepare(self, config: schema.Config) -> list[str]:
+        """Reserve ports and stats slots for `config`; on success it becomes the message
+        the workers get. Returns errors (and changes nothing) when it cannot be served."""
+        errors: list[str] = []
+        listeners = []
+        keep: set[tuple[str, str, int]] = set()
+        for i, lst in enumerate(config.listeners):
+            try:
+                sock = self._reserve(lst)
+            except OSError as exc:
+                errors.append(f"listeners[{i}].port: cannot bind {lst.address}:{lst.port}: "
+                              f"{exc.strerror}")
+                continue
+            keep.add((lst.name, lst.address, lst.port))
+            listeners.append(msgspec.structs.replace(lst, port=sock.getsockname()[1]))
+        endpoints = [endpoint_key(c.name, f"{e.address}:{e.port}")
+                     for c in config.clusters for e in c.endpoints]
+        if not errors:
+            errors = self.slots.assign([lst.name for lst in config.listeners],
+                                       [c.name for c in config.clusters], endpoints, self.cap)
+        if errors:
+            for key in list(self.reserved):
+                if key not in keep and key not in self._in_use():
+                    self.reserved.pop(key).close()
+            return errors
+        for key in [k for k in self.reserved if k not in keep]:
+            self.reserved.pop(key).close()
+        self.version += 1
+        self.config = msgspec.structs.replace(config, listeners=listeners)
+        self.message = SnapshotMsg(self.version, self.config, self.opts.access_log,
+                                   dict(self.slots.listeners), dict(self.slots.clusters),
+                                   dict(self.slots.endpoints))
+        return []
+
+    def _in_use(self) -> set[tuple[str, str, int]]:
+        if self.message is None:
+            return set()
+        return {(lst.name, lst.address, lst.port) for lst in self.message.config.listeners}
+
+    async def reload(self) -> tuple[int, list[str]]:
+        """Read the config file again; (version, []) when adopted, (version, errors) not."""
+        try:
+            config = load_file(self.config_path)
+        except ConfigError as exc:
+            self._log_refused(exc.errors)
+            return self.version, exc.errors
+        # Port-0 listeners keep the port they were given.
+        fixed = []
+        for lst in config.listeners:
+            if lst.port == 0:
+                for (name, addr, _), sock in self.reserved.items():
+                    if name == lst.name and addr == lst.address:
+                        lst = msgspec.structs.replace(lst, port=sock.getsockname()[1])
+            fixed.append(lst)
+        errors = self._prepare(msgspec.structs.replace(config, listeners=fixed))
+        if errors:
+            self._log_refused(errors)
+            return self.version, errors
+        log.info("adopted config version %d from %s", self.version, self.config_path)
+        for w in self.workers:
+            await self._send(w)
+        return self.version, []
+
+    def _log_refused(self, errors: list[str]) -> None:
+        log.error("reload refused, config version %d stays: %s", self.version,
+                  "; ".join(errors))
+
+    # ---------------------------------------------------------------- workers
+
+    def _spawn(self, w: WorkerHandle) -> None:
+        r, wfd = os.pipe()
+        ncpu = os.cpu_count() or 1
+        cmd = [sys.executable, "-m", "meshproxy.process.worker_process",
+               "--index", str(w.index), "--control-fd", str(r),
+               "--stats-fd", str(self.segment.fd), "--slabs", str(self.segment.slabs),
+               "--capacity", str(self.cap.listeners), str(self.cap.clusters),
+               str(self.cap.endpoints),
+               "--max-connections", str(self.opts.max_connections),
+               "--drain-timeout", str(self.opts.drain_timeout),
+               "--log-level", self.opts.log_level]
+        if self.opts.cpu_affinity:
+            cmd += ["--cpu", str(w.index % ncpu)]
+        w.proc = subprocess.Popen(cmd, pass_fds=(r, self.segment.fd))
+        os.close(r)
+        w.control = trio.lowlevel.FdStream(wfd)
+        w.started_at = time.monotonic()
+        w.state = "starting"
+        log.debug("worker %d started, pid %d", w.index, w.proc.pid)
+
+    async def _send(self, w: WorkerHandle, msg: SnapshotMsg | DrainMsg | None = None) -> None:
+        if w.control is None:
+            return
+        try:
+            await w.control.send_all(encode(msg or self.message))  # type: ignore[arg-type]
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the worker is gone; the monitor replaces it and sends the snapshot
+
+    async def _start(self, w: WorkerHandle) -> None:
+        self._spawn(w)
+        await self._send(w)
+
+    def _live(self, w: WorkerHandle) -> bool:
+        blk = self.segment.block(w.index)
+        return blk.get(self.segment.layout.first(Scope.WORKER, 0) + _LIVE) == 1
+
+    async def _monitor(self) -> None:
+        while True:
+            now = time.monotonic()
+            for w in self.workers:
+                proc = w.proc
+                if proc is not None and proc.poll() is not None:
+                    self._reap(w, proc.returncode, now)
+                if (w.proc is None and not self.stopping and not self.draining
+                        and now >= w.next_start):
+                    w.restarts += 1
+                    await self._start(w)
+                if w.proc is not None and w.state == "starting" and self._live(w):
+                    w.state = "serving"
+            await trio.sleep(POLL_INTERVAL)
+
+    def _reap(self, w: WorkerHandle, code: int, now: float) -> None:
+        w.proc = None
+        if w.control is not None:
+            try:
+                os.close(w.control.fileno())
+            except OSError:
+                pass
+            w.control = None
+        w.last_exit = code
+        self.segment.retire(w.index)  # keep its counters, drop its gauges, zero the slab
+        if self.stopping or self.draining:
+            # Drained on purpose: not replaced (POST /drain keeps the process up, idle).
+            w.state = "stopped" if self.stopping else "drained"
+            return
+        lived = now - w.started_at
+        w.quick_crashes = w.quick_crashes + 1 if lived < CRASH_WINDOW else 1
+        delay = 0.0 if w.quick_crashes <= 1 else min(MAX_BACKOFF, 0.5 * 2 ** (w.quick_crashes - 2))
+        w.next_start = now + delay
+        w.state = "backoff" if delay else "restarting"
+        how = f"signal {-code}" if code < 0 else f"status {code}"
+        if delay:
+            log.error("worker %d exited with %s %d times in a row within %.0f s of starting: "
+                      "crash loop, restarting in %.1f s", w.index, how, w.quick_crashes,
+                      CRASH_WINDOW, delay)
+        else:
+            log.warning("worker %d exited with %s after %.1f s; restarting it", w.index, how,
+                        lived)
+
+    @property
+    def ready(self) -> bool:
+        return (not self.draining and not self.stopping
+                and all(w.proc is not None and w.state == "serving" and self._live(w)
+                        for w in self.workers))
+
+    async def drain(self) -> None:
+        """Stop taking new connections everywhere; keep serving those open (POST /drain)."""
+        self.draining = True
+        for w in self.workers:
+            await self._send(w, DrainMsg(self.opts.drain_timeout))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _shutdown(self) -> None:
+        self.stopping = True
+        self.draining = True
+        for w in self.workers:
+            await self._send(w, DrainMsg(self.opts.drain_timeout))
+        with trio.move_on_after(self.opts.drain_timeout + 5):
+            while any(w.proc is not None and w.proc.poll() is None for w in self.workers):
+                await trio.sleep(0.05)
+        for w in self.workers:
+            if w.proc is not None and w.proc.poll() is None:
+                log.warning("worker %d did not stop in time; killing it", w.index)
+                w.proc.kill()
+                w.proc.wait()
+            if w.proc is not None:
+                self._reap(w, w.proc.returncode, time.monotonic())
+
+    # ---------------------------------------------------------------- main
+
+    async def run(self) -> None:
+        from meshproxy.admin.server import AdminServer
+
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async with trio.open_nursery() as nursery:
+                admin = self._admin_address()
+                if admin is not None:
+                    self.admin_bound = await nursery.start(AdminServer(self).serve, *admin)
+                    log.info("admin on %s:%d", *self.admin_bound)
+                for w in self.workers:
+                    await self._start(w)
+                nursery.start_soon(self._monitor)
+                nursery.start_soon(self._signals, sigs)
+                with trio.move_on_after(30):
+                    while not all(w.state == "serving" for w in self.workers):
+                        await trio.sleep(0.02)
+                for lst in self.config.listeners:
+                    log.info("listener %s on %s:%d", lst.name, lst.address, lst.port)
+                log.info("serving config version %d with %d workers", self.version,
+                         len(self.workers))
+                await self._stop.wait()
+                await self._shutdown()
+                nursery.cancel_scope.cancel()
+        for sock in self.reserved.values():
+            sock.close()
+
+    async def _signals(self, sigs: trio.abc.ReceiveChannel[int]) -> None:
+        async for signum in sigs:
+            if signum == signal.SIGHUP:
+                await self.reload()
+            else:
+                log.info("received %s: draining", signal.Signals(signum).name)
+                self.stop()
+
+    def _admin_address(self) -> tuple[str, int] | None:
+        spec = self.opts.admin_address
+        if spec == "off":
+            return None
+        if spec:
+            host, _, port = spec.rpartition(":")
+            return host or "127.0.0.1", int(port)
+        if self.config.admin is None:
+            return None
+        return self.config.admin.address, self.config.admin.port
+
+    def uptime(self) -> float:
+        return time.monotonic() - self.started
+

@@ -1,0 +1,107 @@
+"""Entry point of a worker process: `python -m meshproxy.process.worker_process ...`.
+
+Started by the supervisor with two inherited descriptors: the read end of its control pipe
+and the stats segment (a memfd). It reads snapshots and drain orders from the pipe (never
+writes back: readiness and counters travel through its stats slab), serves with a Worker,
+and exits 0 after a drain, or when the supervisor goes away (the pipe closes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+import trio
+
+from meshproxy.config.compile import compile_config
+from meshproxy.process.messages import DrainMsg, FrameReader, SnapshotMsg
+from meshproxy.process.worker import Worker
+from meshproxy.stats.shared_memory import Capacity, Layout, Segment, Slots
+from meshproxy.stats.sink import Sink
+
+log = logging.getLogger("meshproxy.worker")
+
+
+def _slots(msg: SnapshotMsg) -> Slots:
+    return Slots(dict(msg.listener_slots), dict(msg.cluster_slots), dict(msg.endpoint_slots))
+
+
+async def _main(args: argparse.Namespace, segment: Segment) -> None:
+    stream = trio.lowlevel.FdStream(args.control_fd)
+    reader = FrameReader()
+    pending: list = []
+
+    async def next_msg() -> SnapshotMsg | DrainMsg | None:
+        while not pending:
+            data = await stream.receive_some(65536)
+            if not data:
+                return None
+            pending.extend(reader.feed(data))
+        return pending.pop(0)
+
+    first = await next_msg()
+    if not isinstance(first, SnapshotMsg):
+        raise SystemExit("worker: expected a snapshot first")
+    sink = Sink(segment, args.index, _slots(first))
+    worker = Worker(compile_config(first.config, first.version, first.access_log_override),
+                    sink, args.max_connections)
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            log.debug("worker %d serving config version %d", args.index, first.version)
+
+            async def on_sigterm() -> None:
+                async for _ in signals:
+                    await worker.drain(args.drain_timeout)
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(on_sigterm)
+            while True:
+                msg = await next_msg()
+                if msg is None:  # the supervisor is gone: do not outlive it
+                    await worker.drain(args.drain_timeout)
+                    break
+                if isinstance(msg, DrainMsg):
+                    await worker.drain(msg.timeout)
+                    break
+                sink.slots = _slots(msg)
+                worker.apply(compile_config(msg.config, msg.version, msg.access_log_override))
+                log.debug("worker %d adopted config version %d", args.index, msg.version)
+            nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="meshproxy-worker")
+    ap.add_argument("--index", type=int, required=True)
+    ap.add_argument("--control-fd", type=int, required=True)
+    ap.add_argument("--stats-fd", type=int, required=True)
+    ap.add_argument("--slabs", type=int, required=True)
+    ap.add_argument("--capacity", type=int, nargs=3, required=True)
+    ap.add_argument("--cpu", type=int, default=None)
+    ap.add_argument("--max-connections", type=int, default=0)
+    ap.add_argument("--drain-timeout", type=float, default=30.0)
+    ap.add_argument("--log-level", default="info")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format=f"%(asctime)s %(levelname)s worker[{args.index}] %(name)s: "
+                               "%(message)s")
+    # Ctrl-C in a terminal signals the whole process group; the supervisor decides how
+    # workers stop (a drain), so a worker ignores SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+    cap = Capacity(*args.capacity)
+    segment = Segment(Layout(cap), args.slabs, fd=args.stats_fd)
+    try:
+        trio.run(_main, args, segment)
+    except OSError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

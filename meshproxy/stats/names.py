@@ -1,0 +1,132 @@
+"""Every stat, declared once. This declaration *is* the shared-memory layout.
+
+Names follow Envoy: `listener.<name>.downstream_cx_total`, `http.<listener>.downstream_rq_2xx`,
+`cluster.<name>.upstream_rq_total`, `server.worker_<i>.*`. A scope kind (listener, http,
+cluster, endpoint, worker) declares its stats; each scope instance (one listener, one
+cluster...) gets a slot of that kind; each worker writes only its own slab. A stat that
+is not declared here has no offset and so cannot be written.
+
+Cells are 8-byte signed integers. A counter or gauge is one cell. A histogram is
+len(BUCKETS) + 1 bucket cells (the last for values above every bound), then sum and count;
+values are recorded in milliseconds with microsecond precision kept in the sum (sum is in
+microseconds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+# Envoy's default histogram bucket bounds, in milliseconds.
+BUCKETS: tuple[float, ...] = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000,
+                              30000, 60000, 300000, 600000, 1800000, 3600000)
+HIST_CELLS = len(BUCKETS) + 1 + 2
+
+
+class Kind(Enum):
+    COUNTER = "counter"
+    GAUGE = "gauge"
+    HISTOGRAM = "histogram"
+
+
+@dataclass(frozen=True)
+class Stat:
+    name: str
+    kind: Kind
+    help: str
+
+    @property
+    def cells(self) -> int:
+        return HIST_CELLS if self.kind is Kind.HISTOGRAM else 1
+
+
+def counter(name: str, help: str) -> Stat:
+    return Stat(name, Kind.COUNTER, help)
+
+
+def gauge(name: str, help: str) -> Stat:
+    return Stat(name, Kind.GAUGE, help)
+
+
+def histogram(name: str, help: str) -> Stat:
+    return Stat(name, Kind.HISTOGRAM, help)
+
+
+def _statuses(prefix: str, what: str) -> list[Stat]:
+    return [counter(f"{prefix}_{c}xx", f"{what} with a {c}xx status") for c in range(1, 6)]
+
+
+LISTENER = (
+    counter("downstream_cx_total", "connections accepted"),
+    gauge("downstream_cx_active", "connections open"),
+    counter("downstream_cx_destroy", "connections closed"),
+)
+
+HTTP = (
+    counter("downstream_rq_total", "requests received"),
+    gauge("downstream_rq_active", "requests in progress"),
+    *_statuses("downstream_rq", "responses"),
+    counter("downstream_rq_rx_reset", "requests abandoned by the client"),
+    counter("downstream_rq_timeout", "requests cut off by a downstream timeout (408)"),
+    counter("downstream_cx_protocol_error", "connections closed on a malformed request"),
+    counter("no_route", "requests with no matching route (404 NR)"),
+    histogram("downstream_rq_time", "request duration, first byte in to last byte out (ms)"),
+)
+
+CLUSTER = (
+    counter("upstream_rq_total", "requests sent upstream"),
+    gauge("upstream_rq_active", "upstream requests in progress"),
+    *_statuses("upstream_rq", "upstream responses"),
+    counter("upstream_rq_timeout", "upstream requests that hit the route timeout (504 UT)"),
+    counter("upstream_rq_retry", "requests sent again (a pooled connection was stale)"),
+    counter("upstream_cx_total", "upstream connections opened"),
+    gauge("upstream_cx_active", "upstream connections open"),
+    counter("upstream_cx_connect_fail", "upstream connects refused or failed (UF)"),
+    counter("upstream_cx_connect_timeout", "upstream connects that timed out (UF)"),
+    counter("upstream_cx_destroy_remote_with_active_rq",
+            "upstream connections closed by the origin during a request (UC)"),
+    counter("upstream_cx_protocol_error", "upstream responses with broken framing (UPE)"),
+    counter("upstream_cx_none_healthy", "requests with no endpoint to pick (UH)"),
+    histogram("upstream_rq_time", "upstream request time, request sent to response complete (ms)"),
+)
+
+ENDPOINT = (
+    counter("rq_total", "requests sent to this endpoint"),
+    gauge("rq_active", "requests in progress on this endpoint"),
+    counter("rq_error", "requests that failed on this endpoint (5xx or reset)"),
+    gauge("cx_active", "connections open to this endpoint"),
+)
+
+WORKER = (
+    gauge("live", "1 while the worker serves, 0 while it starts or drains"),
+    counter("downstream_cx_total", "connections accepted by this worker"),
+    gauge("downstream_cx_active", "connections open on this worker"),
+    counter("downstream_rq_total", "requests received by this worker"),
+    gauge("config_version", "config version the worker serves"),
+)
+
+
+class Scope(Enum):
+    """Kinds of scope, each with its stats and the prefix of their full names."""
+
+    LISTENER = ("listener", LISTENER)
+    HTTP = ("http", HTTP)
+    CLUSTER = ("cluster", CLUSTER)
+    ENDPOINT = ("endpoint", ENDPOINT)
+    WORKER = ("server", WORKER)
+
+    def __init__(self, prefix: str, stats: tuple[Stat, ...]) -> None:
+        self.prefix = prefix
+        self.stats = stats
+        offsets = {}
+        at = 0
+        for s in stats:
+            offsets[s.name] = at
+            at += s.cells
+        self.offsets: dict[str, int] = offsets
+        self.cells = at
+
+
+def offset(scope: Scope, name: str) -> int:
+    """Cell offset of a stat inside its scope; KeyError for an undeclared stat."""
+    return scope.offsets[name]
