@@ -53,9 +53,14 @@ def wait_port(port: int, timeout: float = 10) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its threads (fields 14, 15 of /proc/PID/stat)."""
+    """utime + stime of a process and, recursively, its children (the supervisor and its
+    workers): fields 14 and 15 of /proc/PID/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    total = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += cpu_seconds(int(child))
+    return total
 
 
 @dataclass
@@ -116,7 +121,8 @@ backend be
     return proc
 
 
-def start_meshproxy(tmp: Path, port: int, origin: int) -> subprocess.Popen:
+def start_meshproxy(tmp: Path, port: int, origin: int, *extra: str,
+                    pin: bool = True) -> subprocess.Popen:
     conf = tmp / "meshproxy.json"
     conf.write_text(json.dumps({
         "listeners": [{"name": "bench", "address": "127.0.0.1", "port": port,
@@ -125,12 +131,27 @@ def start_meshproxy(tmp: Path, port: int, origin: int) -> subprocess.Popen:
         "clusters": [{"name": "origin", "max_idle_connections": 1024,
                       "endpoints": [{"address": "127.0.0.1", "port": origin}]}],
     }))
-    proc = subprocess.Popen(["taskset", "-c", PROXY_CORE, sys.executable, "-m", "meshproxy",
-                             "run", "--config", str(conf), "--workers", "1",
-                             "--log-level", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [sys.executable, "-m", "meshproxy", "run", "--config", str(conf),
+           "--log-level", "warning", "--admin-address", "off", *extra]
+    if "--workers" not in extra:
+        cmd += ["--workers", "1"]
+    if pin:
+        cmd = ["taskset", "-c", PROXY_CORE, *cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port)
+    time.sleep(0.5)  # every worker bound, not just the first
     return proc
+
+
+VARIANTS: dict[str, object] = {
+    "haproxy": start_haproxy,
+    "meshproxy": start_meshproxy,
+    "meshproxy --no-stats": lambda t, p, o: start_meshproxy(t, p, o, "--no-stats"),
+    # Two workers on the two cores, sharing them with wrk and the origin: shows how the
+    # pool scales when the proxy is not the only thing running (CPU/request summed).
+    "meshproxy --workers 2": lambda t, p, o: start_meshproxy(t, p, o, "--workers", "2",
+                                                             pin=False),
+}
 
 
 def run_wrk(port: int, duration: float, connections: int) -> tuple[int, float, float]:
@@ -170,22 +191,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--variants", default="haproxy,meshproxy",
+                    help="comma-separated, among: " + ", ".join(VARIANTS) +
+                         " (haproxy is always measured: the ratios are to it)")
     args = ap.parse_args(argv)
+    names = ["haproxy", *[v.strip() for v in args.variants.split(",")
+                          if v.strip() and v.strip() != "haproxy"]]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants: {unknown}")
     for tool in ("haproxy", "nginx", "wrk", "taskset"):
         if shutil.which(tool) is None:
             print(f"bench.load needs {tool} (apt-get install haproxy nginx-light wrk)",
                   file=sys.stderr)
             return 2
-    results: dict[str, list[Result]] = {"haproxy": [], "meshproxy": []}
+    results: dict[str, list[Result]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         origin_port = free_port()
         nginx = start_nginx(tmp, origin_port)
         try:
             for _ in range(args.rounds):
-                for name, starter in (("haproxy", start_haproxy), ("meshproxy", start_meshproxy)):
+                for name in names:
                     port = free_port()
-                    proc = starter(tmp, port, origin_port)
+                    proc = VARIANTS[name](tmp, port, origin_port)  # type: ignore[operator]
                     try:
                         r = measure(name, proc, port, args.duration, args.connections)
                     finally:
@@ -199,12 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     def best(name: str) -> Result:
         return min(results[name], key=lambda r: r.cpu_us_per_req)
 
-    h, m = best("haproxy"), best("meshproxy")
+    h = best("haproxy")
     print(f"\nGET, 100-byte responses, keep-alive, wrk -c{args.connections} "
-          f"-d{args.duration:g}s, one proxy core; best of {args.rounds} rounds\n")
+          f"-d{args.duration:g}s, proxy pinned to one core unless noted; best of "
+          f"{args.rounds} rounds\n")
     print("| proxy | requests/s | p99 latency | CPU per request | CPU vs HAProxy |")
     print("|---|---:|---:|---:|---:|")
-    for r in (h, m):
+    for r in (best(n) for n in names):
         print(f"| {r.name} | {r.rps:,.0f} | {r.p99_ms:.2f} ms | {r.cpu_us_per_req:.1f} us | "
               f"{r.cpu_us_per_req / h.cpu_us_per_req:.2f}x |")
     return 0

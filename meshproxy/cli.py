@@ -47,7 +47,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             workers=args.workers, cpu_affinity=args.cpu_affinity,
             max_connections=args.max_connections, drain_timeout=args.drain_timeout,
             admin_address=args.admin_address, log_level=args.log_level,
-            access_log=args.access_log))
+            access_log=args.access_log, stats=not args.no_stats))
     except ConfigError as exc:
         _print_config_errors(exc)
         return EXIT_CONFIG
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "'off' disables it)")
     run.add_argument("--access-log", default=None, metavar="PATH",
                      help="override every listener's access log: stdout, stderr, a file, or off")
+    run.add_argument("--no-stats", action="store_true",
+                     help="workers record no stats (/stats then shows only server.*); for "
+                          "measuring what stats cost")
     run.add_argument("--log-level", default=os.environ.get("MESHPROXY_LOG_LEVEL", "info"),
                      choices=["debug", "info", "warning", "error"], help="default: info")
     run.set_defaults(func=_cmd_run)

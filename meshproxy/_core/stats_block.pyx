@@ -61,6 +61,26 @@ cdef class StatsBlock:
         memset(self.cells, 0, self.ncells * sizeof(long long))
 
 
+cdef class NullStatsBlock(StatsBlock):
+    """A block that records nothing: `--no-stats`, and the baseline that shows what stats
+    cost. Reads return 0."""
+
+    cpdef void inc(self, Py_ssize_t i):
+        pass
+
+    cpdef void add(self, Py_ssize_t i, long long n):
+        pass
+
+    cpdef void set(self, Py_ssize_t i, long long v):
+        pass
+
+    cpdef long long get(self, Py_ssize_t i):
+        return 0
+
+    cpdef void observe(self, Py_ssize_t i, double ms):
+        pass
+
+
 def sum_cells(buffer, Py_ssize_t slab_cells, list slabs, Py_ssize_t first, Py_ssize_t count):
     """Per cell, the sum over the given slabs of cells [first, first+count)."""
     cdef long long[::1] view = memoryview(buffer).cast("B").cast("q")

@@ -60,6 +60,7 @@ class Options:
     admin_address: str | None = None  # "host:port", "off", or None for the config's
     log_level: str = "info"
     access_log: str | None = None
+    stats: bool = True
 
 
 class WorkerHandle:
@@ -196,6 +197,8 @@ class Supervisor:
                "--log-level", self.opts.log_level]
         if self.opts.cpu_affinity:
             cmd += ["--cpu", str(w.index % ncpu)]
+        if not self.opts.stats:
+            cmd.append("--no-stats")
         w.proc = subprocess.Popen(cmd, pass_fds=(r, self.segment.fd))
         os.close(r)
         w.control = trio.lowlevel.FdStream(wfd)

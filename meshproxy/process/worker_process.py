@@ -45,7 +45,7 @@ async def _main(args: argparse.Namespace, segment: Segment) -> None:
     first = await next_msg()
     if not isinstance(first, SnapshotMsg):
         raise SystemExit("worker: expected a snapshot first")
-    sink = Sink(segment, args.index, _slots(first))
+    sink = Sink(segment, args.index, _slots(first), enabled=not args.no_stats)
     worker = Worker(compile_config(first.config, first.version, first.access_log_override),
                     sink, args.max_connections)
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-connections", type=int, default=0)
     ap.add_argument("--drain-timeout", type=float, default=30.0)
     ap.add_argument("--log-level", default="info")
+    ap.add_argument("--no-stats", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format=f"%(asctime)s %(levelname)s worker[{args.index}] %(name)s: "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from meshproxy._core.stats_block import StatsBlock
+from meshproxy._core.stats_block import NullStatsBlock, StatsBlock
 from meshproxy.stats.names import Scope
 from meshproxy.stats.shared_memory import Capacity, Layout, Segment, Slots
 
@@ -30,10 +30,13 @@ _CLASSES: dict[Scope, type] = {
 
 
 class Sink:
-    def __init__(self, segment: Segment, slab: int, slots: Slots) -> None:
+    def __init__(self, segment: Segment, slab: int, slots: Slots, enabled: bool = True) -> None:
         self.segment = segment
         self.layout = segment.layout
         self.block: StatsBlock = segment.block(slab)
+        if not enabled:
+            cells = self.layout.slab_cells
+            self.block = NullStatsBlock(segment.buf, slab * cells, cells)
         self.slots = slots
 
     @classmethod
