@@ -51,10 +51,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_config_errors(exc)
         return EXIT_CONFIG
+    from meshproxy.process.errors import leaves
+
     try:
         trio.run(sup.run)
-    except OSError as exc:
-        print(f"meshproxy: {exc}", file=sys.stderr)
+    except BaseException as exc:
+        errors = leaves(exc, OSError)
+        if errors is None:
+            raise
+        for err in errors:
+            print(f"meshproxy: {err}", file=sys.stderr)
         return 1
     return 0
 

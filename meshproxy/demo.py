@@ -21,6 +21,7 @@ import trio
 
 from meshproxy.config.compile import compile_config
 from meshproxy.config.load import decode, parse_text
+from meshproxy.process.errors import leaves
 from meshproxy.process.worker import serve
 
 
@@ -94,10 +95,14 @@ def run_demo(port: int, origin_port: int, check: bool = False) -> int:
 
     try:
         return trio.run(main)
-    except KeyboardInterrupt:
-        return 0
-    except OSError as exc:
-        print(f"meshproxy demo: {exc}", file=sys.stderr)
+    except BaseException as exc:
+        if leaves(exc, KeyboardInterrupt) is not None:
+            return 0
+        errors = leaves(exc, OSError)
+        if errors is None:
+            raise
+        for err in errors:
+            print(f"meshproxy demo: {err}", file=sys.stderr)
         return 1
     finally:
         origin.shutdown()

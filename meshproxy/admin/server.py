@@ -38,6 +38,7 @@ from meshproxy.stats.render import (
     render_text,
 )
 from meshproxy.stats.sink import endpoint_key
+from meshproxy.transport.h11_io import next_event
 
 if TYPE_CHECKING:
     from meshproxy.process.supervisor import Supervisor
@@ -111,10 +112,7 @@ class AdminServer:
                     ) -> tuple[h11.Request | None, bytes]:
         req, body = None, b""
         while True:
-            ev = conn.next_event()
-            if ev is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-                continue
+            ev = await next_event(conn, stream)
             if isinstance(ev, h11.Request):
                 req = ev
             elif isinstance(ev, h11.Data):

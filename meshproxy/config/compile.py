@@ -109,11 +109,35 @@ class ListenerSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingSpec:
+    provider: str
+    address: str
+    port: int
+    path: str
+    service: str
+    rate: float  # 0..1
+    max_queue: int
+    batch_size: int
+    flush_interval: float
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     version: int
     config: schema.Config
     listeners: tuple[ListenerSpec, ...]
     clusters: dict[str, ClusterSpec] = field(default_factory=dict)
+    tracing: TracingSpec | None = None
+
+
+def _tracing(t: schema.Tracing | None) -> TracingSpec | None:
+    if t is None:
+        return None
+    path = t.collector.path or ("/v1/traces" if t.provider == "otlp" else "/api/v2/spans")
+    return TracingSpec(t.provider, t.collector.address, t.collector.port, path, t.service_name,
+                       t.random_sampling / 100.0, t.max_queue, t.batch_size,
+                       parse_duration(t.flush_interval), parse_duration(t.export_timeout))
 
 
 def _enc(s: str) -> bytes:
@@ -237,4 +261,4 @@ def compile_config(config: schema.Config, version: int = 1,
             c.max_idle_connections)
         for c in config.clusters
     }
-    return Snapshot(version, config, tuple(listeners), clusters)
+    return Snapshot(version, config, tuple(listeners), clusters, _tracing(config.tracing))

@@ -242,6 +242,9 @@ def check(config: schema.Config) -> list[str]:
         _check_duration(c.idle_timeout, f"{p}.idle_timeout", errors)
     if not config.listeners:
         errors.append("listeners: at least one listener is required")
+    if config.tracing is not None:
+        _check_duration(config.tracing.flush_interval, "tracing.flush_interval", errors)
+        _check_duration(config.tracing.export_timeout, "tracing.export_timeout", errors)
     names: set[str] = set()
     binds: set[tuple[str, int]] = set()
     for i, lst in enumerate(config.listeners):

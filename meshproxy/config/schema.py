@@ -172,9 +172,34 @@ class Listener(Base, frozen=True):
     access_log: AccessLog | None = None
 
 
+class TracingCollector(Base, frozen=True):
+    address: NonEmptyStr
+    port: Port
+    # Default: /v1/traces for otlp (OTLP/HTTP), /api/v2/spans for zipkin.
+    path: str | None = None
+
+
+class Tracing(Base, frozen=True):
+    """Spans for proxied requests, exported in batches to a collector."""
+
+    provider: Literal["otlp", "zipkin"]
+    collector: TracingCollector
+    service_name: NonEmptyStr = "meshproxy"
+    # Envoy's random_sampling: percent of requests without an incoming decision that are
+    # sampled (an incoming sampled flag is always honoured).
+    random_sampling: Annotated[float, Meta(ge=0, le=100)] = 100.0
+    # Spans waiting for export, per worker; beyond it new spans are dropped and counted
+    # (tracing.spans_dropped): the data path never waits for the collector.
+    max_queue: Annotated[int, Meta(ge=1, le=1_000_000)] = 4096
+    batch_size: Annotated[int, Meta(ge=1, le=100_000)] = 512
+    flush_interval: Duration = "1s"
+    export_timeout: Duration = "5s"
+
+
 class Config(Base, frozen=True):
     listeners: list[Listener]
     clusters: list[Cluster] = []
     admin: Admin | None = None
     # The default for listeners that have no access_log of their own.
     access_log: AccessLog | None = None
+    tracing: Tracing | None = None

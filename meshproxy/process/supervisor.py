@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,7 +325,7 @@ class Supervisor:
         for sock in self.reserved.values():
             sock.close()
 
-    async def _signals(self, sigs: trio.abc.ReceiveChannel[int]) -> None:
+    async def _signals(self, sigs: AsyncIterator[int]) -> None:
         async for signum in sigs:
             if signum == signal.SIGHUP:
                 await self.reload()

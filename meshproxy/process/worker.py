@@ -26,6 +26,7 @@ from meshproxy.proxy.access_log import AccessLogger
 from meshproxy.proxy.downstream import DownstreamConnection, ListenerContext, WorkerState
 from meshproxy.proxy.phases import PH_HEAD, PH_IDLE
 from meshproxy.stats.sink import Sink
+from meshproxy.tracing.tracer import Tracer
 from meshproxy.transport.listener import Admission, accept_loop, bind_listener
 from meshproxy.transport.reactor import Reactor
 from meshproxy.upstream.cluster_manager import ClusterManager
@@ -59,6 +60,8 @@ class Worker:
         self.listeners: dict[str, _Listener] = {}
         self.loggers: dict[AccessLogSpec, AccessLogger] = {}
         self.clusters: ClusterManager | None = None
+        self.tracer: Tracer | None = None
+        self._tracer_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[list[tuple[str, str, int]]]
@@ -94,6 +97,7 @@ class Worker:
         self.snapshot = snapshot
         clusters = ClusterManager(snapshot.clusters, self.sink, previous=self.clusters)
         self.clusters = clusters
+        self._apply_tracing(snapshot)
         loggers: dict[AccessLogSpec, AccessLogger] = {}
         bound = []
         wanted = {spec.name for spec in snapshot.listeners}
@@ -109,7 +113,7 @@ class Worker:
                 loggers[spec.access_log] = logger
             cur = self.listeners.get(spec.name)
             if cur is not None and (cur.spec.address, cur.spec.port) == (spec.address, spec.port):
-                cur.ctx.update(spec, clusters, logger)
+                cur.ctx.update(spec, clusters, logger, self.tracer)
                 cur.spec = spec
             else:
                 if cur is not None:
@@ -121,6 +125,7 @@ class Worker:
                                              f"{spec.address}:{spec.port}: {exc.strerror}"
                                   ) from None
                 ctx = ListenerContext(spec, clusters, logger, self.reactor, self.state, self.sink)
+                ctx.tracer = self.tracer
                 cur = self.listeners[spec.name] = _Listener(spec, sock, ctx)
                 self._nursery.start_soon(self._accept, cur)
             host, port = cur.sock.getsockname()[:2]
@@ -131,6 +136,28 @@ class Worker:
         self.loggers = loggers
         self.stats.block.set(self.stats.config_version, snapshot.version)
         return bound
+
+    def _apply_tracing(self, snapshot: Snapshot) -> None:
+        """Keep the tracer when its spec is unchanged; otherwise the old exporter flushes
+        what it holds and stops, and a new one starts."""
+        spec = snapshot.tracing
+        if self.tracer is not None and self.tracer.spec == spec:
+            return
+        if self._tracer_scope is not None:
+            self._tracer_scope.cancel()
+            self._tracer_scope = None
+        self.tracer = None
+        if spec is None:
+            return
+        tracer = self.tracer = Tracer(spec, self.sink.tracing())
+        scope = self._tracer_scope = trio.CancelScope()
+
+        async def export() -> None:
+            with scope:
+                await tracer.run()
+
+        assert self._nursery is not None
+        self._nursery.start_soon(export)
 
     async def _accept(self, lst: _Listener) -> None:
         ctx = lst.ctx

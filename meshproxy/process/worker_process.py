@@ -17,6 +17,7 @@ import sys
 import trio
 
 from meshproxy.config.compile import compile_config
+from meshproxy.process.errors import leaves
 from meshproxy.process.messages import DrainMsg, FrameReader, SnapshotMsg
 from meshproxy.process.worker import Worker
 from meshproxy.stats.shared_memory import Capacity, Layout, Segment, Slots
@@ -98,8 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     segment = Segment(Layout(cap), args.slabs, fd=args.stats_fd)
     try:
         trio.run(_main, args, segment)
-    except OSError as exc:
-        log.error("%s", exc)
+    except BaseException as exc:
+        errors = leaves(exc, OSError)
+        if errors is None:
+            raise
+        for err in errors:
+            log.error("%s", err)
         return 1
     return 0
 

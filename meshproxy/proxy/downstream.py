@@ -34,6 +34,7 @@ from meshproxy.proxy.forward import forward
 from meshproxy.proxy.local_reply import local_reply
 from meshproxy.proxy.phases import PH_HEAD, PH_IDLE, PH_REQ_BODY
 from meshproxy.stats.sink import Sink
+from meshproxy.tracing.tracer import Active, Tracer
 from meshproxy.transport.reactor import Reactor
 from meshproxy.transport.sockio import PeerClosed, abort, close, recv_after_wait, recv_now, send_all
 from meshproxy.upstream.cluster_manager import ClusterManager
@@ -58,7 +59,7 @@ class ListenerContext:
     `parser` and `clusters` in place; a request in flight keeps what it already looked up."""
 
     __slots__ = ("spec", "parser", "clusters", "logger", "scheme", "reactor", "state",
-                 "lstats", "hstats")
+                 "lstats", "hstats", "tracer")
 
     def __init__(self, spec: ListenerSpec, clusters: ClusterManager,
                  logger: AccessLogger | None, reactor: Reactor, state: WorkerState,
@@ -68,10 +69,12 @@ class ListenerContext:
         self.lstats = sink.listener(spec.name)
         self.hstats = sink.http(spec.name)
         self.scheme = b"http"
+        self.tracer: Tracer | None = None
         self.update(spec, clusters, logger)
 
     def update(self, spec: ListenerSpec, clusters: ClusterManager,
-               logger: AccessLogger | None) -> None:
+               logger: AccessLogger | None, tracer: Tracer | None = None) -> None:
+        self.tracer = tracer
         self.spec = spec
         self.parser = HeadParser(spec.max_request_line, spec.max_header_bytes, spec.max_headers)
         self.clusters = clusters
@@ -83,7 +86,7 @@ class Exchange:
 
     __slots__ = ("head", "method", "target", "host", "start", "wall_start", "status", "flags",
                  "bytes_in", "bytes_out", "upstream_host", "request_id", "response_started",
-                 "upstream_status")
+                 "upstream_status", "trace", "cluster")
 
     def __init__(self, head: MessageHead | None, start: float) -> None:
         self.head = head
@@ -100,6 +103,8 @@ class Exchange:
         self.request_id: bytes | None = None
         self.response_started = False
         self.upstream_status = 0
+        self.trace: Active | None = None
+        self.cluster = "-"
 
 
 class DownstreamConnection:
@@ -223,6 +228,8 @@ class DownstreamConnection:
         ex = self.ex = Exchange(head, perf_counter())
         if self.ctx.logger is not None:
             ex.wall_start = time.time()
+        if self.ctx.tracer is not None and head is not None:
+            ex.trace = self.ctx.tracer.start(head.get)
         hs, ws = self.ctx.hstats, self.ctx.state.stats
         blk = hs.block
         blk.inc(hs.downstream_rq_total)
@@ -249,7 +256,34 @@ class DownstreamConnection:
         elif flag == flags.DOWNSTREAM_CONNECTION_TERMINATION:
             blk.inc(hs.downstream_rq_rx_reset)
         blk.observe(hs.downstream_rq_time, (perf_counter() - ex.start) * 1000.0)
+        if ex.trace is not None and ex.trace.sampled and self.ctx.tracer is not None:
+            self._span(self.ctx.tracer, ex)
         self._log(ex)
+
+    def _span(self, tracer: Tracer, ex: Exchange) -> None:
+        """Envoy's span tags for this request."""
+        head = ex.head
+        host = text(ex.host or (head.host if head is not None else None))
+        tags = {
+            "component": "proxy",
+            "http.method": text(ex.method),
+            "http.url": f"{self.ctx.scheme.decode()}://{host}{text(ex.target)}",
+            "http.protocol": "HTTP/1.0" if head is not None and head.version == 10
+            else "HTTP/1.1",
+            "http.status_code": str(ex.status),
+            "response_flags": ex.flags,
+            "upstream_cluster": ex.cluster,
+            "upstream_address": ex.upstream_host,
+            "request_size": str(ex.bytes_in),
+            "response_size": str(ex.bytes_out),
+            "downstream_address": self.peer[0] if self.peer else "-",
+            "guid:x-request-id": text(ex.request_id
+                                      or (head.request_id if head is not None else None)),
+            "user_agent": text(head.get(b"user-agent") if head is not None else None),
+        }
+        error = ex.status >= 500 or ex.status == 0 or ex.flags != "-"
+        assert ex.trace is not None
+        tracer.finish(ex.trace, text(ex.method), tags, error)
 
     # ------------------------------------------------------------------ routing
 

@@ -47,6 +47,7 @@ from meshproxy.protocol.errors import ProxyError
 from meshproxy.proxy.local_reply import CONTINUE_100, reason
 from meshproxy.proxy.phases import PH_REQ_BODY, PH_RESP_BODY, PH_TUNNEL, PH_UPSTREAM
 from meshproxy.proxy.request_id import new_request_id
+from meshproxy.tracing.context import PROPAGATION_HEADERS
 from meshproxy.transport.reactor import Channel
 from meshproxy.transport.sockio import (
     RECV_SIZE,
@@ -119,7 +120,12 @@ def build_upstream_head(dc: DownstreamConnection, head: MessageHead, ex: Exchang
     if websocket:
         extra.append(CONN_UPGRADE)
         extra.append((b"upgrade", head.upgrade))
-    return _serialize(head.method + b" " + target + b" HTTP/1.1", head, action.ops.request_skip,
+    skip = action.ops.request_skip
+    if ex.trace is not None:
+        # The proxy's span becomes the upstream's parent (W3C, and B3 if it came so).
+        skip = skip | PROPAGATION_HEADERS
+        extra += ex.trace.headers()
+    return _serialize(head.method + b" " + target + b" HTTP/1.1", head, skip,
                       action.ops.request_add, extra)
 
 
@@ -136,7 +142,8 @@ def _serialize(first_line: bytes, msg: MessageHead, skip: frozenset[bytes],
 
 async def forward(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
                   action: ClusterAction) -> bool:
-    cluster = dc.ctx.clusters.get(choose_cluster(action))
+    name = ex.cluster = choose_cluster(action)
+    cluster = dc.ctx.clusters.get(name)
     if cluster is None:
         return await dc._send_local(ex, head, 503, b"cluster not found\n", flags.NO_CLUSTER)
     cst = cluster.stats

@@ -106,6 +106,15 @@ WORKER = (
 )
 
 
+TRACING = (
+    counter("spans_sampled", "requests whose span was recorded"),
+    counter("spans_sent", "spans the collector accepted"),
+    counter("spans_dropped", "spans dropped because the export queue was full"),
+    counter("spans_failed", "spans lost because an export failed"),
+    counter("exports_total", "export requests sent to the collector"),
+)
+
+
 class Scope(Enum):
     """Kinds of scope, each with its stats and the prefix of their full names."""
 
@@ -114,6 +123,7 @@ class Scope(Enum):
     CLUSTER = ("cluster", CLUSTER)
     ENDPOINT = ("endpoint", ENDPOINT)
     WORKER = ("server", WORKER)
+    TRACING = ("tracing", TRACING)
 
     def __init__(self, prefix: str, stats: tuple[Stat, ...]) -> None:
         self.prefix = prefix

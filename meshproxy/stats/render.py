@@ -62,6 +62,7 @@ def collect(seg: Segment, slots: Slots, live: dict[int, int], server: dict[str, 
                               {"worker_id": str(index)})
         for s in out[-len(Scope.WORKER.stats):]:
             s.prom = f"{PROM_PREFIX}server_worker_{s.name.rsplit('.', 1)[1]}"
+    out += _scope_samples(seg, Scope.TRACING, 0, every, "tracing", {})
     for name, slot in sorted(slots.listeners.items()):
         out += _scope_samples(seg, Scope.LISTENER, slot, every, f"listener.{name}",
                               {"listener_name": name})

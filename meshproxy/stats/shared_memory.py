@@ -1,7 +1,7 @@
 """The stats segment: one shared-memory buffer, a slab per worker plus a retired slab.
 
 Layout of a slab (cells of int64; per-scope layouts come from stats.names):
-    [worker scope][listener x L][http x L][cluster x C][endpoint x E]
+    [worker scope][tracing scope][listener x L][http x L][cluster x C][endpoint x E]
 The segment holds `workers + 1` slabs; the last one, RETIRED, accumulates the counters and
 histograms of replaced workers so that totals never go backwards. Capacities are fixed when
 the segment is made (pages never touched cost no memory); a config that needs more slots
@@ -32,7 +32,8 @@ class Capacity:
     endpoints: int = 8192
 
 
-ORDER = ((Scope.WORKER, "workers"), (Scope.LISTENER, "listeners"), (Scope.HTTP, "listeners"),
+ORDER = ((Scope.WORKER, "workers"), (Scope.TRACING, "workers"),
+         (Scope.LISTENER, "listeners"), (Scope.HTTP, "listeners"),
          (Scope.CLUSTER, "clusters"), (Scope.ENDPOINT, "endpoints"))
 
 

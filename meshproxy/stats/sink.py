@@ -66,6 +66,9 @@ class Sink:
     def worker(self) -> Any:
         return self._bind(Scope.WORKER, 0)
 
+    def tracing(self) -> Any:
+        return self._bind(Scope.TRACING, 0)
+
     def listener(self, name: str) -> Any:
         return self._bind(Scope.LISTENER, self._slot(self.slots.listeners, name,
                                                      self.layout.cap.listeners))
