@@ -290,3 +290,45 @@ def test_supervisor_cpu_affinity_pins_workers(origin, tmp_path) -> None:
     for w in workers(p):
         assert os.sched_getaffinity(w["pid"]) == {w["index"] % ncpu}
     p.stop()
+
+
+def test_supervisor_kill9_under_load_only_victims_connections_fail(pool) -> None:
+    origin, p = pool
+    n_clients, stop = 12, threading.Event()
+    conns = [socket.create_connection(("127.0.0.1", p.port), timeout=5) for _ in range(n_clients)]
+    for c in conns:
+        assert get(p.port, keep=c) == 200
+    victim = workers(p)[0]
+    on_victim = victim["connections"]
+    assert 0 < on_victim < n_clients
+    done = [0] * n_clients
+    failed = [False] * n_clients
+
+    def hammer(i: int) -> None:
+        while not stop.is_set():
+            try:
+                assert get(p.port, keep=conns[i]) == 200
+                done[i] += 1
+            except (OSError, h11.RemoteProtocolError):
+                failed[i] = True
+                return
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(n_clients)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    os.kill(victim["pid"], signal.SIGKILL)
+    killed_at = time.monotonic()
+    wait_for(lambda: any(w["index"] == victim["index"] and w["pid"] not in (None, victim["pid"])
+                         for w in workers(p)), timeout=5)
+    assert time.monotonic() - killed_at < 1.0  # replaced within a second
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert sum(failed) == on_victim  # exactly the dead worker's connections broke
+    assert all(done[i] > 0 for i in range(n_clients) if not failed[i])
+    for c in conns:
+        c.close()
+    fresh = [get(p.port) for _ in range(20)]
+    assert fresh == [200] * 20
