@@ -13,6 +13,7 @@ from typing import Literal
 from meshproxy._core.route_table import HeaderMatcher, Route, RouteTable, VirtualHost
 from meshproxy.config import schema
 from meshproxy.config.durations import parse_duration
+from meshproxy.proxy.retry_policy import RetrySpec, conditions
 
 MatcherKind = Literal["exact", "prefix", "suffix", "regex", "present", "absent"]
 PathKind = Literal["prefix", "path", "regex"]
@@ -43,6 +44,22 @@ class HeaderOps:
 
 
 @dataclass(frozen=True, slots=True)
+class BreakerSpec:
+    """Per-worker shares of the cluster's pool-wide thresholds: each of the N workers
+    enforces ceil(limit / N), so the pool as a whole stays within the limit rounded up to
+    a multiple of N (documented in the README). The retry budget applies to each
+    worker's own traffic: a percentage needs no sharing."""
+
+    max_connections: int
+    max_pending_requests: int
+    max_requests: int
+    max_retries: int
+    budget_percent: float | None
+    min_retry_concurrency: int
+    budget_window: float
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterAction:
     """Forward upstream. `clusters` holds (name, cumulative weight); one entry unless
     weighted_clusters, where a request goes to the first whose cumulative weight exceeds a
@@ -55,6 +72,7 @@ class ClusterAction:
     host_rewrite: bytes | None
     timeout: float
     ops: HeaderOps
+    retry: RetrySpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +103,7 @@ class ClusterSpec:
     connect_timeout: float
     idle_timeout: float
     max_idle_connections: int
+    breakers: BreakerSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +216,7 @@ def _action(vh: schema.VirtualHost, r: schema.Route) -> object:
             clusters, total, prefix,
             _enc(a.prefix_rewrite) if a.prefix_rewrite is not None else None,
             _enc(a.host_rewrite) if a.host_rewrite is not None else None,
-            parse_duration(a.timeout), ops)
+            parse_duration(a.timeout), ops, _retry(a.retry_policy))
     if r.redirect is not None:
         d = r.redirect
         return RedirectAction(
@@ -211,6 +230,29 @@ def _action(vh: schema.VirtualHost, r: schema.Route) -> object:
     assert r.direct_response is not None
     dr = r.direct_response
     return DirectAction(dr.status, dr.body.encode("utf-8"), _enc(dr.content_type), ops)
+
+
+def _retry(rp: schema.RetryPolicy | None) -> RetrySpec | None:
+    if rp is None:
+        return None
+    base = parse_duration(rp.retry_back_off.base_interval)
+    cap = rp.retry_back_off.max_interval
+    return RetrySpec(conditions(rp.retry_on), rp.num_retries, parse_duration(rp.per_try_timeout),
+                     frozenset(rp.retriable_status_codes), base,
+                     parse_duration(cap) if cap is not None else 10 * base,
+                     rp.include_attempt_count, rp.retry_buffer_limit)
+
+
+def _breakers(cb: schema.CircuitBreakers, workers: int) -> BreakerSpec:
+    def share(limit: int) -> int:
+        return -(-limit // workers)  # ceil
+
+    budget = cb.retry_budget
+    return BreakerSpec(share(cb.max_connections), share(cb.max_pending_requests),
+                       share(cb.max_requests), share(cb.max_retries),
+                       budget.budget_percent if budget is not None else None,
+                       budget.min_retry_concurrency if budget is not None else 0,
+                       parse_duration(budget.window) if budget and budget.window else 0.0)
 
 
 def _route(vh: schema.VirtualHost, r: schema.Route) -> Route:
@@ -241,7 +283,7 @@ def _access_log(spec: schema.AccessLog | None, override: str | None) -> AccessLo
 
 
 def compile_config(config: schema.Config, version: int = 1,
-                   access_log_override: str | None = None) -> Snapshot:
+                   access_log_override: str | None = None, workers: int = 1) -> Snapshot:
     """Build the runtime snapshot. The config must have passed load.check()."""
     listeners = []
     for lst in config.listeners:
@@ -258,7 +300,7 @@ def compile_config(config: schema.Config, version: int = 1,
         c.name: ClusterSpec(
             c.name, tuple((e.address, e.port, e.weight) for e in c.endpoints),
             parse_duration(c.connect_timeout), parse_duration(c.idle_timeout),
-            c.max_idle_connections)
+            c.max_idle_connections, _breakers(c.circuit_breakers, max(1, workers)))
         for c in config.clusters
     }
     return Snapshot(version, config, tuple(listeners), clusters, _tracing(config.tracing))

@@ -222,6 +222,19 @@ def _check_route(route: schema.Route, path: str, clusters: set[str], errors: lis
                     errors.append(f"{ap}.weighted_clusters[{k}].name: unknown cluster {wc.name!r}")
         if action.prefix_rewrite is not None and route.match.prefix is None:
             errors.append(f"{ap}.prefix_rewrite: needs a prefix match")
+        rp = action.retry_policy
+        if rp is not None:
+            pp = f"{ap}.retry_policy"
+            for cond in (c.strip() for c in rp.retry_on.split(",")):
+                if cond not in schema.RETRY_ON:
+                    errors.append(f"{pp}.retry_on: unknown condition {cond!r} "
+                                  f"(known: {', '.join(schema.RETRY_ON)})")
+            _check_duration(rp.per_try_timeout, f"{pp}.per_try_timeout", errors)
+            _check_duration(rp.retry_back_off.base_interval,
+                            f"{pp}.retry_back_off.base_interval", errors)
+            if rp.retry_back_off.max_interval is not None:
+                _check_duration(rp.retry_back_off.max_interval,
+                                f"{pp}.retry_back_off.max_interval", errors)
     if route.redirect is not None and route.redirect.prefix_rewrite is not None:
         if route.redirect.path_redirect is not None:
             errors.append(f"{path}.redirect: path_redirect and prefix_rewrite exclude each other")
@@ -240,6 +253,9 @@ def check(config: schema.Config) -> list[str]:
         clusters.add(c.name)
         _check_duration(c.connect_timeout, f"{p}.connect_timeout", errors)
         _check_duration(c.idle_timeout, f"{p}.idle_timeout", errors)
+        budget = c.circuit_breakers.retry_budget
+        if budget is not None and budget.window is not None:
+            _check_duration(budget.window, f"{p}.circuit_breakers.retry_budget.window", errors)
     if not config.listeners:
         errors.append("listeners: at least one listener is required")
     if config.tracing is not None:

@@ -46,6 +46,28 @@ class Endpoint(Base, frozen=True):
     weight: Annotated[int, Meta(ge=1, le=1_000_000)] = 1
 
 
+class RetryBudget(Base, frozen=True):
+    """Bounds retries to a share of traffic, so that retries cannot multiply the load on a
+    failing cluster. Concurrency form (Envoy's): retries in progress may not exceed
+    max(min_retry_concurrency, budget_percent% of requests in progress). Windowed form
+    (Linkerd's, when `window` is set): retries over the last `window` may not exceed
+    max(min_retry_concurrency, budget_percent% of requests over it)."""
+
+    budget_percent: Annotated[float, Meta(ge=0, le=100)] = 20.0
+    min_retry_concurrency: Annotated[int, Meta(ge=0, le=1_000_000)] = 3
+    window: Duration | None = None
+
+
+class CircuitBreakers(Base, frozen=True):
+    """Envoy's thresholds and defaults."""
+
+    max_connections: Annotated[int, Meta(ge=1)] = 1024
+    max_pending_requests: Annotated[int, Meta(ge=1)] = 1024
+    max_requests: Annotated[int, Meta(ge=1)] = 1024
+    max_retries: Annotated[int, Meta(ge=0)] = 3
+    retry_budget: RetryBudget | None = None
+
+
 class Cluster(Base, frozen=True):
     name: NonEmptyStr
     endpoints: list[Endpoint]
@@ -57,6 +79,7 @@ class Cluster(Base, frozen=True):
     idle_timeout: Duration = "4s"
     # Idle connections kept per endpoint per worker; more are closed on release.
     max_idle_connections: Annotated[int, Meta(ge=0, le=100_000)] = 64
+    circuit_breakers: CircuitBreakers = CircuitBreakers()
 
 
 class QueryParameterMatch(Base, frozen=True):
@@ -96,6 +119,34 @@ class WeightedCluster(Base, frozen=True):
     weight: Annotated[int, Meta(ge=0, le=1_000_000)]
 
 
+RETRY_ON = ("5xx", "gateway-error", "reset", "connect-failure", "retriable-4xx",
+            "refused-stream", "retriable-status-codes")
+
+
+class RetryBackOff(Base, frozen=True):
+    """Fully jittered exponential back-off: before retry n, a uniform wait in
+    [0, min(max_interval, base_interval * 2**(n-1))] (Envoy's)."""
+
+    base_interval: Duration = "25ms"
+    max_interval: Duration | None = None  # default: 10 x base_interval
+
+
+class RetryPolicy(Base, frozen=True):
+    """Envoy's route retry policy. `retry_on` is a comma-separated list of RETRY_ON."""
+
+    retry_on: Annotated[str, Meta(min_length=1)]
+    num_retries: Annotated[int, Meta(ge=0, le=100)] = 1
+    # Bounds each attempt; 0 disables (the route timeout still bounds them all).
+    per_try_timeout: Duration = 0
+    retriable_status_codes: list[Annotated[int, Meta(ge=100, le=599)]] = []
+    retry_back_off: RetryBackOff = RetryBackOff()
+    # Send x-envoy-attempt-count upstream (1 for the first attempt).
+    include_attempt_count: bool = False
+    # A request body up to this size is kept for replay; a larger one is never retried
+    # (Envoy's per_request_buffer_limit_bytes default is 64 KiB too).
+    retry_buffer_limit: Annotated[int, Meta(ge=0, le=64 * 1024 * 1024)] = 65536
+
+
 class RouteAction(Base, frozen=True):
     """Exactly one of cluster, weighted_clusters."""
 
@@ -104,8 +155,10 @@ class RouteAction(Base, frozen=True):
     prefix_rewrite: str | None = None
     host_rewrite: str | None = None
     # Envoy's route timeout: from the end of the downstream request until the upstream
-    # response is complete; 504 UT when it fires before the response started. 0 disables.
+    # response is complete, covering every retry and back-off; 504 UT when it fires
+    # before the response started. 0 disables.
     timeout: Duration = "15s"
+    retry_policy: RetryPolicy | None = None
 
 
 class RedirectAction(Base, frozen=True):

@@ -25,6 +25,7 @@ class SnapshotMsg(msgspec.Struct, tag="snapshot", frozen=True):
     listener_slots: dict[str, int]
     cluster_slots: dict[str, int]
     endpoint_slots: dict[str, int]
+    workers: int = 1
 
 
 class DrainMsg(msgspec.Struct, tag="drain", frozen=True):

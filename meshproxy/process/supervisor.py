@@ -147,7 +147,7 @@ class Supervisor:
         self.config = msgspec.structs.replace(config, listeners=listeners)
         self.message = SnapshotMsg(self.version, self.config, self.opts.access_log,
                                    dict(self.slots.listeners), dict(self.slots.clusters),
-                                   dict(self.slots.endpoints))
+                                   dict(self.slots.endpoints), len(self.workers))
         return []
 
     def _in_use(self) -> set[tuple[str, str, int]]:

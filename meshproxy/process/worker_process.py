@@ -47,7 +47,8 @@ async def _main(args: argparse.Namespace, segment: Segment) -> None:
     if not isinstance(first, SnapshotMsg):
         raise SystemExit("worker: expected a snapshot first")
     sink = Sink(segment, args.index, _slots(first), enabled=not args.no_stats)
-    worker = Worker(compile_config(first.config, first.version, first.access_log_override),
+    worker = Worker(compile_config(first.config, first.version, first.access_log_override,
+                                   first.workers),
                     sink, args.max_connections)
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -69,7 +70,8 @@ async def _main(args: argparse.Namespace, segment: Segment) -> None:
                     await worker.drain(msg.timeout)
                     break
                 sink.slots = _slots(msg)
-                worker.apply(compile_config(msg.config, msg.version, msg.access_log_override))
+                worker.apply(compile_config(msg.config, msg.version, msg.access_log_override,
+                                            msg.workers))
                 log.debug("worker %d adopted config version %d", args.index, msg.version)
             nursery.cancel_scope.cancel()
 

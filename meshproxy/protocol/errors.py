@@ -14,10 +14,10 @@ Source = Literal["downstream", "upstream", "internal"]
 
 
 class ProxyError(Exception):
-    __slots__ = ("status", "flag", "source", "retriable", "detail", "stat")
+    __slots__ = ("status", "flag", "source", "retriable", "detail", "stat", "failure")
 
     def __init__(self, status: int, flag: str, source: Source, detail: str,
-                 retriable: bool = False, stat: str = "") -> None:
+                 retriable: bool = False, stat: str = "", failure: str = "") -> None:
         super().__init__(f"{flag} {status}: {detail}")
         self.status = status
         self.flag = flag
@@ -26,6 +26,9 @@ class ProxyError(Exception):
         self.detail = detail
         # The cluster stat (stats.names.CLUSTER) that counts this failure, if any.
         self.stat = stat
+        # For an attempt that got no response: "connect-failure", "reset" or
+        # "per-try-timeout" (proxy.retry_policy); the retry policy decides what to do.
+        self.failure = failure
 
 
 # Envoy's response flags (access log %RESPONSE_FLAGS%) used by the HTTP/1.1 data path.

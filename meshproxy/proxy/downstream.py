@@ -30,9 +30,9 @@ from meshproxy._core.http1_parser import HeadParser, MessageHead, ParseError
 from meshproxy.config.compile import ClusterAction, DirectAction, ListenerSpec, RedirectAction
 from meshproxy.protocol import errors as flags
 from meshproxy.proxy.access_log import AccessLogger, Entry, format_time, text
-from meshproxy.proxy.forward import forward
 from meshproxy.proxy.local_reply import local_reply
 from meshproxy.proxy.phases import PH_HEAD, PH_IDLE, PH_REQ_BODY
+from meshproxy.proxy.router import forward
 from meshproxy.stats.sink import Sink
 from meshproxy.tracing.tracer import Active, Tracer
 from meshproxy.transport.reactor import Reactor

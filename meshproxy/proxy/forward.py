@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import random
 import socket
-from time import perf_counter
 from typing import TYPE_CHECKING
 
 import trio
@@ -47,12 +46,20 @@ from meshproxy.protocol.errors import ProxyError
 from meshproxy.proxy.local_reply import CONTINUE_100, reason
 from meshproxy.proxy.phases import PH_REQ_BODY, PH_RESP_BODY, PH_TUNNEL, PH_UPSTREAM
 from meshproxy.proxy.request_id import new_request_id
+from meshproxy.proxy.retry_policy import (
+    CONNECT_FAILURE,
+    DEADLINE_HEADER,
+    GRPC_TIMEOUT,
+    PER_TRY_TIMEOUT,
+    RESET,
+    format_deadline_ms,
+    format_grpc_timeout,
+)
 from meshproxy.tracing.context import PROPAGATION_HEADERS
 from meshproxy.transport.reactor import Channel
 from meshproxy.transport.sockio import (
     RECV_SIZE,
     PeerClosed,
-    abort,
     connect,
     recv_after_wait,
     recv_now,
@@ -72,6 +79,8 @@ CONN_KEEP_ALIVE = (b"connection", b"keep-alive")
 CONN_UPGRADE = (b"connection", b"upgrade")
 
 F_NONE, F_LENGTH, F_CHUNKED, F_CLOSE = range(4)
+ATTEMPT_COUNT = frozenset({b"x-envoy-attempt-count"})
+DEADLINE_HEADERS = frozenset({DEADLINE_HEADER, GRPC_TIMEOUT})
 NO_DEADLINE = float("inf")
 
 
@@ -90,19 +99,11 @@ async def _send_up(sock: socket.socket, data: bytes) -> None:
         raise _UpstreamGone() from None
 
 
-def choose_cluster(action: ClusterAction) -> str:
-    clusters = action.clusters
-    if len(clusters) == 1:
-        return clusters[0][0]
-    draw = _random() * action.total_weight
-    for name, cumulative in clusters:
-        if draw < cumulative:
-            return name
-    return clusters[-1][0]
-
-
 def build_upstream_head(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
-                        action: ClusterAction, websocket: bool) -> bytes:
+                        action: ClusterAction, websocket: bool, attempt: int = 0,
+                        budget: float | None = None, grpc: bool = False) -> bytes:
+    """attempt: x-envoy-attempt-count to send (0: none). budget: seconds left of the
+    request's deadline, sent on so that it shrinks hop by hop (None: no deadline)."""
     target = ex.target
     if action.prefix_rewrite is not None and action.prefix is not None:
         target = action.prefix_rewrite + target[len(action.prefix):]
@@ -113,7 +114,8 @@ def build_upstream_head(dc: DownstreamConnection, head: MessageHead, ex: Exchang
         (b"x-forwarded-proto", dc.ctx.scheme),
     ]
     if head.request_id is None:
-        ex.request_id = new_request_id()
+        if ex.request_id is None:  # one id for every attempt of the request
+            ex.request_id = new_request_id()
         extra.append((b"x-request-id", ex.request_id))
     if head.chunked:
         extra.append(TE_CHUNKED)
@@ -121,6 +123,14 @@ def build_upstream_head(dc: DownstreamConnection, head: MessageHead, ex: Exchang
         extra.append(CONN_UPGRADE)
         extra.append((b"upgrade", head.upgrade))
     skip = action.ops.request_skip
+    if attempt:
+        skip = skip | ATTEMPT_COUNT
+        extra.append((b"x-envoy-attempt-count", b"%d" % attempt))
+    if budget is not None:
+        skip = skip | DEADLINE_HEADERS
+        extra.append((DEADLINE_HEADER, format_deadline_ms(budget)))
+        if grpc:
+            extra.append((GRPC_TIMEOUT, format_grpc_timeout(budget)))
     if ex.trace is not None:
         # The proxy's span becomes the upstream's parent (W3C, and B3 if it came so).
         skip = skip | PROPAGATION_HEADERS
@@ -140,65 +150,26 @@ def _serialize(first_line: bytes, msg: MessageHead, skip: frozenset[bytes],
     return serialize_head(first_line, msg.headers, skip, extra)
 
 
-async def forward(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
-                  action: ClusterAction) -> bool:
-    name = ex.cluster = choose_cluster(action)
-    cluster = dc.ctx.clusters.get(name)
-    if cluster is None:
-        return await dc._send_local(ex, head, 503, b"cluster not found\n", flags.NO_CLUSTER)
-    cst = cluster.stats
-    blk = cst.block
-    ep = cluster.pick()
-    if ep is None:
-        blk.inc(cst.upstream_cx_none_healthy)
-        return await dc._send_local(ex, head, 503, b"no healthy upstream\n",
-                                    flags.NO_HEALTHY_UPSTREAM)
-    websocket = (head.conn_upgrade and head.upgrade is not None and head.version >= 11
-                 and head.upgrade.lower() == b"websocket")
-    up_head = build_upstream_head(dc, head, ex, action, websocket)
-    state = _BodyState()
-    est = ep.stats
-    blk.inc(cst.upstream_rq_total)
-    blk.add(cst.upstream_rq_active, 1)
-    blk.inc(est.rq_total)
-    blk.add(est.rq_active, 1)
-    started = perf_counter()
-    try:
-        return await _exchange(dc, head, ex, action, cluster, ep, up_head, websocket, state)
-    except ProxyError as err:
-        blk.inc(est.rq_error)
-        if err.stat:
-            blk.inc(getattr(cst, err.stat))
-        if dc.upstream is not None:
-            dc.upstream.abort()
-            dc.upstream = None
-        ex.flags = err.flag
-        if ex.response_started:
-            abort(dc.ch)
-            return False
-        return await dc._send_local(ex, head, err.status, err.detail.encode() + b"\n", err.flag,
-                                    close=state.started and not state.done,
-                                    body_done=state.done)
-    except trio.Cancelled:
-        if dc.phase in (PH_UPSTREAM, PH_RESP_BODY):
-            blk.inc(cst.upstream_rq_timeout)  # the route timeout fired (504 UT)
-            blk.inc(est.rq_error)
-        raise
-    finally:
-        blk.add(cst.upstream_rq_active, -1)
-        blk.add(est.rq_active, -1)
-        status = ex.upstream_status
-        if status:
-            blk.inc(cst.upstream_rq_1xx + status // 100 - 1)
-            blk.observe(cst.upstream_rq_time, (perf_counter() - started) * 1000.0)
+class BodyState:
+    """How far the request body got, and a copy of what was sent upstream for replay
+    while it fits the retry buffer (None once it does not, or when retries are off)."""
 
+    __slots__ = ("started", "done", "replay", "size", "limit")
 
-class _BodyState:
-    __slots__ = ("started", "done")
-
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
         self.started = False
         self.done = False
+        self.replay: list[bytes] | None = [] if limit > 0 else None
+        self.size = 0
+        self.limit = limit
+
+    def keep(self, data: bytes) -> None:
+        if self.replay is not None:
+            self.size += len(data)
+            if self.size > self.limit:
+                self.replay = None  # too big to replay: this request will not be retried
+            else:
+                self.replay.append(data)
 
 
 async def _connect(dc: DownstreamConnection, ep: Endpoint, timeout: float) -> UpstreamConn:
@@ -208,22 +179,30 @@ async def _connect(dc: DownstreamConnection, ep: Endpoint, timeout: float) -> Up
         except OSError as exc:
             raise ProxyError(503, flags.UPSTREAM_CONNECT_FAILURE, "upstream",
                              f"upstream connect error: {exc.strerror or exc}",
-                             retriable=True, stat="upstream_cx_connect_fail") from None
+                             retriable=True, stat="upstream_cx_connect_fail",
+                             failure=CONNECT_FAILURE) from None
     raise ProxyError(503, flags.UPSTREAM_CONNECT_FAILURE, "upstream",
                      "upstream connect error: connect timeout", retriable=True,
-                     stat="upstream_cx_connect_timeout")
+                     stat="upstream_cx_connect_timeout", failure=CONNECT_FAILURE)
 
 
-async def _exchange(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
-                    action: ClusterAction, cluster: Cluster, ep: Endpoint, up_head: bytes,
-                    websocket: bool, state: _BodyState) -> bool:
+async def attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange, cluster: Cluster,
+                  ep: Endpoint, up_head: bytes, state: BodyState, per_try: float,
+                  route_timeout: float) -> tuple[MessageHead, bytes, UpstreamConn]:
+    """One attempt: connect (or reuse), send the request, read the final response head.
+    The first attempt streams the body from the client; later ones replay the copy."""
     cl = head.content_length
     has_body = head.chunked or cl > 0
-    buffered = not head.chunked and cl > 0 and len(dc.buf) - dc.pos >= cl
-    first = up_head + dc.buf[dc.pos:dc.pos + cl] if buffered else up_head
-    attempt = 0
+    first_attempt = not state.started
+    buffered = first_attempt and not head.chunked and cl > 0 and len(dc.buf) - dc.pos >= cl
+    if buffered:
+        first = up_head + dc.buf[dc.pos:dc.pos + cl]
+    elif not first_attempt and state.replay:
+        first = up_head + b"".join(state.replay)
+    else:
+        first = up_head
+    stale_retry = False
     while True:
-        attempt += 1
         conn = ep.acquire(dc.reactor.now)
         reused = conn is not None
         if conn is None:
@@ -235,40 +214,58 @@ async def _exchange(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
                 await send_all(conn.sock, first)
             except PeerClosed:
                 raise _StaleConnection() from None
-            if buffered:
-                if not state.done:
-                    dc.pos += cl
-                    ex.bytes_in = cl
-                    state.started = state.done = True
-            elif has_body:
+            if buffered and not state.done:
+                dc.pos += cl
+                ex.bytes_in = cl
+                state.started = state.done = True
+                state.keep(first[len(up_head):])
+            elif first_attempt and has_body and not state.started:
                 state.started = True
                 await _send_request_body(dc, head, ex, conn, state)
             dc.phase = PH_UPSTREAM
-            dc.deadline = dc.reactor.now + action.timeout if action.timeout else NO_DEADLINE
+            if first_attempt:
+                # Envoy's route timeout starts once the downstream request is complete and
+                # covers every retry and back-off after it.
+                dc.deadline = dc.reactor.now + route_timeout if route_timeout else NO_DEADLINE
+            if per_try:
+                with trio.move_on_after(per_try):
+                    resp, ubuf = await _read_response_head(dc, head, conn)
+                    break
+                raise ProxyError(504, flags.UPSTREAM_REQUEST_TIMEOUT, "upstream",
+                                 "upstream per-try timeout", retriable=True,
+                                 stat="upstream_rq_per_try_timeout", failure=PER_TRY_TIMEOUT)
             resp, ubuf = await _read_response_head(dc, head, conn)
         except _StaleConnection:
             conn.close()
             dc.upstream = None
-            if reused and attempt == 1 and (buffered or not has_body):
+            if reused and not stale_retry and (buffered or not has_body or not first_attempt):
+                stale_retry = True  # the origin closed it as we wrote: the request never ran
                 cluster.stats.block.inc(cluster.stats.upstream_rq_retry)
                 continue
             raise ProxyError(503, flags.UPSTREAM_CONNECTION_TERMINATION, "upstream",
                              "upstream connect error or disconnect/reset before headers",
-                             retriable=True,
-                             stat="upstream_cx_destroy_remote_with_active_rq") from None
+                             retriable=True, stat="upstream_cx_destroy_remote_with_active_rq",
+                             failure=RESET) from None
         break
     conn.requests += 1
+    return resp, ubuf, conn
+
+
+async def finish(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
+                 action: ClusterAction, conn: UpstreamConn, resp: MessageHead, ubuf: bytes,
+                 websocket: bool, request_complete: bool) -> bool:
+    """Relay the final response (or open the WebSocket tunnel)."""
     if resp.status == 101:
         if not websocket:
             raise ProxyError(502, flags.UPSTREAM_PROTOCOL_ERROR, "upstream",
                              "upstream switched protocols without being asked")
         await _tunnel(dc, ex, conn, resp, ubuf)
         return False
-    return await _relay_response(dc, head, ex, action, conn, resp, ubuf, state.done or not has_body)
+    return await _relay_response(dc, head, ex, action, conn, resp, ubuf, request_complete)
 
 
 async def _send_request_body(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
-                             conn: UpstreamConn, state: _BodyState) -> None:
+                             conn: UpstreamConn, state: BodyState) -> None:
     """Stream the request body client -> upstream; each send waits for the upstream to take
     the bytes before more are read from the client (backpressure)."""
     sock_d, sock_u = dc.sock, conn.sock
@@ -294,9 +291,12 @@ async def _send_request_body(dc: DownstreamConnection, head: MessageHead, ex: Ex
                     ex.bytes_in += len(data)
                     out = encode_chunk(data)
                 if dec.done:
-                    await _send_up(sock_u, out + encode_last_chunk(dec.trailers))
+                    out += encode_last_chunk(dec.trailers)
+                    state.keep(out)
+                    await _send_up(sock_u, out)
                     break
                 if out:
+                    state.keep(out)
                     await _send_up(sock_u, out)
                 dc.deadline = dc.reactor.now + idle
                 buf, pos = await recv_now(ch_d), 0
@@ -307,6 +307,7 @@ async def _send_request_body(dc: DownstreamConnection, head: MessageHead, ex: Ex
             remaining = head.content_length
             take = min(remaining, len(buf) - pos)
             if take:
+                state.keep(buf[pos:pos + take])
                 await _send_up(sock_u, buf[pos:pos + take])
                 remaining -= take
                 ex.bytes_in += take
@@ -317,6 +318,7 @@ async def _send_request_body(dc: DownstreamConnection, head: MessageHead, ex: Ex
                 data = await recv_now(ch_d, min(remaining, RECV_SIZE))
                 if not data:
                     raise PeerClosed("client closed during the request body")
+                state.keep(data)
                 await _send_up(sock_u, data)
                 remaining -= len(data)
                 ex.bytes_in += len(data)

@@ -6,6 +6,7 @@ of `_core.lb_select`; a cluster with no endpoint answers `pick() -> None` (503 U
 
 from __future__ import annotations
 
+from meshproxy._core.circuit_state import RetryBudget
 from meshproxy._core.lb_select import SmoothWeightedRoundRobin
 from meshproxy.config.compile import ClusterSpec
 from meshproxy.stats.sink import Sink
@@ -13,13 +14,21 @@ from meshproxy.upstream.conn_pool import Endpoint
 
 
 class Cluster:
-    __slots__ = ("spec", "name", "endpoints", "lb", "stats")
+    __slots__ = ("spec", "name", "endpoints", "lb", "stats", "active_requests",
+                 "active_retries", "budget", "max_retries")
 
     def __init__(self, spec: ClusterSpec, sink: Sink,
                  previous: dict[tuple[str, int], Endpoint] | None = None) -> None:
         self.spec = spec
         self.name = spec.name
         self.stats = sink.cluster(spec.name)
+        # Retry admission (this worker's share; see BreakerSpec).
+        self.active_requests = 0
+        self.active_retries = 0
+        b = spec.breakers
+        self.max_retries = b.max_retries if b is not None else 3
+        self.budget = (RetryBudget(b.budget_percent, b.min_retry_concurrency, b.budget_window)
+                       if b is not None and b.budget_percent is not None else None)
         self.endpoints = []
         for a, p, w in spec.endpoints:
             old = previous.get((a, p)) if previous else None
@@ -40,10 +49,17 @@ class Cluster:
             return None
         return self.endpoints[self.lb.pick()]
 
-    def pick_other(self, avoid: Endpoint) -> Endpoint | None:
+    def pick_avoiding(self, tried: list[Endpoint]) -> Endpoint | None:
+        """A pick outside `tried` when the balancer offers one within a few tries (Envoy's
+        previous_hosts predicate with host_selection_retry_max_attempts 3); else any."""
         if self.lb is None:
             return None
-        return self.endpoints[self.lb.pick_other(self.endpoints.index(avoid))]
+        ep = self.endpoints[self.lb.pick()]
+        for _ in range(3):
+            if ep not in tried:
+                break
+            ep = self.endpoints[self.lb.pick()]
+        return ep
 
 
 class ClusterManager:

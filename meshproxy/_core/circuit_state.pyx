@@ -1,0 +1,78 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Circuit-breaking state, sans-IO (callers pass `now`).
+
+RetryBudget: may one more retry start?
+- concurrency form (Envoy's retry_budget): retries in progress must stay below
+  max(min_retry_concurrency, budget_percent% of requests in progress);
+- windowed form (Linkerd's, `window` > 0): retries started over the last `window` seconds
+  must stay below max(min_retry_concurrency, budget_percent% of requests started over it).
+  The window is a ring of BUCKETS buckets, so it slides in steps of window/BUCKETS and costs
+  O(1) per request.
+"""
+
+from libc.math cimport floor
+
+cdef enum:
+    BUCKETS = 10  # must match the array sizes in circuit_state.pxd
+
+
+cdef class RetryBudget:
+    # Attributes are declared in circuit_state.pxd; `epoch` is the index of the bucket
+    # `now` falls in, counted from time 0.
+
+    def __init__(self, double budget_percent, long min_retry_concurrency, double window=0.0):
+        cdef int k
+        self.percent = budget_percent / 100.0
+        self.min_retries = min_retry_concurrency
+        self.window = window
+        self.width = window / BUCKETS if window > 0 else 1.0
+        for k in range(BUCKETS):
+            self.requests[k] = 0
+            self.retries[k] = 0
+        self.epoch = 0
+
+    cdef void _advance(self, double now):
+        cdef long long e = <long long>floor(now / self.width)
+        cdef long long k
+        if e <= self.epoch:
+            return
+        if e - self.epoch >= BUCKETS:
+            for k in range(BUCKETS):
+                self.requests[k] = 0
+                self.retries[k] = 0
+        else:
+            k = self.epoch + 1
+            while k <= e:
+                self.requests[k % BUCKETS] = 0
+                self.retries[k % BUCKETS] = 0
+                k += 1
+        self.epoch = e
+
+    cpdef void record_request(self, double now):
+        if self.window > 0:
+            self._advance(now)
+            self.requests[self.epoch % BUCKETS] += 1
+
+    cpdef bint allow(self, double now, long active_requests, long active_retries):
+        """True when one more retry fits the budget; the caller then calls record_retry."""
+        cdef long long reqs = 0, rets = 0
+        cdef double limit
+        cdef int k
+        if self.window <= 0:
+            limit = self.percent * active_requests
+            if limit < self.min_retries:
+                limit = self.min_retries
+            return active_retries < limit
+        self._advance(now)
+        for k in range(BUCKETS):
+            reqs += self.requests[k]
+            rets += self.retries[k]
+        limit = self.percent * reqs
+        if limit < self.min_retries:
+            limit = self.min_retries
+        return rets < limit
+
+    cpdef void record_retry(self, double now):
+        if self.window > 0:
+            self._advance(now)
+            self.retries[self.epoch % BUCKETS] += 1

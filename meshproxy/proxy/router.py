@@ -1,0 +1,215 @@
+"""The router: the terminal step for a route with a cluster action (Envoy's router filter).
+
+1. pick the cluster (weighted draw) and bound the request by the shorter of the route
+   timeout and the client's deadline (`x-meshproxy-deadline-ms`, `grpc-timeout`); a
+   deadline already spent is answered 504 without touching an upstream;
+2. attempts (proxy.forward.attempt): each connects, sends and reads the response head;
+3. between attempts the retry policy decides: the condition must be in `retry_on`,
+   `num_retries` not reached, the body replayable (it fitted the retry buffer), the
+   cluster's max_retries breaker and retry budget must admit one more retry; then a fully
+   jittered exponential back-off, and another endpoint when one exists (previous hosts);
+4. the final response is relayed; once its head has gone downstream nothing is retried.
+
+Per attempt: upstream_rq_total, upstream_rq_<class>, upstream_rq_time and the endpoint's
+counts; per retry: upstream_rq_retry, and _overflow / _limit_exceeded when one is refused.
+"""
+
+from __future__ import annotations
+
+import random
+from time import perf_counter
+from typing import TYPE_CHECKING
+
+import trio
+
+from meshproxy._core.http1_parser import MessageHead
+from meshproxy.config.compile import ClusterAction
+from meshproxy.protocol import errors as flags
+from meshproxy.protocol.errors import ProxyError
+from meshproxy.proxy.forward import BodyState, attempt, build_upstream_head, finish
+from meshproxy.proxy.phases import PH_RESP_BODY, PH_UPSTREAM
+from meshproxy.proxy.retry_policy import (
+    DEADLINE_HEADER,
+    GRPC_TIMEOUT,
+    RetrySpec,
+    backoff,
+    parse_deadline_ms,
+    parse_grpc_timeout,
+    retriable_failure,
+    retriable_status,
+)
+from meshproxy.transport.sockio import abort
+from meshproxy.upstream.cluster_manager import Cluster
+from meshproxy.upstream.conn_pool import Endpoint
+
+if TYPE_CHECKING:
+    from meshproxy.proxy.downstream import DownstreamConnection, Exchange
+
+_random = random.random
+
+
+def choose_cluster(action: ClusterAction) -> str:
+    clusters = action.clusters
+    if len(clusters) == 1:
+        return clusters[0][0]
+    draw = _random() * action.total_weight
+    for name, cumulative in clusters:
+        if draw < cumulative:
+            return name
+    return clusters[-1][0]
+
+
+def incoming_deadline(head: MessageHead) -> tuple[float | None, bool]:
+    """(seconds the client allows, whether it spoke gRPC's grpc-timeout)."""
+    value = head.get(DEADLINE_HEADER)
+    mine = parse_deadline_ms(value) if value is not None else None
+    value = head.get(GRPC_TIMEOUT)
+    grpc = parse_grpc_timeout(value) if value is not None else None
+    if mine is None:
+        return grpc, grpc is not None
+    if grpc is None:
+        return mine, False
+    return min(mine, grpc), True
+
+
+def _admit_retry(cluster: Cluster, retry: RetrySpec, n: int, now: float) -> bool:
+    """May attempt n+1 start? Counts why not."""
+    cst = cluster.stats
+    if n > retry.num_retries:
+        cst.block.inc(cst.upstream_rq_retry_limit_exceeded)
+        return False
+    budget = cluster.budget
+    if cluster.active_retries >= cluster.max_retries or (
+            budget is not None
+            and not budget.allow(now, cluster.active_requests, cluster.active_retries)):
+        cst.block.inc(cst.upstream_rq_retry_overflow)
+        return False
+    return True
+
+
+async def forward(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
+                  action: ClusterAction) -> bool:
+    name = ex.cluster = choose_cluster(action)
+    cluster = dc.ctx.clusters.get(name)
+    if cluster is None:
+        return await dc._send_local(ex, head, 503, b"cluster not found\n", flags.NO_CLUSTER)
+    cst = cluster.stats
+    blk = cst.block
+    timeout = action.timeout
+    deadline, grpc = incoming_deadline(head)
+    if deadline is not None:
+        left = deadline - (perf_counter() - ex.start)
+        if left <= 0:
+            blk.inc(cst.upstream_rq_timeout)
+            return await dc._send_local(ex, head, 504, b"deadline exceeded\n",
+                                        flags.UPSTREAM_REQUEST_TIMEOUT)
+        if not timeout or left < timeout:
+            timeout = left
+    ep = cluster.pick()
+    if ep is None:
+        blk.inc(cst.upstream_cx_none_healthy)
+        return await dc._send_local(ex, head, 503, b"no healthy upstream\n",
+                                    flags.NO_HEALTHY_UPSTREAM)
+    websocket = (head.conn_upgrade and head.upgrade is not None and head.version >= 11
+                 and head.upgrade.lower() == b"websocket")
+    retry = None if websocket else action.retry
+    state = BodyState(retry.buffer_limit if retry is not None else 0)
+    has_body = head.chunked or head.content_length > 0
+    if cluster.budget is not None:
+        cluster.budget.record_request(dc.reactor.now)
+    tried: list[Endpoint] = []
+    n = 0
+    try:
+        while True:
+            n += 1
+            budget = None if deadline is None else deadline - (perf_counter() - ex.start)
+            up_head = build_upstream_head(
+                dc, head, ex, action, websocket,
+                n if retry is not None and retry.include_attempt_count else 0, budget, grpc)
+            keep = await _one_attempt(dc, head, ex, action, cluster, ep, up_head, state,
+                                      retry, timeout, websocket, n, has_body)
+            if keep is not None:
+                return keep
+            assert retry is not None
+            tried.append(ep)
+            await trio.sleep(backoff(retry, n, _random()))
+            ep = cluster.pick_avoiding(tried) or ep
+    except ProxyError as err:
+        if dc.upstream is not None:
+            dc.upstream.abort()
+            dc.upstream = None
+        ex.flags = err.flag
+        if ex.response_started:
+            abort(dc.ch)  # a broken response must never look complete
+            return False
+        return await dc._send_local(ex, head, err.status, err.detail.encode() + b"\n", err.flag,
+                                    close=state.started and not state.done,
+                                    body_done=state.done)
+    except trio.Cancelled:
+        if dc.phase in (PH_UPSTREAM, PH_RESP_BODY):
+            blk.inc(cst.upstream_rq_timeout)  # the route timeout fired (504 UT)
+        raise
+
+
+async def _one_attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
+                       action: ClusterAction, cluster: Cluster, ep: Endpoint, up_head: bytes,
+                       state: BodyState, retry: RetrySpec | None, timeout: float,
+                       websocket: bool, n: int, has_body: bool) -> bool | None:
+    """Whether the client connection stays open once this attempt answered it; None when
+    another attempt should follow. Raises ProxyError when the request fails."""
+    cst, est = cluster.stats, ep.stats
+    blk = cst.block
+    blk.inc(cst.upstream_rq_total)
+    blk.add(cst.upstream_rq_active, 1)
+    blk.inc(est.rq_total)
+    blk.add(est.rq_active, 1)
+    cluster.active_requests += 1
+    if n > 1:
+        cluster.active_retries += 1
+        blk.inc(cst.upstream_rq_retry)
+        blk.add(cst.upstream_rq_retry_active, 1)
+        if cluster.budget is not None:
+            cluster.budget.record_retry(dc.reactor.now)
+    started = perf_counter()
+    status = 0
+    try:
+        try:
+            resp, ubuf, conn = await attempt(dc, head, ex, cluster, ep, up_head, state,
+                                             retry.per_try_timeout if retry else 0.0, timeout)
+        except ProxyError as err:
+            blk.inc(est.rq_error)
+            if err.stat:
+                blk.inc(getattr(cst, err.stat))
+            if (retry is not None and err.failure and retriable_failure(retry, err.failure)
+                    and (not has_body or (state.done and state.replay is not None))
+                    and _admit_retry(cluster, retry, n, dc.reactor.now)):
+                if dc.upstream is not None:
+                    dc.upstream.abort()
+                    dc.upstream = None
+                return None
+            raise
+        status = resp.status
+        # Known only now: whether the body fitted the retry buffer while it was sent.
+        replayable = not has_body or (state.done and state.replay is not None)
+        if (retry is not None and status >= 400 and retriable_status(retry, status)
+                and replayable and _admit_retry(cluster, retry, n, dc.reactor.now)):
+            blk.inc(est.rq_error)
+            conn.close()  # the response is not relayed: its body is dropped with the connection
+            dc.upstream = None
+            return None
+        ex.upstream_status = status
+        keep = await finish(dc, head, ex, action, conn, resp, ubuf, websocket,
+                            state.done or not has_body)
+        if n > 1 and status < 500:
+            blk.inc(cst.upstream_rq_retry_success)
+        return keep
+    finally:
+        blk.add(cst.upstream_rq_active, -1)
+        blk.add(est.rq_active, -1)
+        cluster.active_requests -= 1
+        if n > 1:
+            cluster.active_retries -= 1
+            blk.add(cst.upstream_rq_retry_active, -1)
+        if status:
+            blk.inc(cst.upstream_rq_1xx + status // 100 - 1)
+            blk.observe(cst.upstream_rq_time, (perf_counter() - started) * 1000.0)
