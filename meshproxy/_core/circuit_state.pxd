@@ -10,3 +10,19 @@ cdef class RetryBudget:
     cpdef void record_request(self, double now)
     cpdef bint allow(self, double now, long active_requests, long active_retries)
     cpdef void record_retry(self, double now)
+
+
+cdef class Breaker:
+    cdef public long max_connections
+    cdef public long max_pending
+    cdef public long max_requests
+    cdef public long max_retries
+    cdef public long requests
+    cdef public long pending
+    cdef public long retries
+    cpdef bint try_request(self)
+    cpdef void end_request(self)
+    cpdef bint connection_room(self, long open_connections)
+    cpdef bint try_pending(self)
+    cpdef void end_pending(self)
+    cpdef bint retry_room(self)

@@ -76,3 +76,46 @@ cdef class RetryBudget:
         if self.window > 0:
             self._advance(now)
             self.retries[self.epoch % BUCKETS] += 1
+
+
+cdef class Breaker:
+    """A cluster's circuit breakers in one worker (Envoy's thresholds, this worker's share).
+
+    Requests in progress are counted here; connections are counted by the endpoints (they
+    outlive a reload's new Breaker), passed in by the caller. Each `try_*` either admits
+    (and counts) or refuses; the caller turns a refusal into 503 UO.
+    """
+
+    def __init__(self, long max_connections, long max_pending, long max_requests,
+                 long max_retries):
+        self.max_connections = max_connections
+        self.max_pending = max_pending
+        self.max_requests = max_requests
+        self.max_retries = max_retries
+        self.requests = 0
+        self.pending = 0
+        self.retries = 0
+
+    cpdef bint try_request(self):
+        if self.requests >= self.max_requests:
+            return False
+        self.requests += 1
+        return True
+
+    cpdef void end_request(self):
+        self.requests -= 1
+
+    cpdef bint connection_room(self, long open_connections):
+        return open_connections < self.max_connections
+
+    cpdef bint try_pending(self):
+        if self.pending >= self.max_pending:
+            return False
+        self.pending += 1
+        return True
+
+    cpdef void end_pending(self):
+        self.pending -= 1
+
+    cpdef bint retry_room(self):
+        return self.retries < self.max_retries

@@ -38,6 +38,7 @@ NO_HEALTHY_UPSTREAM = "UH"         # the cluster has no endpoint to pick: 503
 UPSTREAM_CONNECT_FAILURE = "UF"    # connect refused or timed out: 503
 UPSTREAM_CONNECTION_TERMINATION = "UC"  # upstream closed or reset before/while answering: 503
 UPSTREAM_REQUEST_TIMEOUT = "UT"    # route timeout: 504
+UPSTREAM_OVERFLOW = "UO"           # a circuit breaker refused the request: 503
 UPSTREAM_PROTOCOL_ERROR = "UPE"    # the upstream's response broke HTTP/1.1 framing: 502
 DOWNSTREAM_PROTOCOL_ERROR = "DPE"  # the client's request broke HTTP/1.1: 4xx
 DOWNSTREAM_CONNECTION_TERMINATION = "DC"  # the client went away mid-exchange

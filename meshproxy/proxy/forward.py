@@ -204,6 +204,8 @@ async def attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange, clu
     stale_retry = False
     while True:
         conn = ep.acquire(dc.reactor.now)
+        if conn is None:
+            conn = await _connection_slot(dc, cluster, ep)
         reused = conn is not None
         if conn is None:
             conn = await _connect(dc, ep, cluster.spec.connect_timeout)
@@ -249,6 +251,42 @@ async def attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange, clu
         break
     conn.requests += 1
     return resp, ubuf, conn
+
+
+async def _connection_slot(dc: DownstreamConnection, cluster: Cluster,
+                           ep: Endpoint) -> UpstreamConn | None:
+    """max_connections: None when a new connection may be opened; an idle connection of
+    `ep` when one came free while waiting. At the limit, an idle connection of another
+    endpoint is closed to make room; otherwise the request waits as pending (at most
+    max_pending_requests of them; beyond that 503 UO)."""
+    breaker, cst = cluster.breaker, cluster.stats
+    blk = cst.block
+    if breaker.connection_room(cluster.open_connections()):
+        return None
+    blk.inc(cst.upstream_cx_overflow)
+    for other in cluster.endpoints:
+        if other is not ep and other.idle:
+            other.idle.pop(0).close()  # the oldest idle connection elsewhere gives way
+            return None
+    if not breaker.try_pending():
+        blk.inc(cst.upstream_rq_pending_overflow)
+        raise ProxyError(503, flags.UPSTREAM_OVERFLOW, "upstream",
+                         "upstream overflow: max_pending_requests reached")
+    blk.inc(cst.upstream_rq_pending_total)
+    blk.add(cst.upstream_rq_pending_active, 1)
+    cluster.publish()
+    try:
+        while True:
+            await cluster.freed()
+            conn = ep.acquire(dc.reactor.now)
+            if conn is not None:
+                return conn
+            if breaker.connection_room(cluster.open_connections()):
+                return None
+    finally:
+        breaker.end_pending()
+        blk.add(cst.upstream_rq_pending_active, -1)
+        cluster.publish()
 
 
 async def finish(dc: DownstreamConnection, head: MessageHead, ex: Exchange,

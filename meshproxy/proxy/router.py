@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from meshproxy.proxy.downstream import DownstreamConnection, Exchange
 
 _random = random.random
+OVERLOADED = (b"x-envoy-overloaded", b"true")
 
 
 def choose_cluster(action: ClusterAction) -> str:
@@ -73,17 +74,20 @@ def incoming_deadline(head: MessageHead) -> tuple[float | None, bool]:
 
 
 def _admit_retry(cluster: Cluster, retry: RetrySpec, n: int, now: float) -> bool:
-    """May attempt n+1 start? Counts why not."""
+    """May attempt n+1 start? On yes the retry's slot is reserved at once (so failures that
+    arrive together cannot all pass max_retries); the attempt releases it. Counts why not."""
     cst = cluster.stats
     if n > retry.num_retries:
         cst.block.inc(cst.upstream_rq_retry_limit_exceeded)
         return False
-    budget = cluster.budget
-    if cluster.active_retries >= cluster.max_retries or (
+    budget, breaker = cluster.budget, cluster.breaker
+    if not breaker.retry_room() or (
             budget is not None
-            and not budget.allow(now, cluster.active_requests, cluster.active_retries)):
+            and not budget.allow(now, breaker.requests, breaker.retries)):
         cst.block.inc(cst.upstream_rq_retry_overflow)
         return False
+    breaker.retries += 1
+    cst.block.set(cst.remaining_retries, breaker.max_retries - breaker.retries)
     return True
 
 
@@ -132,7 +136,11 @@ async def forward(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
                 return keep
             assert retry is not None
             tried.append(ep)
-            await trio.sleep(backoff(retry, n, _random()))
+            try:
+                await trio.sleep(backoff(retry, n, _random()))
+            except BaseException:
+                cluster.breaker.retries -= 1  # the reserved retry will not run
+                raise
             ep = cluster.pick_avoiding(tried) or ep
     except ProxyError as err:
         if dc.upstream is not None:
@@ -142,9 +150,10 @@ async def forward(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
         if ex.response_started:
             abort(dc.ch)  # a broken response must never look complete
             return False
+        extra = [OVERLOADED] if err.flag == flags.UPSTREAM_OVERFLOW else None
         return await dc._send_local(ex, head, err.status, err.detail.encode() + b"\n", err.flag,
                                     close=state.started and not state.done,
-                                    body_done=state.done)
+                                    body_done=state.done, extra=extra)
     except trio.Cancelled:
         if dc.phase in (PH_UPSTREAM, PH_RESP_BODY):
             blk.inc(cst.upstream_rq_timeout)  # the route timeout fired (504 UT)
@@ -159,13 +168,19 @@ async def _one_attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange
     another attempt should follow. Raises ProxyError when the request fails."""
     cst, est = cluster.stats, ep.stats
     blk = cst.block
+    breaker = cluster.breaker
+    if not breaker.try_request():
+        if n > 1:
+            breaker.retries -= 1
+        blk.inc(cst.upstream_rq_pending_overflow)
+        raise ProxyError(503, flags.UPSTREAM_OVERFLOW, "upstream",
+                         "upstream overflow: max_requests reached")
+    blk.set(cst.remaining_rq, breaker.max_requests - breaker.requests)
     blk.inc(cst.upstream_rq_total)
     blk.add(cst.upstream_rq_active, 1)
     blk.inc(est.rq_total)
     blk.add(est.rq_active, 1)
-    cluster.active_requests += 1
-    if n > 1:
-        cluster.active_retries += 1
+    if n > 1:  # its retry slot was reserved by _admit_retry
         blk.inc(cst.upstream_rq_retry)
         blk.add(cst.upstream_rq_retry_active, 1)
         if cluster.budget is not None:
@@ -206,9 +221,11 @@ async def _one_attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange
     finally:
         blk.add(cst.upstream_rq_active, -1)
         blk.add(est.rq_active, -1)
-        cluster.active_requests -= 1
+        breaker.end_request()
+        blk.set(cst.remaining_rq, breaker.max_requests - breaker.requests)
         if n > 1:
-            cluster.active_retries -= 1
+            breaker.retries -= 1
+            blk.set(cst.remaining_retries, breaker.max_retries - breaker.retries)
             blk.add(cst.upstream_rq_retry_active, -1)
         if status:
             blk.inc(cst.upstream_rq_1xx + status // 100 - 1)

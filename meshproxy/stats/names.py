@@ -94,6 +94,16 @@ CLUSTER = (
             "upstream connections closed by the origin during a request (UC)"),
     counter("upstream_cx_protocol_error", "upstream responses with broken framing (UPE)"),
     counter("upstream_cx_none_healthy", "requests with no endpoint to pick (UH)"),
+    counter("upstream_cx_overflow", "times max_connections made a request wait or fail"),
+    counter("upstream_rq_pending_total", "requests that waited for a connection slot"),
+    gauge("upstream_rq_pending_active", "requests waiting for a connection slot"),
+    counter("upstream_rq_pending_overflow",
+            "requests refused by max_requests or max_pending_requests (503 UO)"),
+    # Envoy's circuit_breakers.default.remaining_*: capacity left (summed over workers).
+    gauge("remaining_cx", "connections that may still be opened"),
+    gauge("remaining_pending", "requests that may still wait for a connection"),
+    gauge("remaining_rq", "requests that may still start"),
+    gauge("remaining_retries", "retries that may still start"),
     histogram("upstream_rq_time", "upstream request time, request sent to response complete (ms)"),
 )
 

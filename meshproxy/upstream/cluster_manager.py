@@ -6,29 +6,30 @@ of `_core.lb_select`; a cluster with no endpoint answers `pick() -> None` (503 U
 
 from __future__ import annotations
 
-from meshproxy._core.circuit_state import RetryBudget
+import trio
+
+from meshproxy._core.circuit_state import Breaker, RetryBudget
 from meshproxy._core.lb_select import SmoothWeightedRoundRobin
-from meshproxy.config.compile import ClusterSpec
+from meshproxy.config.compile import BreakerSpec, ClusterSpec
 from meshproxy.stats.sink import Sink
 from meshproxy.upstream.conn_pool import Endpoint
 
 
 class Cluster:
-    __slots__ = ("spec", "name", "endpoints", "lb", "stats", "active_requests",
-                 "active_retries", "budget", "max_retries")
+    __slots__ = ("spec", "name", "endpoints", "lb", "stats", "breaker", "budget", "_freed")
 
     def __init__(self, spec: ClusterSpec, sink: Sink,
                  previous: dict[tuple[str, int], Endpoint] | None = None) -> None:
         self.spec = spec
         self.name = spec.name
         self.stats = sink.cluster(spec.name)
-        # Retry admission (this worker's share; see BreakerSpec).
-        self.active_requests = 0
-        self.active_retries = 0
-        b = spec.breakers
-        self.max_retries = b.max_retries if b is not None else 3
+        # Circuit breakers: this worker's share of the pool-wide thresholds (BreakerSpec).
+        b = spec.breakers or BreakerSpec(1024, 1024, 1024, 3, None, 0, 0.0)
+        self.breaker = Breaker(b.max_connections, b.max_pending_requests, b.max_requests,
+                               b.max_retries)
         self.budget = (RetryBudget(b.budget_percent, b.min_retry_concurrency, b.budget_window)
-                       if b is not None and b.budget_percent is not None else None)
+                       if b.budget_percent is not None else None)
+        self._freed: trio.Event | None = None
         self.endpoints = []
         for a, p, w in spec.endpoints:
             old = previous.get((a, p)) if previous else None
@@ -41,8 +42,37 @@ class Cluster:
                 self.endpoints.append(Endpoint(
                     a, p, w, spec.idle_timeout, spec.max_idle_connections,
                     sink.endpoint(spec.name, f"{a}:{p}"), self.stats))
+        for ep in self.endpoints:
+            ep.notify = self._notify
+            ep.changed = self.publish
+        self.publish()
         self.lb = (SmoothWeightedRoundRobin([e.weight for e in self.endpoints])
                    if self.endpoints else None)
+
+    # ------------------------------------------------------------ circuit breakers
+
+    def open_connections(self) -> int:
+        return sum(ep.open for ep in self.endpoints)
+
+    def publish(self) -> None:
+        """Envoy's remaining_* gauges for this worker's share."""
+        b, st = self.breaker, self.stats
+        blk = st.block
+        blk.set(st.remaining_rq, b.max_requests - b.requests)
+        blk.set(st.remaining_pending, b.max_pending - b.pending)
+        blk.set(st.remaining_retries, b.max_retries - b.retries)
+        blk.set(st.remaining_cx, b.max_connections - self.open_connections())
+
+    def _notify(self) -> None:
+        if self._freed is not None:
+            self._freed.set()
+            self._freed = None
+
+    async def freed(self) -> None:
+        """Until a connection of this cluster is released or closed."""
+        if self._freed is None:
+            self._freed = trio.Event()
+        await self._freed.wait()
 
     def pick(self) -> Endpoint | None:
         if self.lb is None:

@@ -16,6 +16,7 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from meshproxy.transport.reactor import Channel
@@ -34,16 +35,22 @@ class UpstreamConn:
         self.idle_since = 0.0
         self.requests = 0
         self.open = True
+        endpoint.open += 1
         cs, es = endpoint.cstats, endpoint.stats
         cs.block.inc(cs.upstream_cx_total)
         cs.block.add(cs.upstream_cx_active, 1)
         es.block.add(es.cx_active, 1)
+        endpoint.changed()
 
     def _closed(self) -> None:
         self.open = False
-        cs, es = self.endpoint.cstats, self.endpoint.stats
+        ep = self.endpoint
+        ep.open -= 1
+        cs, es = ep.cstats, ep.stats
         cs.block.add(cs.upstream_cx_active, -1)
         es.block.add(es.cx_active, -1)
+        ep.changed()
+        ep.notify()  # a connection slot is free
 
     def close(self) -> None:
         if self.open:
@@ -60,7 +67,7 @@ class Endpoint:
     """One upstream host:port of a cluster, with its pool of idle connections."""
 
     __slots__ = ("address", "port", "weight", "label", "idle", "idle_timeout", "max_idle",
-                 "stats", "cstats")
+                 "stats", "cstats", "open", "notify", "changed")
 
     def __init__(self, address: str, port: int, weight: int, idle_timeout: float,
                  max_idle: int, stats: Any, cstats: Any) -> None:
@@ -73,6 +80,11 @@ class Endpoint:
         self.max_idle = max_idle
         self.stats = stats      # endpoint scope (stats.names.ENDPOINT)
         self.cstats = cstats    # its cluster's scope
+        self.open = 0           # connections open (busy or idle), for max_connections
+        # Set by the cluster that owns the endpoint: `notify` wakes requests waiting for a
+        # connection slot; `changed` republishes the remaining_cx gauge.
+        self.notify: Callable[[], None] = _nothing
+        self.changed: Callable[[], None] = _nothing
 
     def acquire(self, now: float) -> UpstreamConn | None:
         """An idle connection young enough to reuse, or None (connect a new one)."""
@@ -90,6 +102,7 @@ class Endpoint:
             return
         conn.idle_since = now
         self.idle.append(conn)
+        self.notify()  # a pending request may take it
 
     def sweep(self, now: float) -> None:
         idle = self.idle
@@ -106,3 +119,7 @@ class Endpoint:
         for conn in self.idle:
             conn.close()
         self.idle.clear()
+
+
+def _nothing() -> None:
+    pass

@@ -220,7 +220,7 @@ def test_retries_max_retries_breaker(origin_factory, tmp_path) -> None:
     assert results == [503] * 6
     retries = stat(p, "cluster.web.upstream_rq_retry")
     assert retries >= 2 and stat(p, "cluster.web.upstream_rq_retry_overflow") >= 6 - retries - 1
-    assert retries <= 4
+    assert retries <= 2  # never more retries at once than max_retries (one worker)
     p.stop()
 
 
