@@ -26,3 +26,17 @@ cdef class Breaker:
     cpdef bint try_pending(self)
     cpdef void end_pending(self)
     cpdef bint retry_room(self)
+
+
+cdef class OutlierState:
+    cdef public long consecutive_5xx
+    cdef public long consecutive_gateway
+    cdef public long successes
+    cdef public long failures
+    cdef public long times_ejected
+    cdef public double ejected_until
+    cdef public bint ejected
+    cpdef int record(self, bint error, bint gateway, long max_5xx, long max_gateway)
+    cpdef void eject(self, double now, double base, double max_time)
+    cpdef bint maybe_return(self, double now)
+    cpdef void end_interval(self)

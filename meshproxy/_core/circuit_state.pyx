@@ -119,3 +119,75 @@ cdef class Breaker:
 
     cpdef bint retry_room(self):
         return self.retries < self.max_retries
+
+
+cdef class OutlierState:
+    """One endpoint's passive health in one worker (Envoy's outlier detection).
+
+    `record` is called with each result from the endpoint: a 5xx or a locally originated
+    failure (connect failure, reset, timeout) counts towards consecutive_5xx; 502, 503,
+    504 and local failures towards consecutive_gateway_failure; any other result resets
+    both. It returns which rule, if any, asks for an ejection now; the detector decides
+    (max_ejection_percent, enforcing_*). Interval counts feed success-rate and
+    failure-percentage ejection.
+
+    An ejection lasts base_ejection_time x times ejected, capped at max_ejection_time
+    (Envoy's); an endpoint that stays healthy through an interval after coming back has its
+    ejection count decremented, so a flapping endpoint is ejected for longer each time.
+    """
+
+    def __init__(self):
+        self.consecutive_5xx = 0
+        self.consecutive_gateway = 0
+        self.successes = 0
+        self.failures = 0
+        self.times_ejected = 0
+        self.ejected_until = 0.0
+        self.ejected = False
+
+    cpdef int record(self, bint error, bint gateway, long max_5xx, long max_gateway):
+        """0: nothing; 1: consecutive_5xx reached; 2: consecutive_gateway_failure reached."""
+        if not error:
+            self.consecutive_5xx = 0
+            self.consecutive_gateway = 0
+            self.successes += 1
+            return 0
+        self.failures += 1
+        self.consecutive_5xx += 1
+        if gateway:
+            self.consecutive_gateway += 1
+        else:
+            self.consecutive_gateway = 0
+        if self.ejected:
+            return 0
+        if max_5xx > 0 and self.consecutive_5xx >= max_5xx:
+            return 1
+        if max_gateway > 0 and self.consecutive_gateway >= max_gateway:
+            return 2
+        return 0
+
+    cpdef void eject(self, double now, double base, double max_time):
+        cdef double duration
+        self.times_ejected += 1
+        duration = base * self.times_ejected
+        if duration > max_time:
+            duration = max_time
+        self.ejected_until = now + duration
+        self.ejected = True
+        self.consecutive_5xx = 0
+        self.consecutive_gateway = 0
+
+    cpdef bint maybe_return(self, double now):
+        """Bring an ejected endpoint back once its time is up; True when it came back."""
+        if self.ejected and now >= self.ejected_until:
+            self.ejected = False
+            return True
+        return False
+
+    cpdef void end_interval(self):
+        """Interval boundary: forget the interval's counts; a healthy endpoint that was
+        ejected before slowly earns back a shorter next ejection."""
+        if not self.ejected and self.times_ejected > 0 and self.failures == 0:
+            self.times_ejected -= 1
+        self.successes = 0
+        self.failures = 0

@@ -180,9 +180,10 @@ class AdminServer:
                 label = f"{e.address}:{e.port}"
                 st = endpoint_stats(sup.segment, sup.slots, self._live_slabs(),
                                     endpoint_key(c.name, label))
-                # Health checking arrives with the resilience work; until then an endpoint
-                # in the config is healthy.
-                eps.append({"address": label, "weight": e.weight, "health": "healthy",
+                ejected = st.get("ejected", 0)  # workers whose outlier detection ejected it
+                eps.append({"address": label, "weight": e.weight,
+                            "health": "failed_outlier_check" if ejected else "healthy",
+                            "ejected_workers": ejected,
                             "rq_active": st.get("rq_active", 0),
                             "rq_total": st.get("rq_total", 0),
                             "rq_error": st.get("rq_error", 0),
@@ -193,8 +194,8 @@ class AdminServer:
         lines = []
         for entry in out:
             for e in entry["endpoints"]:  # type: ignore[attr-defined]
-                for key in ("weight", "health", "rq_active", "rq_total", "rq_error",
-                            "cx_active"):
+                for key in ("weight", "health", "ejected_workers", "rq_active", "rq_total",
+                            "rq_error", "cx_active"):
                     lines.append(f"{entry['name']}::{e['address']}::{key}::{e[key]}")
         return 200, TEXT, ("\n".join(lines) + "\n").encode()
 

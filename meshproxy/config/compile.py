@@ -60,6 +60,26 @@ class BreakerSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class OutlierSpec:
+    consecutive_5xx: int
+    consecutive_gateway: int
+    enforcing_5xx: float          # 0..1
+    enforcing_gateway: float
+    interval: float
+    base_ejection_time: float
+    max_ejection_time: float
+    max_ejection_percent: float   # 0..100
+    enforcing_success_rate: float
+    sr_minimum_hosts: int
+    sr_request_volume: int
+    sr_stdev_factor: float        # e.g. 1.9
+    fp_threshold: float           # 0..100
+    enforcing_failure_percentage: float
+    fp_minimum_hosts: int
+    fp_request_volume: int
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterAction:
     """Forward upstream. `clusters` holds (name, cumulative weight); one entry unless
     weighted_clusters, where a request goes to the first whose cumulative weight exceeds a
@@ -104,6 +124,8 @@ class ClusterSpec:
     idle_timeout: float
     max_idle_connections: int
     breakers: BreakerSpec | None = None
+    outlier: OutlierSpec | None = None
+    panic_threshold: float = 50.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +277,19 @@ def _breakers(cb: schema.CircuitBreakers, workers: int) -> BreakerSpec:
                        parse_duration(budget.window) if budget and budget.window else 0.0)
 
 
+def _outlier(od: schema.OutlierDetection | None) -> OutlierSpec | None:
+    if od is None:
+        return None
+    return OutlierSpec(
+        od.consecutive_5xx, od.consecutive_gateway_failure, od.enforcing_consecutive_5xx / 100,
+        od.enforcing_consecutive_gateway_failure / 100, parse_duration(od.interval),
+        parse_duration(od.base_ejection_time), parse_duration(od.max_ejection_time),
+        od.max_ejection_percent, od.enforcing_success_rate / 100, od.success_rate_minimum_hosts,
+        od.success_rate_request_volume, od.success_rate_stdev_factor / 1000,
+        od.failure_percentage_threshold, od.enforcing_failure_percentage / 100,
+        od.failure_percentage_minimum_hosts, od.failure_percentage_request_volume)
+
+
 def _route(vh: schema.VirtualHost, r: schema.Route) -> Route:
     m = r.match
     kind: PathKind
@@ -300,7 +335,8 @@ def compile_config(config: schema.Config, version: int = 1,
         c.name: ClusterSpec(
             c.name, tuple((e.address, e.port, e.weight) for e in c.endpoints),
             parse_duration(c.connect_timeout), parse_duration(c.idle_timeout),
-            c.max_idle_connections, _breakers(c.circuit_breakers, max(1, workers)))
+            c.max_idle_connections, _breakers(c.circuit_breakers, max(1, workers)),
+            _outlier(c.outlier_detection), c.healthy_panic_threshold)
         for c in config.clusters
     }
     return Snapshot(version, config, tuple(listeners), clusters, _tracing(config.tracing))

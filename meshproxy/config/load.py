@@ -253,6 +253,10 @@ def check(config: schema.Config) -> list[str]:
         clusters.add(c.name)
         _check_duration(c.connect_timeout, f"{p}.connect_timeout", errors)
         _check_duration(c.idle_timeout, f"{p}.idle_timeout", errors)
+        od = c.outlier_detection
+        if od is not None:
+            for fname in ("interval", "base_ejection_time", "max_ejection_time"):
+                _check_duration(getattr(od, fname), f"{p}.outlier_detection.{fname}", errors)
         budget = c.circuit_breakers.retry_budget
         if budget is not None and budget.window is not None:
             _check_duration(budget.window, f"{p}.circuit_breakers.retry_budget.window", errors)

@@ -68,6 +68,30 @@ class CircuitBreakers(Base, frozen=True):
     retry_budget: RetryBudget | None = None
 
 
+Percent = Annotated[float, Meta(ge=0, le=100)]
+
+
+class OutlierDetection(Base, frozen=True):
+    """Envoy's passive health checking, names and defaults. 0 disables a rule."""
+
+    consecutive_5xx: Annotated[int, Meta(ge=0)] = 5
+    consecutive_gateway_failure: Annotated[int, Meta(ge=0)] = 5
+    enforcing_consecutive_5xx: Percent = 100
+    enforcing_consecutive_gateway_failure: Percent = 0
+    interval: Duration = "10s"
+    base_ejection_time: Duration = "30s"
+    max_ejection_time: Duration = "300s"
+    max_ejection_percent: Percent = 10
+    enforcing_success_rate: Percent = 100
+    success_rate_minimum_hosts: Annotated[int, Meta(ge=1)] = 5
+    success_rate_request_volume: Annotated[int, Meta(ge=1)] = 100
+    success_rate_stdev_factor: Annotated[int, Meta(ge=0)] = 1900  # in thousandths: 1.9
+    failure_percentage_threshold: Percent = 85
+    enforcing_failure_percentage: Percent = 0
+    failure_percentage_minimum_hosts: Annotated[int, Meta(ge=1)] = 5
+    failure_percentage_request_volume: Annotated[int, Meta(ge=1)] = 50
+
+
 class Cluster(Base, frozen=True):
     name: NonEmptyStr
     endpoints: list[Endpoint]
@@ -80,6 +104,10 @@ class Cluster(Base, frozen=True):
     # Idle connections kept per endpoint per worker; more are closed on release.
     max_idle_connections: Annotated[int, Meta(ge=0, le=100_000)] = 64
     circuit_breakers: CircuitBreakers = CircuitBreakers()
+    outlier_detection: OutlierDetection | None = None
+    # Below this share of healthy endpoints the balancer uses all of them (Envoy's
+    # healthy_panic_threshold): better some errors than overloading the few left.
+    healthy_panic_threshold: Percent = 50
 
 
 class QueryParameterMatch(Base, frozen=True):

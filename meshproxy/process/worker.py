@@ -86,10 +86,13 @@ class Worker:
                 logger.close()
 
     async def _sweep(self) -> None:
+        """Once a second: close expired idle connections, run due outlier intervals."""
         while True:
             await trio.sleep(1.0)
             if self.clusters is not None:
-                self.clusters.sweep(self.reactor.now)
+                now = trio.current_time()
+                self.clusters.sweep(now)
+                self.clusters.outlier_tick(now)
 
     def apply(self, snapshot: Snapshot) -> list[tuple[str, str, int]]:
         """Adopt a snapshot (see the module docstring). Returns the bound listeners."""

@@ -87,7 +87,7 @@ def _admit_retry(cluster: Cluster, retry: RetrySpec, n: int, now: float) -> bool
         cst.block.inc(cst.upstream_rq_retry_overflow)
         return False
     breaker.retries += 1
-    cst.block.set(cst.remaining_retries, breaker.max_retries - breaker.retries)
+    cluster.publish_retries()
     return True
 
 
@@ -109,7 +109,7 @@ async def forward(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
                                         flags.UPSTREAM_REQUEST_TIMEOUT)
         if not timeout or left < timeout:
             timeout = left
-    ep = cluster.pick()
+    ep = cluster.pick(dc.reactor.now)
     if ep is None:
         blk.inc(cst.upstream_cx_none_healthy)
         return await dc._send_local(ex, head, 503, b"no healthy upstream\n",
@@ -141,7 +141,7 @@ async def forward(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
             except BaseException:
                 cluster.breaker.retries -= 1  # the reserved retry will not run
                 raise
-            ep = cluster.pick_avoiding(tried) or ep
+            ep = cluster.pick(dc.reactor.now, tried) or ep
     except ProxyError as err:
         if dc.upstream is not None:
             dc.upstream.abort()
@@ -175,7 +175,7 @@ async def _one_attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange
         blk.inc(cst.upstream_rq_pending_overflow)
         raise ProxyError(503, flags.UPSTREAM_OVERFLOW, "upstream",
                          "upstream overflow: max_requests reached")
-    blk.set(cst.remaining_rq, breaker.max_requests - breaker.requests)
+    cluster.publish_requests()
     blk.inc(cst.upstream_rq_total)
     blk.add(cst.upstream_rq_active, 1)
     blk.inc(est.rq_total)
@@ -195,6 +195,8 @@ async def _one_attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange
             blk.inc(est.rq_error)
             if err.stat:
                 blk.inc(getattr(cst, err.stat))
+            if cluster.outlier is not None and err.failure:
+                cluster.outlier.on_result(ep, 0, True, dc.reactor.now)
             if (retry is not None and err.failure and retriable_failure(retry, err.failure)
                     and (not has_body or (state.done and state.replay is not None))
                     and _admit_retry(cluster, retry, n, dc.reactor.now)):
@@ -204,6 +206,8 @@ async def _one_attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange
                 return None
             raise
         status = resp.status
+        if cluster.outlier is not None:
+            cluster.outlier.on_result(ep, status, False, dc.reactor.now)
         # Known only now: whether the body fitted the retry buffer while it was sent.
         replayable = not has_body or (state.done and state.replay is not None)
         if (retry is not None and status >= 400 and retriable_status(retry, status)
@@ -222,10 +226,10 @@ async def _one_attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange
         blk.add(cst.upstream_rq_active, -1)
         blk.add(est.rq_active, -1)
         breaker.end_request()
-        blk.set(cst.remaining_rq, breaker.max_requests - breaker.requests)
+        cluster.publish_requests()
         if n > 1:
             breaker.retries -= 1
-            blk.set(cst.remaining_retries, breaker.max_retries - breaker.retries)
+            cluster.publish_retries()
             blk.add(cst.upstream_rq_retry_active, -1)
         if status:
             blk.inc(cst.upstream_rq_1xx + status // 100 - 1)

@@ -99,11 +99,25 @@ CLUSTER = (
     gauge("upstream_rq_pending_active", "requests waiting for a connection slot"),
     counter("upstream_rq_pending_overflow",
             "requests refused by max_requests or max_pending_requests (503 UO)"),
-    # Envoy's circuit_breakers.default.remaining_*: capacity left (summed over workers).
-    gauge("remaining_cx", "connections that may still be opened"),
-    gauge("remaining_pending", "requests that may still wait for a connection"),
-    gauge("remaining_rq", "requests that may still start"),
-    gauge("remaining_retries", "retries that may still start"),
+    # Capacity left, summed over workers (Envoy's names).
+    gauge("circuit_breakers.default.remaining_cx", "connections that may still be opened"),
+    gauge("circuit_breakers.default.remaining_pending",
+          "requests that may still wait for a connection"),
+    gauge("circuit_breakers.default.remaining_rq", "requests that may still start"),
+    gauge("circuit_breakers.default.remaining_retries", "retries that may still start"),
+    counter("outlier_detection.ejections_enforced_total", "ejections enforced"),
+    gauge("outlier_detection.ejections_active", "endpoints ejected now"),
+    counter("outlier_detection.ejections_enforced_consecutive_5xx",
+            "ejections for consecutive 5xx"),
+    counter("outlier_detection.ejections_enforced_consecutive_gateway_failure",
+            "ejections for consecutive gateway failures"),
+    counter("outlier_detection.ejections_enforced_success_rate",
+            "ejections for a success rate far below the others'"),
+    counter("outlier_detection.ejections_enforced_failure_percentage",
+            "ejections for a failure percentage above the threshold"),
+    counter("outlier_detection.ejections_overflow",
+            "ejections not enforced because of max_ejection_percent"),
+    counter("lb_healthy_panic", "picks made among all endpoints because too few were healthy"),
     histogram("upstream_rq_time", "upstream request time, request sent to response complete (ms)"),
 )
 
@@ -112,6 +126,7 @@ ENDPOINT = (
     gauge("rq_active", "requests in progress on this endpoint"),
     counter("rq_error", "requests that failed on this endpoint (5xx or reset)"),
     gauge("cx_active", "connections open to this endpoint"),
+    gauge("ejected", "1 while the worker's outlier detection has ejected this endpoint"),
 )
 
 WORKER = (

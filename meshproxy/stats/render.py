@@ -37,8 +37,8 @@ def _scope_samples(seg: Segment, scope: Scope, slot: int, slabs: list[int], dott
     nb = len(BUCKETS) + 1
     for st in scope.stats:
         at = scope.offsets[st.name]
-        s = Sample(f"{dotted}.{st.name}", st.kind, f"{PROM_PREFIX}{scope.prefix}_{st.name}",
-                   labels)
+        s = Sample(f"{dotted}.{st.name}", st.kind,
+                   f"{PROM_PREFIX}{scope.prefix}_{st.name.replace('.', '_')}", labels)
         if st.kind is Kind.HISTOGRAM:
             s.buckets = cells[at:at + nb]
             s.sum_us = cells[at + nb]
@@ -149,7 +149,7 @@ def render_prometheus(samples: list[Sample]) -> str:
     families: dict[str, list[Sample]] = {}
     for s in samples:
         families.setdefault(s.prom, []).append(s)
-    helps = {f"{PROM_PREFIX}{scope.prefix}_{st.name}": st.help
+    helps = {f"{PROM_PREFIX}{scope.prefix}_{st.name.replace('.', '_')}": st.help
              for scope in Scope for st in scope.stats}
     for scope_stat in Scope.WORKER.stats:
         helps[f"{PROM_PREFIX}server_worker_{scope_stat.name}"] = scope_stat.help

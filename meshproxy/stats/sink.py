@@ -22,9 +22,15 @@ class ScopeStats:
     __slots__ = ("block",)
 
 
+def attr(name: str) -> str:
+    """The attribute of a stat: Envoy's dotted names (outlier_detection.ejections_active)
+    become outlier_detection_ejections_active."""
+    return name.replace(".", "_")
+
+
 _CLASSES: dict[Scope, type] = {
     scope: type(f"{scope.name.title()}Stats", (ScopeStats,),
-                {"__slots__": tuple(st.name for st in scope.stats)})
+                {"__slots__": tuple(attr(st.name) for st in scope.stats)})
     for scope in Scope
 }
 
@@ -50,7 +56,7 @@ class Sink:
         obj.block = self.block
         first = self.layout.first(scope, slot)
         for st in scope.stats:
-            setattr(obj, st.name, first + scope.offsets[st.name])
+            setattr(obj, attr(st.name), first + scope.offsets[st.name])
         return obj
 
     def _slot(self, table: dict[str, int], name: str, limit: int) -> int:

@@ -13,10 +13,12 @@ from meshproxy._core.lb_select import SmoothWeightedRoundRobin
 from meshproxy.config.compile import BreakerSpec, ClusterSpec
 from meshproxy.stats.sink import Sink
 from meshproxy.upstream.conn_pool import Endpoint
+from meshproxy.upstream.outlier import OutlierDetector
 
 
 class Cluster:
-    __slots__ = ("spec", "name", "endpoints", "lb", "stats", "breaker", "budget", "_freed")
+    __slots__ = ("spec", "name", "endpoints", "lb", "stats", "breaker", "budget", "_freed",
+                 "outlier")
 
     def __init__(self, spec: ClusterSpec, sink: Sink,
                  previous: dict[tuple[str, int], Endpoint] | None = None) -> None:
@@ -45,7 +47,9 @@ class Cluster:
         for ep in self.endpoints:
             ep.notify = self._notify
             ep.changed = self.publish
+        self.outlier = OutlierDetector(spec.outlier, self) if spec.outlier is not None else None
         self.publish()
+        self.publish_ejections()
         self.lb = (SmoothWeightedRoundRobin([e.weight for e in self.endpoints])
                    if self.endpoints else None)
 
@@ -55,13 +59,21 @@ class Cluster:
         return sum(ep.open for ep in self.endpoints)
 
     def publish(self) -> None:
-        """Envoy's remaining_* gauges for this worker's share."""
+        """Envoy's circuit_breakers.default.remaining_* gauges, this worker's share."""
         b, st = self.breaker, self.stats
-        blk = st.block
-        blk.set(st.remaining_rq, b.max_requests - b.requests)
-        blk.set(st.remaining_pending, b.max_pending - b.pending)
-        blk.set(st.remaining_retries, b.max_retries - b.retries)
-        blk.set(st.remaining_cx, b.max_connections - self.open_connections())
+        self.publish_requests()
+        self.publish_retries()
+        st.block.set(st.circuit_breakers_default_remaining_pending, b.max_pending - b.pending)
+        st.block.set(st.circuit_breakers_default_remaining_cx,
+                     b.max_connections - self.open_connections())
+
+    def publish_requests(self) -> None:
+        b, st = self.breaker, self.stats
+        st.block.set(st.circuit_breakers_default_remaining_rq, b.max_requests - b.requests)
+
+    def publish_retries(self) -> None:
+        b, st = self.breaker, self.stats
+        st.block.set(st.circuit_breakers_default_remaining_retries, b.max_retries - b.retries)
 
     def _notify(self) -> None:
         if self._freed is not None:
@@ -74,21 +86,44 @@ class Cluster:
             self._freed = trio.Event()
         await self._freed.wait()
 
-    def pick(self) -> Endpoint | None:
-        if self.lb is None:
-            return None
-        return self.endpoints[self.lb.pick()]
+    def publish_ejections(self) -> None:
+        st = self.stats
+        st.block.set(st.outlier_detection_ejections_active,
+                     sum(1 for e in self.endpoints if e.outlier.ejected))
 
-    def pick_avoiding(self, tried: list[Endpoint]) -> Endpoint | None:
-        """A pick outside `tried` when the balancer offers one within a few tries (Envoy's
-        previous_hosts predicate with host_selection_retry_max_attempts 3); else any."""
-        if self.lb is None:
+    def _usable(self, ep: Endpoint, now: float) -> bool:
+        o = ep.outlier
+        if not o.ejected:
+            return True
+        if o.maybe_return(now):  # its ejection time is over
+            ep.stats.block.set(ep.stats.ejected, 0)
+            self.publish_ejections()
+            return True
+        return False
+
+    def pick(self, now: float = 0.0, tried: list[Endpoint] | None = None) -> Endpoint | None:
+        """The balancer's pick among usable endpoints (not ejected; with `tried`, not
+        tried before when another exists: Envoy's previous_hosts predicate with
+        host_selection_retry_max_attempts 3). Below healthy_panic_threshold every endpoint
+        is usable again (Envoy's panic mode)."""
+        lb = self.lb
+        if lb is None:
             return None
-        ep = self.endpoints[self.lb.pick()]
-        for _ in range(3):
-            if ep not in tried:
-                break
-            ep = self.endpoints[self.lb.pick()]
+        eps = self.endpoints
+        ep = eps[lb.pick()]
+        if self._usable(ep, now) and (tried is None or ep not in tried):
+            return ep
+        healthy = sum(1 for e in eps if self._usable(e, now))
+        if healthy * 100 < self.spec.panic_threshold * len(eps):
+            st = self.stats
+            st.block.inc(st.lb_healthy_panic)
+            usable = None
+        else:
+            usable = True
+        for _ in range(max(3, len(eps))):
+            if (usable is None or self._usable(ep, now)) and (tried is None or ep not in tried):
+                return ep
+            ep = eps[lb.pick()]
         return ep
 
 
@@ -114,6 +149,11 @@ class ClusterManager:
 
     def get(self, name: str) -> Cluster | None:
         return self.clusters.get(name)
+
+    def outlier_tick(self, now: float) -> None:
+        for cluster in self.clusters.values():
+            if cluster.outlier is not None:
+                cluster.outlier.tick(now)
 
     def sweep(self, now: float) -> None:
         """Close idle connections past their idle timeout (the worker calls this every

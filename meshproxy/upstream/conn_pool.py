@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from meshproxy._core.circuit_state import OutlierState
 from meshproxy.transport.reactor import Channel
 from meshproxy.transport.sockio import abort, close
 
@@ -67,7 +68,7 @@ class Endpoint:
     """One upstream host:port of a cluster, with its pool of idle connections."""
 
     __slots__ = ("address", "port", "weight", "label", "idle", "idle_timeout", "max_idle",
-                 "stats", "cstats", "open", "notify", "changed")
+                 "stats", "cstats", "open", "notify", "changed", "outlier")
 
     def __init__(self, address: str, port: int, weight: int, idle_timeout: float,
                  max_idle: int, stats: Any, cstats: Any) -> None:
@@ -81,6 +82,7 @@ class Endpoint:
         self.stats = stats      # endpoint scope (stats.names.ENDPOINT)
         self.cstats = cstats    # its cluster's scope
         self.open = 0           # connections open (busy or idle), for max_connections
+        self.outlier = OutlierState()  # passive health, kept across reloads
         # Set by the cluster that owns the endpoint: `notify` wakes requests waiting for a
         # connection slot; `changed` republishes the remaining_cx gauge.
         self.notify: Callable[[], None] = _nothing

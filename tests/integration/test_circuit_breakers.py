@@ -81,18 +81,18 @@ def test_circuit_breakers_remaining_gauges(origin_factory, tmp_path) -> None:
     p = start(tmp_path, [o.port], None,
               breakers={"max_connections": 5, "max_pending_requests": 7, "max_requests": 9,
                         "max_retries": 4})
-    assert stat(p, "cluster.web.remaining_rq") == 9
-    assert stat(p, "cluster.web.remaining_pending") == 7
-    assert stat(p, "cluster.web.remaining_retries") == 4
-    assert stat(p, "cluster.web.remaining_cx") == 5
+    assert stat(p, "cluster.web.circuit_breakers.default.remaining_rq") == 9
+    assert stat(p, "cluster.web.circuit_breakers.default.remaining_pending") == 7
+    assert stat(p, "cluster.web.circuit_breakers.default.remaining_retries") == 4
+    assert stat(p, "cluster.web.circuit_breakers.default.remaining_cx") == 5
     t = threading.Thread(target=burst, args=(p, 2))
     t.start()
     time.sleep(0.25)  # both requests in flight, on two connections
-    assert stat(p, "cluster.web.remaining_rq") == 7
-    assert stat(p, "cluster.web.remaining_cx") == 3
+    assert stat(p, "cluster.web.circuit_breakers.default.remaining_rq") == 7
+    assert stat(p, "cluster.web.circuit_breakers.default.remaining_cx") == 3
     t.join()
-    assert stat(p, "cluster.web.remaining_rq") == 9
+    assert stat(p, "cluster.web.circuit_breakers.default.remaining_rq") == 9
     text = admin(p, "/stats/prometheus")[1].decode()
-    assert 'meshproxy_cluster_remaining_cx{cluster_name="web"} 3' in text  # pooled, idle
+    assert 'meshproxy_cluster_circuit_breakers_default_remaining_cx{cluster_name="web"} 3' in text  # pooled, idle
     assert json.loads(admin(p, "/stats?format=json")[1])
     p.stop()
