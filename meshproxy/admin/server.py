@@ -181,8 +181,9 @@ class AdminServer:
                 st = endpoint_stats(sup.segment, sup.slots, self._live_slabs(),
                                     endpoint_key(c.name, label))
                 ejected = st.get("ejected", 0)  # workers whose outlier detection ejected it
-                eps.append({"address": label, "weight": e.weight,
-                            "health": "failed_outlier_check" if ejected else "healthy",
+                health = ("failed_active_hc" if st.get("hc_failed", 0)
+                          else "failed_outlier_check" if ejected else "healthy")
+                eps.append({"address": label, "weight": e.weight, "health": health,
                             "ejected_workers": ejected,
                             "rq_active": st.get("rq_active", 0),
                             "rq_total": st.get("rq_total", 0),

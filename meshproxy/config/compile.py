@@ -126,6 +126,7 @@ class ClusterSpec:
     breakers: BreakerSpec | None = None
     outlier: OutlierSpec | None = None
     panic_threshold: float = 50.0
+    health_checked: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,7 +337,8 @@ def compile_config(config: schema.Config, version: int = 1,
             c.name, tuple((e.address, e.port, e.weight) for e in c.endpoints),
             parse_duration(c.connect_timeout), parse_duration(c.idle_timeout),
             c.max_idle_connections, _breakers(c.circuit_breakers, max(1, workers)),
-            _outlier(c.outlier_detection), c.healthy_panic_threshold)
+            _outlier(c.outlier_detection), c.healthy_panic_threshold,
+            c.health_check is not None)
         for c in config.clusters
     }
     return Snapshot(version, config, tuple(listeners), clusters, _tracing(config.tracing))

@@ -253,6 +253,10 @@ def check(config: schema.Config) -> list[str]:
         clusters.add(c.name)
         _check_duration(c.connect_timeout, f"{p}.connect_timeout", errors)
         _check_duration(c.idle_timeout, f"{p}.idle_timeout", errors)
+        if c.health_check is not None:
+            for fname in ("interval", "timeout", "interval_jitter"):
+                _check_duration(getattr(c.health_check, fname), f"{p}.health_check.{fname}",
+                                errors)
         od = c.outlier_detection
         if od is not None:
             for fname in ("interval", "base_ejection_time", "max_ejection_time"):

@@ -92,6 +92,21 @@ class OutlierDetection(Base, frozen=True):
     failure_percentage_request_volume: Annotated[int, Meta(ge=1)] = 50
 
 
+class HealthCheck(Base, frozen=True):
+    """Active health checking, run once per proxy by the supervisor (Envoy's fields)."""
+
+    type: Literal["http", "tcp"] = "http"
+    path: str = "/healthz"           # http: the request target
+    host: str | None = None          # http: Host header (default: the cluster name)
+    expected_statuses: list[Annotated[int, Meta(ge=100, le=599)]] = msgspec.field(
+        default_factory=lambda: [200])
+    interval: Duration = "5s"
+    timeout: Duration = "1s"
+    interval_jitter: Duration = "0s"  # a random extra wait up to this, per check
+    healthy_threshold: Annotated[int, Meta(ge=1)] = 2
+    unhealthy_threshold: Annotated[int, Meta(ge=1)] = 3
+
+
 class Cluster(Base, frozen=True):
     name: NonEmptyStr
     endpoints: list[Endpoint]
@@ -105,6 +120,7 @@ class Cluster(Base, frozen=True):
     max_idle_connections: Annotated[int, Meta(ge=0, le=100_000)] = 64
     circuit_breakers: CircuitBreakers = CircuitBreakers()
     outlier_detection: OutlierDetection | None = None
+    health_check: HealthCheck | None = None
     # Below this share of healthy endpoints the balancer uses all of them (Envoy's
     # healthy_panic_threshold): better some errors than overloading the few left.
     healthy_panic_threshold: Percent = 50

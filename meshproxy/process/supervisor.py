@@ -40,6 +40,7 @@ from meshproxy.process.messages import DrainMsg, SnapshotMsg, encode
 from meshproxy.stats.names import Scope, offset
 from meshproxy.stats.shared_memory import Capacity, Layout, Segment, Slots
 from meshproxy.stats.sink import endpoint_key
+from meshproxy.upstream.health_check import HealthChecker
 
 log = logging.getLogger("meshproxy.supervisor")
 
@@ -94,6 +95,8 @@ class Supervisor:
         self.stopping = False
         self.admin_bound: tuple[str, int] | None = None
         self._stop = trio.Event()
+        self.health = HealthChecker(self.segment, self.slots)
+        self._nursery: trio.Nursery | None = None
         errors = self._prepare(config)
         if errors:
             raise ConfigError(errors, str(config_path))
@@ -177,6 +180,8 @@ class Supervisor:
         log.info("adopted config version %d from %s", self.version, self.config_path)
         for w in self.workers:
             await self._send(w)
+        if self._nursery is not None:
+            self.health.apply(self.config, self._nursery)
         return self.version, []
 
     def _log_refused(self, errors: list[str]) -> None:
@@ -312,6 +317,8 @@ class Supervisor:
                     await self._start(w)
                 nursery.start_soon(self._monitor)
                 nursery.start_soon(self._signals, sigs)
+                self._nursery = nursery
+                self.health.apply(self.config, nursery)
                 with trio.move_on_after(30):
                     while not all(w.state == "serving" for w in self.workers):
                         await trio.sleep(0.02)

@@ -118,6 +118,10 @@ CLUSTER = (
     counter("outlier_detection.ejections_overflow",
             "ejections not enforced because of max_ejection_percent"),
     counter("lb_healthy_panic", "picks made among all endpoints because too few were healthy"),
+    counter("health_check.attempt", "active health checks made"),
+    counter("health_check.success", "active health checks passed"),
+    counter("health_check.failure", "active health checks failed"),
+    gauge("health_check.healthy", "endpoints the active health check finds healthy"),
     histogram("upstream_rq_time", "upstream request time, request sent to response complete (ms)"),
 )
 
@@ -127,6 +131,8 @@ ENDPOINT = (
     counter("rq_error", "requests that failed on this endpoint (5xx or reset)"),
     gauge("cx_active", "connections open to this endpoint"),
     gauge("ejected", "1 while the worker's outlier detection has ejected this endpoint"),
+    # Written by the supervisor only (in its own slab), read by every worker.
+    gauge("hc_failed", "1 while the active health check finds this endpoint unhealthy"),
 )
 
 WORKER = (

@@ -87,6 +87,14 @@ class Sink:
         return self._bind(Scope.CLUSTER, self._slot(self.slots.clusters, name,
                                                     self.layout.cap.clusters))
 
+    def health_cell(self, cluster: str, label: str) -> tuple[StatsBlock, int]:
+        """(block, cell) of an endpoint's hc_failed, in the supervisor's slab."""
+        slot = self._slot(self.slots.endpoints, endpoint_key(cluster, label),
+                          self.layout.cap.endpoints)
+        seg = self.segment
+        return (seg.block(seg.retired),
+                self.layout.first(Scope.ENDPOINT, slot) + Scope.ENDPOINT.offsets["hc_failed"])
+
     def endpoint(self, cluster: str, label: str) -> Any:
         return self._bind(Scope.ENDPOINT, self._slot(self.slots.endpoints,
                                                      endpoint_key(cluster, label),

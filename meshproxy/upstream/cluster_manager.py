@@ -47,6 +47,7 @@ class Cluster:
         for ep in self.endpoints:
             ep.notify = self._notify
             ep.changed = self.publish
+            ep.hc = sink.health_cell(spec.name, ep.label) if spec.health_checked else None
         self.outlier = OutlierDetector(spec.outlier, self) if spec.outlier is not None else None
         self.publish()
         self.publish_ejections()
@@ -92,6 +93,9 @@ class Cluster:
                      sum(1 for e in self.endpoints if e.outlier.ejected))
 
     def _usable(self, ep: Endpoint, now: float) -> bool:
+        hc = ep.hc
+        if hc is not None and hc[0].get(hc[1]):
+            return False  # the supervisor's active health check failed it
         o = ep.outlier
         if not o.ejected:
             return True

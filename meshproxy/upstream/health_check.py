@@ -1,0 +1,150 @@
+"""Active health checking, run once per proxy by the supervisor (never once per worker).
+
+Each endpoint of a cluster with a `health_check` is probed every `interval` (plus a random
+jitter up to `interval_jitter`): a TCP connect, or an HTTP/1.1 GET of `path` whose status
+must be in `expected_statuses`, all within `timeout`. `unhealthy_threshold` failures in a
+row mark it unhealthy, `healthy_threshold` successes in a row healthy again; an answer
+carrying `x-envoy-immediate-health-check-fail` marks it unhealthy at once (Envoy's way for
+a server to leave before it stops). Endpoints start healthy, so traffic flows from the
+first moment and a failing endpoint is taken out after unhealthy_threshold x interval.
+
+Results go to the `hc_failed` cell of each endpoint in the supervisor's own slab of the
+stats segment, the one slab only the supervisor writes; every worker reads that cell when
+its balancer picks. State is kept by endpoint across reloads.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import h11
+import trio
+
+from meshproxy.config import schema
+from meshproxy.config.durations import parse_duration
+from meshproxy.stats.names import Scope, offset
+from meshproxy.stats.shared_memory import Segment, Slots
+from meshproxy.stats.sink import endpoint_key
+from meshproxy.transport.h11_io import next_event
+
+log = logging.getLogger("meshproxy.health_check")
+
+IMMEDIATE_FAIL = b"x-envoy-immediate-health-check-fail"
+
+
+class _State:
+    __slots__ = ("healthy", "successes", "failures")
+
+    def __init__(self) -> None:
+        self.healthy = True
+        self.successes = 0
+        self.failures = 0
+
+
+class HealthChecker:
+    def __init__(self, segment: Segment, slots: Slots) -> None:
+        self.segment = segment
+        self.slots = slots
+        self.block = segment.block(segment.retired)
+        self.states: dict[str, _State] = {}
+        self._scope: trio.CancelScope | None = None
+
+    def apply(self, config: schema.Config, nursery: trio.Nursery) -> None:
+        """Probe the endpoints of `config` (stopping the probes of the previous one)."""
+        if self._scope is not None:
+            self._scope.cancel()
+        scope = self._scope = trio.CancelScope()
+        probes = [(c, c.health_check, e) for c in config.clusters if c.health_check
+                  for e in c.endpoints]
+        wanted = {endpoint_key(c.name, f"{e.address}:{e.port}") for c, _, e in probes}
+        for key in [k for k in self.states if k not in wanted]:
+            del self.states[key]  # endpoints no longer checked are not reported failed
+
+        async def run_all() -> None:
+            with scope:
+                async with trio.open_nursery() as inner:
+                    for cluster, hc, ep in probes:
+                        assert hc is not None
+                        inner.start_soon(self._loop, cluster, hc, ep)
+
+        nursery.start_soon(run_all)
+        for c in config.clusters:
+            self._publish_healthy(c)
+
+    def _cells(self, cluster: str, label: str) -> tuple[int, int]:
+        layout = self.segment.layout
+        ep_cell = (layout.first(Scope.ENDPOINT, self.slots.endpoints[endpoint_key(cluster, label)])
+                   + offset(Scope.ENDPOINT, "hc_failed"))
+        return ep_cell, layout.first(Scope.CLUSTER, self.slots.clusters[cluster])
+
+    def _publish_healthy(self, cluster: schema.Cluster) -> None:
+        if cluster.health_check is None:
+            return
+        healthy = sum(1 for e in cluster.endpoints
+                      if self.states.get(endpoint_key(cluster.name, f"{e.address}:{e.port}"),
+                                         _State()).healthy)
+        base = self.segment.layout.first(Scope.CLUSTER, self.slots.clusters[cluster.name])
+        self.block.set(base + offset(Scope.CLUSTER, "health_check.healthy"), healthy)
+
+    async def _loop(self, cluster: schema.Cluster, hc: schema.HealthCheck,
+                    ep: schema.Endpoint) -> None:
+        label = f"{ep.address}:{ep.port}"
+        key = endpoint_key(cluster.name, label)
+        state = self.states.setdefault(key, _State())
+        ep_cell, cbase = self._cells(cluster.name, label)
+        interval = parse_duration(hc.interval)
+        jitter = parse_duration(hc.interval_jitter)
+        timeout = parse_duration(hc.timeout)
+        blk = self.block
+        blk.set(ep_cell, 0 if state.healthy else 1)
+        while True:
+            await trio.sleep(interval + random.random() * jitter)
+            ok, immediate = await probe(hc, cluster.name, ep.address, ep.port, timeout)
+            blk.inc(cbase + offset(Scope.CLUSTER, "health_check.attempt"))
+            blk.inc(cbase + offset(Scope.CLUSTER, "health_check.success" if ok
+                                   else "health_check.failure"))
+            was = state.healthy
+            if ok:
+                state.successes += 1
+                state.failures = 0
+                if not state.healthy and state.successes >= hc.healthy_threshold:
+                    state.healthy = True
+            else:
+                state.failures += 1
+                state.successes = 0
+                if state.healthy and (immediate or state.failures >= hc.unhealthy_threshold):
+                    state.healthy = False
+            if state.healthy != was:
+                log.warning("endpoint %s of cluster %s is now %s", label, cluster.name,
+                            "healthy" if state.healthy else "unhealthy")
+                blk.set(ep_cell, 0 if state.healthy else 1)
+                self._publish_healthy(cluster)
+
+
+async def probe(hc: schema.HealthCheck, cluster: str, address: str, port: int,
+                timeout: float) -> tuple[bool, bool]:
+    """(passed, asked to fail immediately)."""
+    with trio.move_on_after(timeout):
+        try:
+            stream = await trio.open_tcp_stream(address, port)
+        except OSError:
+            return False, False
+        async with stream:
+            if hc.type == "tcp":
+                return True, False
+            conn = h11.Connection(h11.CLIENT)
+            try:
+                await stream.send_all(conn.send(h11.Request(
+                    method="GET", target=hc.path,
+                    headers=[("host", hc.host or cluster), ("user-agent", "meshproxy-hc"),
+                             ("connection", "close")])) + conn.send(h11.EndOfMessage()))
+                ev = await next_event(conn, stream)
+            except (OSError, trio.BrokenResourceError, h11.ProtocolError):
+                return False, False
+            if not isinstance(ev, h11.Response):
+                return False, False
+            if any(name == IMMEDIATE_FAIL for name, _ in ev.headers):
+                return False, True
+            return ev.status_code in hc.expected_statuses, False
+    return False, False
