@@ -93,6 +93,8 @@ class ClusterAction:
     timeout: float
     ops: HeaderOps
     retry: RetrySpec | None = None
+    # (kind, name): ("header", b"x-user"), ("cookie", b"session"), ("source_ip", b"")
+    hash_policy: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +129,8 @@ class ClusterSpec:
     outlier: OutlierSpec | None = None
     panic_threshold: float = 50.0
     health_checked: bool = False
+    lb_policy: str = "round_robin"
+    lb_options: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +243,10 @@ def _action(vh: schema.VirtualHost, r: schema.Route) -> object:
             clusters, total, prefix,
             _enc(a.prefix_rewrite) if a.prefix_rewrite is not None else None,
             _enc(a.host_rewrite) if a.host_rewrite is not None else None,
-            parse_duration(a.timeout), ops, _retry(a.retry_policy))
+            parse_duration(a.timeout), ops, _retry(a.retry_policy),
+            tuple(("header", _enc(h.header.lower())) if h.header is not None
+                  else ("cookie", _enc(h.cookie)) if h.cookie is not None
+                  else ("source_ip", b"") for h in a.hash_policy))
     if r.redirect is not None:
         d = r.redirect
         return RedirectAction(
@@ -338,7 +345,9 @@ def compile_config(config: schema.Config, version: int = 1,
             parse_duration(c.connect_timeout), parse_duration(c.idle_timeout),
             c.max_idle_connections, _breakers(c.circuit_breakers, max(1, workers)),
             _outlier(c.outlier_detection), c.healthy_panic_threshold,
-            c.health_check is not None)
+            c.health_check is not None, c.lb_policy,
+            (("minimum_ring_size", c.minimum_ring_size), ("table_size", c.maglev_table_size),
+             ("decay", parse_duration(c.peak_ewma_decay))))
         for c in config.clusters
     }
     return Snapshot(version, config, tuple(listeners), clusters, _tracing(config.tracing))

@@ -222,6 +222,11 @@ def _check_route(route: schema.Route, path: str, clusters: set[str], errors: lis
                     errors.append(f"{ap}.weighted_clusters[{k}].name: unknown cluster {wc.name!r}")
         if action.prefix_rewrite is not None and route.match.prefix is None:
             errors.append(f"{ap}.prefix_rewrite: needs a prefix match")
+        for k, hp in enumerate(action.hash_policy):
+            given = [hp.header is not None, hp.cookie is not None, hp.source_ip]
+            if sum(given) != 1:
+                errors.append(f"{ap}.hash_policy[{k}]: exactly one of header, cookie, "
+                              "source_ip is required")
         rp = action.retry_policy
         if rp is not None:
             pp = f"{ap}.retry_policy"
@@ -242,6 +247,17 @@ def _check_route(route: schema.Route, path: str, clusters: set[str], errors: lis
             errors.append(f"{path}.redirect.prefix_rewrite: needs a prefix match")
 
 
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    k = 2
+    while k * k <= n:
+        if n % k == 0:
+            return False
+        k += 1
+    return True
+
+
 def check(config: schema.Config) -> list[str]:
     """The rules a single field's type cannot express. Returns the errors, in order."""
     errors: list[str] = []
@@ -253,6 +269,9 @@ def check(config: schema.Config) -> list[str]:
         clusters.add(c.name)
         _check_duration(c.connect_timeout, f"{p}.connect_timeout", errors)
         _check_duration(c.idle_timeout, f"{p}.idle_timeout", errors)
+        _check_duration(c.peak_ewma_decay, f"{p}.peak_ewma_decay", errors)
+        if c.lb_policy == "maglev" and not _is_prime(c.maglev_table_size):
+            errors.append(f"{p}.maglev_table_size: must be a prime, got {c.maglev_table_size}")
         if c.health_check is not None:
             for fname in ("interval", "timeout", "interval_jitter"):
                 _check_duration(getattr(c.health_check, fname), f"{p}.health_check.{fname}",

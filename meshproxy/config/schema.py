@@ -111,7 +111,14 @@ class Cluster(Base, frozen=True):
     name: NonEmptyStr
     endpoints: list[Endpoint]
     connect_timeout: Duration = "5s"
-    lb_policy: Literal["round_robin"] = "round_robin"
+    lb_policy: Literal["round_robin", "least_request", "random", "ring_hash", "maglev",
+                       "peak_ewma"] = "round_robin"
+    # ring_hash: at least this many points on the ring (Envoy's minimum_ring_size).
+    minimum_ring_size: Annotated[int, Meta(ge=1, le=8_388_608)] = 1024
+    # maglev: lookup table size, a prime (Envoy's default 65537).
+    maglev_table_size: Annotated[int, Meta(ge=3, le=5_000_011)] = 65537
+    # peak_ewma: time constant of the latency average's decay.
+    peak_ewma_decay: Duration = "10s"
     # Idle upstream keep-alive connections are closed after this. Shorter than the idle
     # timeouts of common servers (Apache and Node 5 s, nginx 75 s) so that the proxy, not the
     # origin, closes an idle connection and a request never races the origin's close.
@@ -191,6 +198,16 @@ class RetryPolicy(Base, frozen=True):
     retry_buffer_limit: Annotated[int, Meta(ge=0, le=64 * 1024 * 1024)] = 65536
 
 
+class HashPolicy(Base, frozen=True):
+    """What a consistent-hashing balancer (ring_hash, maglev) hashes: exactly one of a
+    header's value, a cookie's value, or the client's address. The first policy that
+    yields a value is used; with none, a request goes to a random point."""
+
+    header: HeaderName | None = None
+    cookie: NonEmptyStr | None = None
+    source_ip: bool = False
+
+
 class RouteAction(Base, frozen=True):
     """Exactly one of cluster, weighted_clusters."""
 
@@ -203,6 +220,7 @@ class RouteAction(Base, frozen=True):
     # before the response started. 0 disables.
     timeout: Duration = "15s"
     retry_policy: RetryPolicy | None = None
+    hash_policy: list[HashPolicy] = []
 
 
 class RedirectAction(Base, frozen=True):

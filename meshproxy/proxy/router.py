@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from meshproxy._core.http1_parser import MessageHead
+from meshproxy._core.lb_select import hash_bytes
 from meshproxy.config.compile import ClusterAction
 from meshproxy.protocol import errors as flags
 from meshproxy.protocol.errors import ProxyError
@@ -73,6 +74,31 @@ def incoming_deadline(head: MessageHead) -> tuple[float | None, bool]:
     return min(mine, grpc), True
 
 
+def hash_key(dc: DownstreamConnection, head: MessageHead,
+             policy: tuple[tuple[str, bytes], ...]) -> int:
+    """The consistent-hashing key: the first hash policy with a value (0: none)."""
+    for kind, name in policy:
+        if kind == "header":
+            value = head.get(name)
+        elif kind == "cookie":
+            value = _cookie(head.get(b"cookie"), name)
+        else:
+            value = dc.peer_ip
+        if value:
+            return hash_bytes(value)
+    return 0
+
+
+def _cookie(header: bytes | None, name: bytes) -> bytes | None:
+    if not header:
+        return None
+    for part in header.split(b";"):
+        k, sep, v = part.strip().partition(b"=")
+        if sep and k == name:
+            return v
+    return None
+
+
 def _admit_retry(cluster: Cluster, retry: RetrySpec, n: int, now: float) -> bool:
     """May attempt n+1 start? On yes the retry's slot is reserved at once (so failures that
     arrive together cannot all pass max_retries); the attempt releases it. Counts why not."""
@@ -109,7 +135,8 @@ async def forward(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
                                         flags.UPSTREAM_REQUEST_TIMEOUT)
         if not timeout or left < timeout:
             timeout = left
-    ep = cluster.pick(dc.reactor.now)
+    key = hash_key(dc, head, action.hash_policy) if action.hash_policy else 0
+    ep = cluster.pick(dc.reactor.now, None, key)
     if ep is None:
         blk.inc(cst.upstream_cx_none_healthy)
         return await dc._send_local(ex, head, 503, b"no healthy upstream\n",
@@ -141,7 +168,7 @@ async def forward(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
             except BaseException:
                 cluster.breaker.retries -= 1  # the reserved retry will not run
                 raise
-            ep = cluster.pick(dc.reactor.now, tried) or ep
+            ep = cluster.pick(dc.reactor.now, tried, key) or ep
     except ProxyError as err:
         if dc.upstream is not None:
             dc.upstream.abort()
@@ -180,6 +207,9 @@ async def _one_attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange
     blk.add(cst.upstream_rq_active, 1)
     blk.inc(est.rq_total)
     blk.add(est.rq_active, 1)
+    lb, lb_index = cluster.lb, ep.index  # kept: a reload may replace both meanwhile
+    assert lb is not None
+    lb.start(lb_index)
     if n > 1:  # its retry slot was reserved by _admit_retry
         blk.inc(cst.upstream_rq_retry)
         blk.add(cst.upstream_rq_retry_active, 1)
@@ -223,6 +253,9 @@ async def _one_attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange
             blk.inc(cst.upstream_rq_retry_success)
         return keep
     finally:
+        elapsed = perf_counter() - started
+        # Latency-aware balancers learn from responses only; a failure reports no time.
+        lb.finish(lb_index, elapsed if status else -1.0, dc.reactor.now)
         blk.add(cst.upstream_rq_active, -1)
         blk.add(est.rq_active, -1)
         breaker.end_request()
@@ -233,4 +266,4 @@ async def _one_attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange
             blk.add(cst.upstream_rq_retry_active, -1)
         if status:
             blk.inc(cst.upstream_rq_1xx + status // 100 - 1)
-            blk.observe(cst.upstream_rq_time, (perf_counter() - started) * 1000.0)
+            blk.observe(cst.upstream_rq_time, elapsed * 1000.0)

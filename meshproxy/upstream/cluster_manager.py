@@ -9,7 +9,7 @@ from __future__ import annotations
 import trio
 
 from meshproxy._core.circuit_state import Breaker, RetryBudget
-from meshproxy._core.lb_select import SmoothWeightedRoundRobin
+from meshproxy._core.lb_select import Balancer, make
 from meshproxy.config.compile import BreakerSpec, ClusterSpec
 from meshproxy.stats.sink import Sink
 from meshproxy.upstream.conn_pool import Endpoint
@@ -51,8 +51,12 @@ class Cluster:
         self.outlier = OutlierDetector(spec.outlier, self) if spec.outlier is not None else None
         self.publish()
         self.publish_ejections()
-        self.lb = (SmoothWeightedRoundRobin([e.weight for e in self.endpoints])
-                   if self.endpoints else None)
+        for i, ep in enumerate(self.endpoints):
+            ep.index = i
+        self.lb: Balancer | None = (
+            make(spec.lb_policy, [e.weight for e in self.endpoints],
+                 [e.label.encode() for e in self.endpoints], **dict(spec.lb_options))
+            if self.endpoints else None)
 
     # ------------------------------------------------------------ circuit breakers
 
@@ -105,7 +109,8 @@ class Cluster:
             return True
         return False
 
-    def pick(self, now: float = 0.0, tried: list[Endpoint] | None = None) -> Endpoint | None:
+    def pick(self, now: float = 0.0, tried: list[Endpoint] | None = None,
+             key: int = 0) -> Endpoint | None:
         """The balancer's pick among usable endpoints (not ejected; with `tried`, not
         tried before when another exists: Envoy's previous_hosts predicate with
         host_selection_retry_max_attempts 3). Below healthy_panic_threshold every endpoint
@@ -114,7 +119,7 @@ class Cluster:
         if lb is None:
             return None
         eps = self.endpoints
-        ep = eps[lb.pick()]
+        ep = eps[lb.pick(key, 0)]
         if self._usable(ep, now) and (tried is None or ep not in tried):
             return ep
         healthy = sum(1 for e in eps if self._usable(e, now))
@@ -124,10 +129,11 @@ class Cluster:
             usable = None
         else:
             usable = True
-        for _ in range(max(3, len(eps))):
+        for attempt in range(1, max(3, len(eps)) + 1):
             if (usable is None or self._usable(ep, now)) and (tried is None or ep not in tried):
                 return ep
-            ep = eps[lb.pick()]
+            # consistent hashing: the next alternative point for the same key
+            ep = eps[lb.pick(key, attempt)]
         return ep
 
 

@@ -68,7 +68,7 @@ class Endpoint:
     """One upstream host:port of a cluster, with its pool of idle connections."""
 
     __slots__ = ("address", "port", "weight", "label", "idle", "idle_timeout", "max_idle",
-                 "stats", "cstats", "open", "notify", "changed", "outlier", "hc")
+                 "stats", "cstats", "open", "notify", "changed", "outlier", "hc", "index")
 
     def __init__(self, address: str, port: int, weight: int, idle_timeout: float,
                  max_idle: int, stats: Any, cstats: Any) -> None:
@@ -85,6 +85,7 @@ class Endpoint:
         self.outlier = OutlierState()  # passive health, kept across reloads
         # (block, cell) of the supervisor's active health check result, or None.
         self.hc: tuple[Any, int] | None = None
+        self.index = 0  # position in its cluster's balancer
         # Set by the cluster that owns the endpoint: `notify` wakes requests waiting for a
         # connection slot; `changed` republishes the remaining_cx gauge.
         self.notify: Callable[[], None] = _nothing
