@@ -122,14 +122,24 @@ backend be
 
 
 def start_meshproxy(tmp: Path, port: int, origin: int, *extra: str,
-                    pin: bool = True) -> subprocess.Popen:
+                    pin: bool = True, resilience: bool = False) -> subprocess.Popen:
     conf = tmp / "meshproxy.json"
+    route: dict = {"cluster": "origin"}
+    cluster: dict = {"name": "origin", "max_idle_connections": 1024,
+                     "endpoints": [{"address": "127.0.0.1", "port": origin}]}
+    if resilience:
+        # Everything on the request path that resilience adds: a retry policy with a
+        # per-try timeout, explicit breakers with a retry budget, outlier detection.
+        route["retry_policy"] = {"retry_on": "5xx,reset,connect-failure", "num_retries": 2,
+                                 "per_try_timeout": "2s"}
+        cluster["circuit_breakers"] = {"max_connections": 1024, "max_requests": 1024,
+                                       "retry_budget": {"budget_percent": 20}}
+        cluster["outlier_detection"] = {"consecutive_5xx": 5}
     conf.write_text(json.dumps({
         "listeners": [{"name": "bench", "address": "127.0.0.1", "port": port,
                        "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
-                           {"match": {"prefix": "/"}, "route": {"cluster": "origin"}}]}]}],
-        "clusters": [{"name": "origin", "max_idle_connections": 1024,
-                      "endpoints": [{"address": "127.0.0.1", "port": origin}]}],
+                           {"match": {"prefix": "/"}, "route": route}]}]}],
+        "clusters": [cluster],
     }))
     cmd = [sys.executable, "-m", "meshproxy", "run", "--config", str(conf),
            "--log-level", "warning", "--admin-address", "off", *extra]
@@ -147,6 +157,7 @@ VARIANTS: dict[str, object] = {
     "haproxy": start_haproxy,
     "meshproxy": start_meshproxy,
     "meshproxy --no-stats": lambda t, p, o: start_meshproxy(t, p, o, "--no-stats"),
+    "meshproxy +resilience": lambda t, p, o: start_meshproxy(t, p, o, resilience=True),
     # Two workers on the two cores, sharing them with wrk and the origin: shows how the
     # pool scales when the proxy is not the only thing running (CPU/request summed).
     "meshproxy --workers 2": lambda t, p, o: start_meshproxy(t, p, o, "--workers", "2",

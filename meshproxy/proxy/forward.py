@@ -229,14 +229,14 @@ async def attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange, clu
                 # Envoy's route timeout starts once the downstream request is complete and
                 # covers every retry and back-off after it.
                 dc.deadline = dc.reactor.now + route_timeout if route_timeout else NO_DEADLINE
-            if per_try:
-                with trio.move_on_after(per_try):
-                    resp, ubuf = await _read_response_head(dc, head, conn)
-                    break
+            try:
+                resp, ubuf = await _read_response_head(
+                    dc, head, conn, dc.reactor.now + per_try if per_try else 0.0)
+            except trio.TooSlowError:
                 raise ProxyError(504, flags.UPSTREAM_REQUEST_TIMEOUT, "upstream",
                                  "upstream per-try timeout", retriable=True,
-                                 stat="upstream_rq_per_try_timeout", failure=PER_TRY_TIMEOUT)
-            resp, ubuf = await _read_response_head(dc, head, conn)
+                                 stat="upstream_rq_per_try_timeout",
+                                 failure=PER_TRY_TIMEOUT) from None
         except _StaleConnection:
             conn.close()
             dc.upstream = None
@@ -369,12 +369,14 @@ async def _send_request_body(dc: DownstreamConnection, head: MessageHead, ex: Ex
 
 
 async def _read_response_head(dc: DownstreamConnection, head: MessageHead,
-                              conn: UpstreamConn) -> tuple[MessageHead, bytes]:
-    """The final response head (1xx relayed on the way) and the bytes read with it."""
+                              conn: UpstreamConn, deadline: float = 0.0
+                              ) -> tuple[MessageHead, bytes]:
+    """The final response head (1xx relayed on the way) and the bytes read with it;
+    trio.TooSlowError past `deadline` (the per-try timeout; 0: none)."""
     parser = dc.ctx.parser
     ch_u = conn.ch
     try:
-        data = await recv_after_wait(ch_u)
+        data = await recv_after_wait(ch_u, deadline=deadline)
     except PeerClosed:
         raise _StaleConnection() from None
     if not data:
@@ -397,7 +399,7 @@ async def _read_response_head(dc: DownstreamConnection, head: MessageHead,
         if resp is not None:
             return resp, ubuf
         try:
-            data = await recv_now(ch_u)
+            data = await recv_now(ch_u, deadline=deadline)
         except PeerClosed:
             data = b""
         if not data:

@@ -45,27 +45,41 @@ TICK = 0.05
 class Channel:
     """A socket registered with the reactor."""
 
-    __slots__ = ("sock", "fd", "reader", "ready", "_channels")
+    __slots__ = ("sock", "fd", "reader", "ready", "deadline", "_channels", "_waits")
 
-    def __init__(self, sock: socket.socket, channels: dict[int, Channel]) -> None:
+    def __init__(self, sock: socket.socket, channels: dict[int, Channel],
+                 waits: set[Channel]) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.reader: trio.lowlevel.Task | None = None
         self.ready = False
+        self.deadline = 0.0
         self._channels = channels
+        self._waits = waits
 
-    async def wait_readable(self) -> None:
-        """Until the socket may be readable (see the edge-triggered rules above)."""
+    async def wait_readable(self, deadline: float = 0.0) -> None:
+        """Until the socket may be readable (see the edge-triggered rules above). With a
+        deadline (reactor time), raises trio.TooSlowError once it has passed: a coarse
+        timer, checked by the reactor's ticker, costing a set insertion instead of a trio
+        cancel scope (about 12 us)."""
         if self.ready:
             self.ready = False
             return
         self.reader = current_task()
+        if deadline:
+            self.deadline = deadline
+            self._waits.add(self)
 
         def abort(_: object) -> Abort:
             self.reader = None
+            self._waits.discard(self)
             return Abort.SUCCEEDED
 
-        await wait_task_rescheduled(abort)
+        try:
+            await wait_task_rescheduled(abort)
+        finally:
+            if deadline:
+                self._waits.discard(self)
 
     def forget(self) -> None:
         """Before the socket is closed: the kernel drops the fd from the epoll set on
@@ -87,10 +101,11 @@ class Reactor:
         self._epoll = select.epoll()
         self._channels: dict[int, Channel] = {}
         self.timed: set[Timed] = set()
+        self.waits: set[Channel] = set()  # channel waits with a deadline
         self.now = trio.current_time()
 
     def register(self, sock: socket.socket) -> Channel:
-        ch = Channel(sock, self._channels)
+        ch = Channel(sock, self._channels, self.waits)
         self._channels[ch.fd] = ch
         self._epoll.register(ch.fd, EVENTS)
         return ch
@@ -125,4 +140,9 @@ class Reactor:
             expired = [t for t in self.timed if t.deadline <= now]
             for t in expired:
                 t.cs.cancel()
+            for ch in [c for c in self.waits if c.deadline <= now]:
+                self.waits.discard(ch)
+                if ch.reader is not None:
+                    task, ch.reader = ch.reader, None
+                    reschedule(task, outcome.Error(trio.TooSlowError()))
 

@@ -29,21 +29,22 @@ class PeerClosed(Exception):
     """The peer reset the connection or it failed (`errno` says how)."""
 
 
-async def recv_now(ch: Channel, size: int = RECV_SIZE) -> bytes:
-    """Bytes from the channel; b"" at EOF. Raises PeerClosed on reset."""
+async def recv_now(ch: Channel, size: int = RECV_SIZE, deadline: float = 0.0) -> bytes:
+    """Bytes from the channel; b"" at EOF. Raises PeerClosed on reset, and
+    trio.TooSlowError past `deadline` (reactor time; 0: none)."""
     sock = ch.sock
     while True:
         try:
             return sock.recv(size)
         except BlockingIOError:
-            await ch.wait_readable()
+            await ch.wait_readable(deadline)
         except (ConnectionResetError, ConnectionAbortedError, TimeoutError) as exc:
             raise PeerClosed(str(exc)) from None
 
 
-async def recv_after_wait(ch: Channel, size: int = RECV_SIZE) -> bytes:
-    await ch.wait_readable()
-    return await recv_now(ch, size)
+async def recv_after_wait(ch: Channel, size: int = RECV_SIZE, deadline: float = 0.0) -> bytes:
+    await ch.wait_readable(deadline)
+    return await recv_now(ch, size, deadline)
 
 
 async def send_all(sock: socket.socket, data: bytes | memoryview) -> None:

@@ -103,3 +103,26 @@ def test_reactor_timers_cancel_after_deadline() -> None:
             n.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_reactor_timed_wait_raises_too_slow() -> None:
+    async def main() -> None:
+        reactor = Reactor()
+        async with trio.open_nursery() as n:
+            await n.start(reactor.run)
+            n.start_soon(reactor.run_timers)
+            a, b = pair()
+            ch = reactor.register(a)
+            start = trio.current_time()
+            with pytest.raises(trio.TooSlowError):
+                await recv_after_wait(ch, deadline=trio.current_time() + 0.2)
+            assert 0.2 <= trio.current_time() - start <= 0.2 + 2 * TICK + 0.1
+            assert not reactor.waits  # no registration left behind
+            b.send(b"x")  # and a later plain wait still works
+            with trio.fail_after(1):
+                assert await recv_after_wait(ch) == b"x"
+            close(ch)
+            b.close()
+            n.cancel_scope.cancel()
+
+    trio.run(main)
