@@ -131,6 +131,7 @@ class ClusterSpec:
     health_checked: bool = False
     lb_policy: str = "round_robin"
     lb_options: tuple[tuple[str, float], ...] = ()
+    max_connection_duration: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +153,7 @@ class ListenerSpec:
     max_header_bytes: int
     max_headers: int
     access_log: AccessLogSpec | None
+    max_connection_duration: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,7 +340,8 @@ def compile_config(config: schema.Config, version: int = 1,
             lst.name, lst.address, lst.port, RouteTable(vhosts),
             parse_duration(lst.request_headers_timeout), parse_duration(lst.idle_timeout),
             lst.max_request_line, lst.max_request_headers_kb * 1024, lst.max_headers_count,
-            _access_log(lst.access_log or config.access_log, access_log_override)))
+            _access_log(lst.access_log or config.access_log, access_log_override),
+            parse_duration(lst.max_connection_duration)))
     clusters = {
         c.name: ClusterSpec(
             c.name, tuple((e.address, e.port, e.weight) for e in c.endpoints),
@@ -347,7 +350,8 @@ def compile_config(config: schema.Config, version: int = 1,
             _outlier(c.outlier_detection), c.healthy_panic_threshold,
             c.health_check is not None, c.lb_policy,
             (("minimum_ring_size", c.minimum_ring_size), ("table_size", c.maglev_table_size),
-             ("decay", parse_duration(c.peak_ewma_decay))))
+             ("decay", parse_duration(c.peak_ewma_decay))),
+            parse_duration(c.max_connection_duration))
         for c in config.clusters
     }
     return Snapshot(version, config, tuple(listeners), clusters, _tracing(config.tracing))

@@ -270,6 +270,7 @@ def check(config: schema.Config) -> list[str]:
         _check_duration(c.connect_timeout, f"{p}.connect_timeout", errors)
         _check_duration(c.idle_timeout, f"{p}.idle_timeout", errors)
         _check_duration(c.peak_ewma_decay, f"{p}.peak_ewma_decay", errors)
+        _check_duration(c.max_connection_duration, f"{p}.max_connection_duration", errors)
         if c.lb_policy == "maglev" and not _is_prime(c.maglev_table_size):
             errors.append(f"{p}.maglev_table_size: must be a prime, got {c.maglev_table_size}")
         if c.health_check is not None:
@@ -300,6 +301,7 @@ def check(config: schema.Config) -> list[str]:
         binds.add((lst.address, lst.port))
         _check_duration(lst.request_headers_timeout, f"{p}.request_headers_timeout", errors)
         _check_duration(lst.idle_timeout, f"{p}.idle_timeout", errors)
+        _check_duration(lst.max_connection_duration, f"{p}.max_connection_duration", errors)
         seen: dict[str, str] = {}
         for j, vh in enumerate(lst.virtual_hosts):
             vp = f"{p}.virtual_hosts[{j}]"

@@ -125,6 +125,10 @@ class Cluster(Base, frozen=True):
     idle_timeout: Duration = "4s"
     # Idle connections kept per endpoint per worker; more are closed on release.
     max_idle_connections: Annotated[int, Meta(ge=0, le=100_000)] = 64
+    # An upstream connection older than this is not reused (Envoy's
+    # max_connection_duration for upstreams): traffic moves to new endpoints and DNS
+    # answers in bounded time. 0 disables.
+    max_connection_duration: Duration = 0
     circuit_breakers: CircuitBreakers = CircuitBreakers()
     outlier_detection: OutlierDetection | None = None
     health_check: HealthCheck | None = None
@@ -281,6 +285,9 @@ class Listener(Base, frozen=True):
     request_headers_timeout: Duration = "10s"
     # Keep-alive connections with no request in flight are closed after this (nginx: 75 s).
     idle_timeout: Duration = "60s"
+    # Envoy's max_connection_duration: a client connection older than this gets
+    # `Connection: close` on its next response (or is closed when idle). 0 disables.
+    max_connection_duration: Duration = 0
     max_request_line: Annotated[int, Meta(ge=64, le=1_048_576)] = 8192
     max_request_headers_kb: Annotated[int, Meta(ge=1, le=8192)] = 60
     max_headers_count: Annotated[int, Meta(ge=1, le=10_000)] = 100

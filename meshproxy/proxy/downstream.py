@@ -109,7 +109,7 @@ class Exchange:
 
 class DownstreamConnection:
     __slots__ = ("ctx", "reactor", "ch", "sock", "peer", "peer_ip", "buf", "pos", "phase", "ex",
-                 "requests", "upstream", "cs", "deadline")
+                 "requests", "upstream", "cs", "deadline", "born")
 
     def __init__(self, ctx: ListenerContext, sock: socket.socket, peer: tuple) -> None:
         self.ctx = ctx
@@ -126,7 +126,8 @@ class DownstreamConnection:
         self.upstream: UpstreamConn | None = None
         # The reactor's ticker cancels `cs` once `deadline` has passed (see reactor.py).
         self.cs = trio.CancelScope()
-        self.deadline = self.reactor.now + ctx.spec.request_headers_timeout
+        self.born = self.reactor.now
+        self.deadline = self.born + ctx.spec.request_headers_timeout
 
     async def run(self) -> None:
         timed = self.reactor.timed
@@ -180,6 +181,9 @@ class DownstreamConnection:
             # before the recv instead of paying for a recv that fails with EAGAIN.
             self.phase = PH_IDLE
             self.deadline = self.reactor.now + ctx.spec.idle_timeout
+            limit = ctx.spec.max_connection_duration
+            if limit and self.born + limit < self.deadline:
+                self.deadline = self.born + limit  # an idle connection past it just closes
             buf = await recv_after_wait(self.ch)
             if not buf:
                 return None
@@ -320,6 +324,11 @@ class DownstreamConnection:
 
     # ------------------------------------------------------------------ local replies
 
+    def too_old(self) -> bool:
+        """max_connection_duration reached: the next response says Connection: close."""
+        limit = self.ctx.spec.max_connection_duration
+        return bool(limit) and self.reactor.now - self.born >= limit
+
     def body_skippable(self, head: MessageHead) -> bool:
         """Consume an unread request body when all of it is already buffered; otherwise the
         connection must close after the reply (the rest of the body is still coming)."""
@@ -338,7 +347,7 @@ class DownstreamConnection:
                           extra: list[tuple[bytes, bytes]] | None = None,
                           content_type: bytes = b"text/plain") -> bool:
         keep = (head is not None and not close and head.keep_alive
-                and not self.ctx.state.draining
+                and not self.ctx.state.draining and not self.too_old()
                 and (body_done or self.body_skippable(head)))
         hdrs = list(extra or ())
         if keep and head is not None and head.version == 10:

@@ -175,7 +175,9 @@ class BodyState:
 async def _connect(dc: DownstreamConnection, ep: Endpoint, timeout: float) -> UpstreamConn:
     with trio.move_on_after(timeout):
         try:
-            return UpstreamConn(await connect(dc.reactor, ep.address, ep.port), ep)
+            conn = UpstreamConn(await connect(dc.reactor, ep.address, ep.port), ep)
+            conn.born = dc.reactor.now
+            return conn
         except OSError as exc:
             raise ProxyError(503, flags.UPSTREAM_CONNECT_FAILURE, "upstream",
                              f"upstream connect error: {exc.strerror or exc}",
@@ -429,7 +431,8 @@ async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Excha
         framing = F_LENGTH
     else:
         framing = F_CLOSE
-    keep = head.keep_alive and request_complete and not dc.ctx.state.draining
+    keep = (head.keep_alive and request_complete and not dc.ctx.state.draining
+            and not dc.too_old())
     extra: list[tuple[bytes, bytes]] = []
     down_chunked = False
     if framing in (F_CHUNKED, F_CLOSE):

@@ -53,6 +53,7 @@ class Cluster:
         self.publish_ejections()
         for i, ep in enumerate(self.endpoints):
             ep.index = i
+            ep.max_duration = spec.max_connection_duration
         self.lb: Balancer | None = (
             make(spec.lb_policy, [e.weight for e in self.endpoints],
                  [e.label.encode() for e in self.endpoints], **dict(spec.lb_options))

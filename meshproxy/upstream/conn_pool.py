@@ -27,13 +27,14 @@ from meshproxy.transport.sockio import abort, close
 class UpstreamConn:
     """An open upstream connection; opening and closing it keep the cx gauges true."""
 
-    __slots__ = ("ch", "sock", "endpoint", "idle_since", "requests", "open")
+    __slots__ = ("ch", "sock", "endpoint", "idle_since", "requests", "open", "born")
 
     def __init__(self, ch: Channel, endpoint: Endpoint) -> None:
         self.ch = ch
         self.sock = ch.sock
         self.endpoint = endpoint
         self.idle_since = 0.0
+        self.born = 0.0  # when it was opened (reactor time), for max_connection_duration
         self.requests = 0
         self.open = True
         endpoint.open += 1
@@ -68,7 +69,8 @@ class Endpoint:
     """One upstream host:port of a cluster, with its pool of idle connections."""
 
     __slots__ = ("address", "port", "weight", "label", "idle", "idle_timeout", "max_idle",
-                 "stats", "cstats", "open", "notify", "changed", "outlier", "hc", "index")
+                 "stats", "cstats", "open", "notify", "changed", "outlier", "hc", "index",
+                 "max_duration")
 
     def __init__(self, address: str, port: int, weight: int, idle_timeout: float,
                  max_idle: int, stats: Any, cstats: Any) -> None:
@@ -86,6 +88,7 @@ class Endpoint:
         # (block, cell) of the supervisor's active health check result, or None.
         self.hc: tuple[Any, int] | None = None
         self.index = 0  # position in its cluster's balancer
+        self.max_duration = 0.0  # max_connection_duration (0: none)
         # Set by the cluster that owns the endpoint: `notify` wakes requests waiting for a
         # connection slot; `changed` republishes the remaining_cx gauge.
         self.notify: Callable[[], None] = _nothing
@@ -102,7 +105,10 @@ class Endpoint:
         return None
 
     def release(self, conn: UpstreamConn, now: float) -> None:
-        if len(self.idle) >= self.max_idle:
+        """Back to the pool after a clean exchange, unless the pool is full or the
+        connection has lived past max_connection_duration."""
+        if len(self.idle) >= self.max_idle or (
+                self.max_duration and now - conn.born >= self.max_duration):
             conn.close()
             return
         conn.idle_since = now

@@ -6,7 +6,7 @@ import socket
 import threading
 import time
 
-from tests.helpers import config, raw_exchange, read_response, wait_for
+from tests.helpers import config, ok_response, raw_exchange, read_response, wait_for
 
 
 def test_upstream_pool_idle_connections_expire(origin, proxy_factory) -> None:
@@ -74,3 +74,45 @@ def test_upstream_pool_connect_timeout_503_uf(proxy_factory) -> None:
     for f in fillers:
         f.close()
     blackhole.close()
+
+
+def test_upstream_pool_max_connection_duration(origin, proxy_factory) -> None:
+    cfg = config(origin.port)
+    cfg["clusters"][0]["max_connection_duration"] = "300ms"
+    p = proxy_factory(cfg)
+    with socket.create_connection(("127.0.0.1", p.port), timeout=5) as s:
+        for _ in range(3):
+            s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert read_response(s)[0] == 200
+        time.sleep(0.5)
+        for _ in range(2):
+            s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert read_response(s)[0] == 200
+    ids = [r.conn_id for r in origin.requests]
+    assert ids[0] == ids[1] == ids[2]  # reused while young
+    assert ids[4] != ids[0]  # too old to reuse after 300 ms: a new connection
+
+
+def test_downstream_max_connection_duration(origin, proxy_factory) -> None:
+    cfg = config(origin.port, listener={"max_connection_duration": "400ms"})
+    p = proxy_factory(cfg)
+    with socket.create_connection(("127.0.0.1", p.port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        status, headers, _ = read_response(s)
+        assert status == 200 and "connection" not in headers
+        time.sleep(0.25)
+        # in flight when the connection reaches its age: answered, then closed
+        origin.handler = lambda req, sock: (time.sleep(0.3), ok_response(b"late"))[1]
+        s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        status, headers, _ = read_response(s)
+        assert status == 200 and headers.get("connection") == "close"
+        s.settimeout(2)
+        assert s.recv(10) == b""
+    origin.handler = lambda req, sock: ok_response(b"ok")
+    with socket.create_connection(("127.0.0.1", p.port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert read_response(s)[0] == 200
+        t0 = time.monotonic()
+        s.settimeout(3)
+        assert s.recv(10) == b""  # an idle connection past its age is closed
+        assert time.monotonic() - t0 < 1.0
