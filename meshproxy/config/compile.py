@@ -132,6 +132,10 @@ class ClusterSpec:
     lb_policy: str = "round_robin"
     lb_options: tuple[tuple[str, float], ...] = ()
     max_connection_duration: float = 0.0
+    # (priority, locality) per endpoint, in the order of `endpoints`
+    placement: tuple[tuple[int, str], ...] = ()
+    locality_weights: tuple[tuple[str, int], ...] | None = None
+    overprovisioning: float = 1.4
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,7 +355,11 @@ def compile_config(config: schema.Config, version: int = 1,
             c.health_check is not None, c.lb_policy,
             (("minimum_ring_size", c.minimum_ring_size), ("table_size", c.maglev_table_size),
              ("decay", parse_duration(c.peak_ewma_decay))),
-            parse_duration(c.max_connection_duration))
+            parse_duration(c.max_connection_duration),
+            tuple((e.priority, e.locality) for e in c.endpoints),
+            tuple(sorted(c.locality_weights.items())) if c.locality_weights is not None
+            else None,
+            c.overprovisioning_factor / 100)
         for c in config.clusters
     }
     return Snapshot(version, config, tuple(listeners), clusters, _tracing(config.tracing))

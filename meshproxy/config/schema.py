@@ -44,6 +44,11 @@ class Endpoint(Base, frozen=True):
     address: NonEmptyStr
     port: Port
     weight: Annotated[int, Meta(ge=1, le=1_000_000)] = 1
+    # Envoy's priority levels: 0 is used first; traffic fails over to 1, 2, ... as the
+    # endpoints of lower levels become unhealthy.
+    priority: Annotated[int, Meta(ge=0, le=127)] = 0
+    # A locality (zone) name; weighted by the cluster's locality_weights.
+    locality: str = ""
 
 
 class RetryBudget(Base, frozen=True):
@@ -135,6 +140,13 @@ class Cluster(Base, frozen=True):
     # Below this share of healthy endpoints the balancer uses all of them (Envoy's
     # healthy_panic_threshold): better some errors than overloading the few left.
     healthy_panic_threshold: Percent = 50
+    # Locality-weighted balancing (Envoy's locality_weighted_lb_config): traffic per
+    # locality in proportion to these weights (missing localities weigh 1), scaled down
+    # as a locality loses healthy endpoints.
+    locality_weights: dict[str, Annotated[int, Meta(ge=0, le=1_000_000)]] | None = None
+    # Envoy's overprovisioning factor, in percent: a level or locality with this much
+    # more capacity than needed can lose 1 - 100/140 of its endpoints before traffic moves.
+    overprovisioning_factor: Annotated[int, Meta(ge=100, le=1000)] = 140
 
 
 class QueryParameterMatch(Base, frozen=True):

@@ -207,8 +207,7 @@ async def _one_attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange
     blk.add(cst.upstream_rq_active, 1)
     blk.inc(est.rq_total)
     blk.add(est.rq_active, 1)
-    lb, lb_index = cluster.lb, ep.index  # kept: a reload may replace both meanwhile
-    assert lb is not None
+    lb, lb_index = ep.lb, ep.index  # kept: a reload may replace both meanwhile
     lb.start(lb_index)
     if n > 1:  # its retry slot was reserved by _admit_retry
         blk.inc(cst.upstream_rq_retry)

@@ -6,6 +6,8 @@ of `_core.lb_select`; a cluster with no endpoint answers `pick() -> None` (503 U
 
 from __future__ import annotations
 
+import random
+
 import trio
 
 from meshproxy._core.circuit_state import Breaker, RetryBudget
@@ -13,12 +15,28 @@ from meshproxy._core.lb_select import Balancer, make
 from meshproxy.config.compile import BreakerSpec, ClusterSpec
 from meshproxy.stats.sink import Sink
 from meshproxy.upstream.conn_pool import Endpoint
+from meshproxy.upstream.locality import choose, health, locality_weights, priority_loads
 from meshproxy.upstream.outlier import OutlierDetector
+
+_random = random.random
+
+
+class _Group:
+    """Endpoints of one priority and locality, with their own balancer."""
+
+    __slots__ = ("weight", "endpoints", "lb")
+
+    def __init__(self, weight: int, endpoints: list[Endpoint], cluster: Cluster) -> None:
+        self.weight = weight
+        self.endpoints = endpoints
+        self.lb = cluster._balancer(endpoints)
+        for i, ep in enumerate(endpoints):
+            ep.index, ep.lb = i, self.lb
 
 
 class Cluster:
     __slots__ = ("spec", "name", "endpoints", "lb", "stats", "breaker", "budget", "_freed",
-                 "outlier")
+                 "outlier", "levels")
 
     def __init__(self, spec: ClusterSpec, sink: Sink,
                  previous: dict[tuple[str, int], Endpoint] | None = None) -> None:
@@ -51,13 +69,34 @@ class Cluster:
         self.outlier = OutlierDetector(spec.outlier, self) if spec.outlier is not None else None
         self.publish()
         self.publish_ejections()
-        for i, ep in enumerate(self.endpoints):
-            ep.index = i
+        for ep in self.endpoints:
             ep.max_duration = spec.max_connection_duration
-        self.lb: Balancer | None = (
-            make(spec.lb_policy, [e.weight for e in self.endpoints],
-                 [e.label.encode() for e in self.endpoints], **dict(spec.lb_options))
-            if self.endpoints else None)
+        self.lb: Balancer | None = self._balancer(self.endpoints) if self.endpoints else None
+        # Priorities and localities: levels[priority] = [groups], each group with its own
+        # balancer; None when every endpoint is in one group (the common, fast case).
+        self.levels: list[list[_Group]] | None = None
+        placement = spec.placement or tuple((0, "") for _ in spec.endpoints)
+        if self.endpoints and (len({p for p, _ in placement}) > 1
+                               or spec.locality_weights is not None):
+            lw = dict(spec.locality_weights or ())
+            self.levels = []
+            for prio in sorted({p for p, _ in placement}):
+                members = [(ep, loc) for ep, (p, loc) in zip(self.endpoints, placement,
+                                                              strict=True) if p == prio]
+                if spec.locality_weights is None:
+                    self.levels.append([_Group(1, [ep for ep, _ in members], self)])
+                else:
+                    self.levels.append([
+                        _Group(lw.get(name, 1), [ep for ep, loc in members if loc == name], self)
+                        for name in sorted({loc for _, loc in members})])
+        else:
+            for i, ep in enumerate(self.endpoints):
+                ep.index, ep.lb = i, self.lb
+
+    def _balancer(self, eps: list[Endpoint]) -> Balancer:
+        spec = self.spec
+        return make(spec.lb_policy, [e.weight for e in eps], [e.label.encode() for e in eps],
+                    **dict(spec.lb_options))
 
     # ------------------------------------------------------------ circuit breakers
 
@@ -112,26 +151,54 @@ class Cluster:
 
     def pick(self, now: float = 0.0, tried: list[Endpoint] | None = None,
              key: int = 0) -> Endpoint | None:
-        """The balancer's pick among usable endpoints (not ejected; with `tried`, not
-        tried before when another exists: Envoy's previous_hosts predicate with
-        host_selection_retry_max_attempts 3). Below healthy_panic_threshold every endpoint
-        is usable again (Envoy's panic mode)."""
-        lb = self.lb
-        if lb is None:
+        """The balancer's pick among usable endpoints (not ejected, not failed by the
+        health check; with `tried`, not tried before when another exists: Envoy's
+        previous_hosts predicate with host_selection_retry_max_attempts 3). Below
+        healthy_panic_threshold every endpoint is usable again (Envoy's panic mode).
+        With priorities or locality weights a group is chosen first (upstream.locality)."""
+        if self.lb is None:
             return None
-        eps = self.endpoints
+        if self.levels is None:
+            return self._pick_in(self.endpoints, self.lb, now, tried, key, None)
+        usable = [[sum(1 for e in g.endpoints if self._usable(e, now)) for g in level]
+                  for level in self.levels]
+        factor = self.spec.overprovisioning
+        counts_per_level = [(sum(u), sum(len(g.endpoints) for g in level))
+                            for u, level in zip(usable, self.levels, strict=True)]
+        # Envoy's panic rule with priorities: the normalized total health (the levels'
+        # overprovisioned health summed, capped at 100%) below the threshold.
+        total_health = min(1.0, sum(health(h, t, factor) for h, t in counts_per_level))
+        if total_health * 100 < self.spec.panic_threshold:
+            return self._pick_in(self.endpoints, self.lb, now, tried, key, False)
+        loads = priority_loads(counts_per_level, factor)
+        li = choose(loads, _random() * sum(loads))
+        level, counts = self.levels[li], usable[li]
+        group = level[0]
+        if len(level) > 1:
+            weights = locality_weights([(g.weight, n, len(g.endpoints))
+                                        for g, n in zip(level, counts, strict=True)], factor)
+            total = sum(weights)
+            if total > 0:
+                group = level[choose(weights, _random() * total)]
+        return self._pick_in(group.endpoints, group.lb, now, tried, key, True)
+
+    def _pick_in(self, eps: list[Endpoint], lb: Balancer, now: float,
+                 tried: list[Endpoint] | None, key: int, healthy_enough: bool | None
+                 ) -> Endpoint:
+        """healthy_enough: True when the caller ruled out panic mode, False when it
+        declared it, None when it is decided here, for `eps`."""
         ep = eps[lb.pick(key, 0)]
         if self._usable(ep, now) and (tried is None or ep not in tried):
             return ep
-        healthy = sum(1 for e in eps if self._usable(e, now))
-        if healthy * 100 < self.spec.panic_threshold * len(eps):
+        if healthy_enough is None:
+            healthy = sum(1 for e in eps if self._usable(e, now))
+            healthy_enough = healthy * 100 >= self.spec.panic_threshold * len(eps)
+        if not healthy_enough:
             st = self.stats
             st.block.inc(st.lb_healthy_panic)
-            usable = None
-        else:
-            usable = True
         for attempt in range(1, max(3, len(eps)) + 1):
-            if (usable is None or self._usable(ep, now)) and (tried is None or ep not in tried):
+            if ((not healthy_enough or self._usable(ep, now))
+                    and (tried is None or ep not in tried)):
                 return ep
             # consistent hashing: the next alternative point for the same key
             ep = eps[lb.pick(key, attempt)]

@@ -70,7 +70,7 @@ class Endpoint:
 
     __slots__ = ("address", "port", "weight", "label", "idle", "idle_timeout", "max_idle",
                  "stats", "cstats", "open", "notify", "changed", "outlier", "hc", "index",
-                 "max_duration")
+                 "max_duration", "lb")
 
     def __init__(self, address: str, port: int, weight: int, idle_timeout: float,
                  max_idle: int, stats: Any, cstats: Any) -> None:
@@ -87,7 +87,8 @@ class Endpoint:
         self.outlier = OutlierState()  # passive health, kept across reloads
         # (block, cell) of the supervisor's active health check result, or None.
         self.hc: tuple[Any, int] | None = None
-        self.index = 0  # position in its cluster's balancer
+        self.index = 0  # position in its group's balancer, `lb`
+        self.lb: Any = None
         self.max_duration = 0.0  # max_connection_duration (0: none)
         # Set by the cluster that owns the endpoint: `notify` wakes requests waiting for a
         # connection slot; `changed` republishes the remaining_cx gauge.

@@ -62,7 +62,7 @@ def test_lb_policies_source_ip_hash(origin_factory, tmp_path) -> None:
 @pytest.mark.parametrize("policy", ["least_request", "peak_ewma"])
 def test_lb_policies_load_aware_avoid_slow_endpoint(origin_factory, tmp_path,
                                                     policy: str) -> None:
-    slow = origin_factory(tagged("slow", delay=0.2))
+    slow = origin_factory(tagged("slow", delay=0.4))
     fast = [origin_factory(tagged(f"fast{i}")) for i in range(2)]
     p = proxy(tmp_path, [slow.port] + [o.port for o in fast], policy)
     served: list[bytes] = []
@@ -77,5 +77,5 @@ def test_lb_policies_load_aware_avoid_slow_endpoint(origin_factory, tmp_path,
     for t in threads:
         t.join(30)
     share = Counter(served)[b"slow"] / len(served)
-    assert share < 0.2, Counter(served)  # round robin would give it a third
+    assert share < 0.25, Counter(served)  # round robin would give it a third
     p.stop()
