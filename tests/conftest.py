@@ -8,6 +8,17 @@ import pytest
 from tests.helpers import Origin, Proxy
 
 
+@pytest.fixture(autouse=True)
+def _stop_proxies_of_the_test():
+    """A test that fails half-way must not leave a proxy running (and serving, probing
+    health, holding ports) into the tests after it. Module-scoped proxies are kept."""
+    before = len(Proxy.started)
+    yield
+    for p in Proxy.started[before:]:
+        if not getattr(p, "module_scoped", False):
+            p.stop()
+
+
 @pytest.fixture
 def origin_factory() -> Iterator[Callable[..., Origin]]:
     origins: list[Origin] = []
@@ -51,6 +62,7 @@ def shared(tmp_path_factory):
     p = Proxy(config(o.port, access_log={"path": str(log), "format": "json",
                                          "flush_interval": "50ms"}),
               tmp_path_factory.mktemp("proxy"))
+    p.module_scoped = True
     p.access_log = log
     yield o, p
     p.stop()

@@ -165,11 +165,14 @@ def wait_for(pred: Callable[[], Any], timeout: float = 5.0) -> Any:
 
 
 class Proxy:
-    """`python -m meshproxy run` in a subprocess; ports read from its log."""
+    """`python -m meshproxy run` in a subprocess; ports read from its log. Every proxy is
+    recorded in `started`, and the suite stops them all after each test, passed or not."""
 
     LISTEN = re.compile(r"listener (\S+) on [^ ]+:(\d+)")
+    started: list[Proxy] = []
 
     def __init__(self, config: dict, tmp: Path, args: tuple[str, ...] = ()) -> None:
+        Proxy.started.append(self)
         self.config_path = tmp / f"config-{time.monotonic_ns()}.json"
         self.config_path.write_text(json.dumps(config))
         self.stderr_path = tmp / f"stderr-{time.monotonic_ns()}.log"
@@ -199,6 +202,8 @@ class Proxy:
         return self.stderr_path.read_text(errors="replace")
 
     def stop(self) -> None:
+        if not hasattr(self, "proc"):
+            return
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -206,7 +211,8 @@ class Proxy:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._err.close()
+        if not self._err.closed:
+            self._err.close()
 
 
 def config(origin_port: int | None = None, *, routes: list | None = None,

@@ -146,6 +146,13 @@ class AccessLogSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class TLSSpec:
+    certificates: tuple[tuple[str, str], ...]  # (chain file, key file)
+    alpn: tuple[bytes, ...]
+    handshake_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerSpec:
     name: str
     address: str
@@ -158,6 +165,7 @@ class ListenerSpec:
     max_headers: int
     access_log: AccessLogSpec | None
     max_connection_duration: float = 0.0
+    tls: TLSSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,7 +353,11 @@ def compile_config(config: schema.Config, version: int = 1,
             parse_duration(lst.request_headers_timeout), parse_duration(lst.idle_timeout),
             lst.max_request_line, lst.max_request_headers_kb * 1024, lst.max_headers_count,
             _access_log(lst.access_log or config.access_log, access_log_override),
-            parse_duration(lst.max_connection_duration)))
+            parse_duration(lst.max_connection_duration),
+            TLSSpec(tuple((c.certificate_chain, c.private_key) for c in lst.tls.certificates),
+                    tuple(a.encode() for a in lst.tls.alpn),
+                    parse_duration(lst.tls.handshake_timeout)) if lst.tls is not None
+            else None))
     clusters = {
         c.name: ClusterSpec(
             c.name, tuple((e.address, e.port, e.weight) for e in c.endpoints),

@@ -11,6 +11,7 @@ Sans-IO apart from `load_file`, which reads the file and nothing else.
 
 from __future__ import annotations
 
+import os
 import re
 import types
 import typing
@@ -302,6 +303,14 @@ def check(config: schema.Config) -> list[str]:
         _check_duration(lst.request_headers_timeout, f"{p}.request_headers_timeout", errors)
         _check_duration(lst.idle_timeout, f"{p}.idle_timeout", errors)
         _check_duration(lst.max_connection_duration, f"{p}.max_connection_duration", errors)
+        if lst.tls is not None:
+            _check_duration(lst.tls.handshake_timeout, f"{p}.tls.handshake_timeout", errors)
+            for k, cert in enumerate(lst.tls.certificates):
+                for fname in ("certificate_chain", "private_key"):
+                    path = getattr(cert, fname)
+                    if not os.path.isfile(path):
+                        errors.append(f"{p}.tls.certificates[{k}].{fname}: no such file "
+                                      f"{path!r}")
         seen: dict[str, str] = {}
         for j, vh in enumerate(lst.virtual_hosts):
             vp = f"{p}.virtual_hosts[{j}]"

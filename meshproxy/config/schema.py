@@ -287,6 +287,22 @@ class VirtualHost(Base, frozen=True):
     response_headers_to_remove: list[HeaderName] = []
 
 
+class TLSCertificate(Base, frozen=True):
+    certificate_chain: NonEmptyStr  # PEM file: leaf first, then intermediates
+    private_key: NonEmptyStr        # PEM file
+
+
+class ListenerTLS(Base, frozen=True):
+    """Downstream TLS termination. Several certificates are chosen by SNI (exact name,
+    then wildcard); the first is the default."""
+
+    certificates: Annotated[list[TLSCertificate], Meta(min_length=1)]
+    alpn: list[Literal["http/1.1"]] = msgspec.field(default_factory=lambda: ["http/1.1"])
+    # A client must finish its handshake within this (Envoy's
+    # transport_socket_connect_timeout).
+    handshake_timeout: Duration = "10s"
+
+
 class Listener(Base, frozen=True):
     name: NonEmptyStr
     port: Annotated[int, Meta(ge=0, le=65535)]
@@ -304,6 +320,7 @@ class Listener(Base, frozen=True):
     max_request_headers_kb: Annotated[int, Meta(ge=1, le=8192)] = 60
     max_headers_count: Annotated[int, Meta(ge=1, le=10_000)] = 100
     access_log: AccessLog | None = None
+    tls: ListenerTLS | None = None
 
 
 class TracingCollector(Base, frozen=True):

@@ -40,6 +40,7 @@ from meshproxy.process.messages import DrainMsg, SnapshotMsg, encode
 from meshproxy.stats.names import Scope, offset
 from meshproxy.stats.shared_memory import Capacity, Layout, Segment, Slots
 from meshproxy.stats.sink import endpoint_key
+from meshproxy.transport.tls_context import CertificateFiles, ServerTLS, TLSConfigError
 from meshproxy.upstream.health_check import HealthChecker
 
 log = logging.getLogger("meshproxy.supervisor")
@@ -126,6 +127,13 @@ class Supervisor:
         listeners = []
         keep: set[tuple[str, str, int]] = set()
         for i, lst in enumerate(config.listeners):
+            if lst.tls is not None:
+                try:  # what every worker will load: refuse it here if it cannot be
+                    ServerTLS([CertificateFiles(c.certificate_chain, c.private_key)
+                               for c in lst.tls.certificates])
+                except TLSConfigError as exc:
+                    errors.append(f"listeners[{i}].tls: {exc}")
+                    continue
             try:
                 sock = self._reserve(lst)
             except OSError as exc:
@@ -280,6 +288,7 @@ class Supervisor:
     async def drain(self) -> None:
         """Stop taking new connections everywhere; keep serving those open (POST /drain)."""
         self.draining = True
+        self.health.stop()
         for w in self.workers:
             await self._send(w, DrainMsg(self.opts.drain_timeout))
 
@@ -289,6 +298,7 @@ class Supervisor:
     async def _shutdown(self) -> None:
         self.stopping = True
         self.draining = True
+        self.health.stop()
         for w in self.workers:
             await self._send(w, DrainMsg(self.opts.drain_timeout))
         with trio.move_on_after(self.opts.drain_timeout + 5):

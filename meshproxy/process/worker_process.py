@@ -9,6 +9,7 @@ and exits 0 after a drain, or when the supervisor goes away (the pipe closes).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import signal
@@ -76,6 +77,19 @@ async def _main(args: argparse.Namespace, segment: Segment) -> None:
             nursery.cancel_scope.cancel()
 
 
+def _die_with_parent() -> None:
+    """Linux PR_SET_PDEATHSIG: SIGTERM (a drain) when the supervisor dies, even by SIGKILL,
+    so a worker can never outlive it holding the ports; the closed control pipe says the
+    same, this also covers a worker blocked elsewhere."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the supervisor died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="meshproxy-worker")
     ap.add_argument("--index", type=int, required=True)
@@ -95,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C in a terminal signals the whole process group; the supervisor decides how
     # workers stop (a drain), so a worker ignores SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
     cap = Capacity(*args.capacity)

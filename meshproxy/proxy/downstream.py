@@ -19,15 +19,24 @@ A scope that fired stays cancelled, so every timeout ends the connection.
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from time import perf_counter
 from typing import Any
 
 import trio
 
 from meshproxy._core.http1_parser import HeadParser, MessageHead, ParseError
-from meshproxy.config.compile import ClusterAction, DirectAction, ListenerSpec, RedirectAction
+from meshproxy.config.compile import (
+    ClusterAction,
+    DirectAction,
+    ListenerSpec,
+    RedirectAction,
+    TLSSpec,
+)
 from meshproxy.protocol import errors as flags
 from meshproxy.proxy.access_log import AccessLogger, Entry, format_time, text
 from meshproxy.proxy.local_reply import local_reply
@@ -37,11 +46,25 @@ from meshproxy.stats.sink import Sink
 from meshproxy.tracing.tracer import Active, Tracer
 from meshproxy.transport.reactor import Reactor
 from meshproxy.transport.sockio import PeerClosed, abort, close, recv_after_wait, recv_now, send_all
+from meshproxy.transport.tls_context import CertificateFiles, ServerTLS
+from meshproxy.transport.tls_stream import TLSError, TLSStream
 from meshproxy.upstream.cluster_manager import ClusterManager
 from meshproxy.upstream.conn_pool import UpstreamConn
 
 # Bound on writing a last error reply to a client after a timeout: it may not be reading.
 FAREWELL_TIMEOUT = 1.0
+
+log = logging.getLogger("meshproxy.downstream")
+
+
+class ListenerTLS:
+    __slots__ = ("spec", "server", "handshake_timeout")
+
+    def __init__(self, spec: TLSSpec) -> None:
+        self.spec = spec
+        self.server = ServerTLS([CertificateFiles(c, k) for c, k in spec.certificates],
+                                spec.alpn)
+        self.handshake_timeout = spec.handshake_timeout
 
 
 class WorkerState:
@@ -59,7 +82,7 @@ class ListenerContext:
     `parser` and `clusters` in place; a request in flight keeps what it already looked up."""
 
     __slots__ = ("spec", "parser", "clusters", "logger", "scheme", "reactor", "state",
-                 "lstats", "hstats", "tracer")
+                 "lstats", "hstats", "tracer", "tls")
 
     def __init__(self, spec: ListenerSpec, clusters: ClusterManager,
                  logger: AccessLogger | None, reactor: Reactor, state: WorkerState,
@@ -68,13 +91,20 @@ class ListenerContext:
         self.state = state
         self.lstats = sink.listener(spec.name)
         self.hstats = sink.http(spec.name)
-        self.scheme = b"http"
         self.tracer: Tracer | None = None
+        self.tls: ListenerTLS | None = None
         self.update(spec, clusters, logger)
 
     def update(self, spec: ListenerSpec, clusters: ClusterManager,
                logger: AccessLogger | None, tracer: Tracer | None = None) -> None:
         self.tracer = tracer
+        if spec.tls is None:
+            self.tls = None
+        elif self.tls is None or self.tls.spec != spec.tls:
+            # Certificates are loaded once per listener config (the supervisor has already
+            # checked that they load); connections keep the contexts they started with.
+            self.tls = ListenerTLS(spec.tls)
+        self.scheme = b"https" if self.tls is not None else b"http"
         self.spec = spec
         self.parser = HeadParser(spec.max_request_line, spec.max_header_bytes, spec.max_headers)
         self.clusters = clusters
@@ -109,13 +139,20 @@ class Exchange:
 
 class DownstreamConnection:
     __slots__ = ("ctx", "reactor", "ch", "sock", "peer", "peer_ip", "buf", "pos", "phase", "ex",
-                 "requests", "upstream", "cs", "deadline", "born")
+                 "requests", "upstream", "cs", "deadline", "born", "recv", "recv_wait", "send",
+                 "tls")
 
     def __init__(self, ctx: ListenerContext, sock: socket.socket, peer: tuple) -> None:
         self.ctx = ctx
         self.reactor = ctx.reactor
         self.ch = ctx.reactor.register(sock)
         self.sock = sock
+        # The connection's I/O: plain sockets call sockio directly (partials add no frame);
+        # a TLS connection swaps in its stream's methods after the handshake.
+        self.recv: Callable[..., Awaitable[bytes]] = partial(recv_now, self.ch)
+        self.recv_wait: Callable[..., Awaitable[bytes]] = partial(recv_after_wait, self.ch)
+        self.send: Callable[[bytes], Awaitable[None]] = partial(send_all, sock)
+        self.tls: TLSStream | None = None
         self.peer = peer
         self.peer_ip = peer[0].encode("ascii") if peer else b"-"
         self.buf = b""
@@ -140,6 +177,8 @@ class DownstreamConnection:
         blk.add(ws.downstream_cx_active, 1)
         try:
             with self.cs:
+                if self.ctx.tls is not None and not await self._handshake():
+                    return
                 while await self._one_request():
                     pass
             if self.cs.cancelled_caught:
@@ -159,7 +198,31 @@ class DownstreamConnection:
             if self.upstream is not None:
                 self.upstream.abort()
                 self.upstream = None
+            if self.tls is not None and self.ch.sock.fileno() >= 0:
+                with trio.move_on_after(FAREWELL_TIMEOUT) as scope:
+                    scope.shield = True
+                    await self.tls.close_notify()
             close(self.ch)
+
+    async def _handshake(self) -> bool:
+        """TLS termination: the handshake within the listener's handshake timeout; then
+        every read and write of this connection goes through the TLS stream."""
+        tls = self.ctx.tls
+        assert tls is not None
+        stream = self.tls = TLSStream(self.ch, tls.server.connection())
+        try:
+            await stream.handshake(self.reactor.now + tls.handshake_timeout)
+        except (TLSError, trio.TooSlowError) as exc:
+            ls = self.ctx.lstats
+            ls.block.inc(ls.ssl_connection_error)
+            log.debug("TLS handshake with %s failed: %s", self.peer, exc)
+            return False
+        self.recv = stream.recv
+        self.recv_wait = stream.recv
+        self.send = stream.send_all
+        ls = self.ctx.lstats
+        ls.block.inc(ls.ssl_handshake)
+        return True
 
     # ------------------------------------------------------------------ heads
 
@@ -184,7 +247,7 @@ class DownstreamConnection:
             limit = ctx.spec.max_connection_duration
             if limit and self.born + limit < self.deadline:
                 self.deadline = self.born + limit  # an idle connection past it just closes
-            buf = await recv_after_wait(self.ch)
+            buf = await self.recv_wait()
             if not buf:
                 return None
             pos = 0
@@ -197,7 +260,7 @@ class DownstreamConnection:
         else:
             self.phase = PH_HEAD
         while head is None:
-            data = await recv_now(self.ch)
+            data = await self.recv()
             if not data:
                 self.buf, self.pos = buf, pos
                 return None
@@ -359,7 +422,7 @@ class DownstreamConnection:
         ex.flags = flag
         ex.response_started = True
         ex.bytes_out = 0 if head_only else len(body)
-        await send_all(self.sock, data)
+        await self.send(data)
         return keep
 
     async def _on_timeout(self) -> None:

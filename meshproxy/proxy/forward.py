@@ -26,8 +26,9 @@ connection is reset, so a truncated body is never mistaken for a complete one.
 
 from __future__ import annotations
 
-import random
 import socket
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
@@ -56,7 +57,6 @@ from meshproxy.proxy.retry_policy import (
     format_grpc_timeout,
 )
 from meshproxy.tracing.context import PROPAGATION_HEADERS
-from meshproxy.transport.reactor import Channel
 from meshproxy.transport.sockio import (
     RECV_SIZE,
     PeerClosed,
@@ -70,8 +70,6 @@ from meshproxy.upstream.conn_pool import Endpoint, UpstreamConn
 
 if TYPE_CHECKING:
     from meshproxy.proxy.downstream import DownstreamConnection, Exchange
-
-_random = random.random
 
 TE_CHUNKED = (b"transfer-encoding", b"chunked")
 CONN_CLOSE = (b"connection", b"close")
@@ -308,14 +306,13 @@ async def _send_request_body(dc: DownstreamConnection, head: MessageHead, ex: Ex
                              conn: UpstreamConn, state: BodyState) -> None:
     """Stream the request body client -> upstream; each send waits for the upstream to take
     the bytes before more are read from the client (backpressure)."""
-    sock_d, sock_u = dc.sock, conn.sock
-    ch_d = dc.ch
+    sock_u = conn.sock
     idle = dc.ctx.spec.idle_timeout
     dc.phase = PH_REQ_BODY
     buf, pos = dc.buf, dc.pos
     if head.expect_continue and pos >= len(buf):
         # RFC 9110 section 10.1.1: the client waits for this before sending the body.
-        await send_all(sock_d, CONTINUE_100)
+        await dc.send(CONTINUE_100)
     try:
         if head.chunked:
             dec = ChunkedDecoder()
@@ -339,7 +336,7 @@ async def _send_request_body(dc: DownstreamConnection, head: MessageHead, ex: Ex
                     state.keep(out)
                     await _send_up(sock_u, out)
                 dc.deadline = dc.reactor.now + idle
-                buf, pos = await recv_now(ch_d), 0
+                buf, pos = await dc.recv(), 0
                 if not buf:
                     raise PeerClosed("client closed during the request body")
             dc.buf, dc.pos = buf, pos
@@ -355,7 +352,7 @@ async def _send_request_body(dc: DownstreamConnection, head: MessageHead, ex: Ex
             while remaining:
                 dc.deadline = dc.reactor.now + idle
                 # Read no further than the body: what follows belongs to the next request.
-                data = await recv_now(ch_d, min(remaining, RECV_SIZE))
+                data = await dc.recv(min(remaining, RECV_SIZE))
                 if not data:
                     raise PeerClosed("client closed during the request body")
                 state.keep(data)
@@ -389,7 +386,7 @@ async def _read_response_head(dc: DownstreamConnection, head: MessageHead,
             resp = parser.parse_response(ubuf, upos)
             while resp is not None and resp.status < 200 and resp.status != 101:
                 if head.version >= 11:  # RFC 9110 15.2: never a 1xx to an HTTP/1.0 client
-                    await send_all(dc.sock, serialize_head(
+                    await dc.send(serialize_head(
                         b"HTTP/1.1 %d %s" % (resp.status, resp.reason or reason(resp.status)),
                         resp.headers, RESPONSE_SKIP, []))
                 upos = resp.end
@@ -421,7 +418,7 @@ def _truncated() -> ProxyError:
 async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
                           action: ClusterAction, conn: UpstreamConn, resp: MessageHead,
                           ubuf: bytes, request_complete: bool) -> bool:
-    sock_d, ch_u = dc.sock, conn.ch
+    send_d, ch_u = dc.send, conn.ch
     status = resp.status
     if head.method == b"HEAD" or status == 204 or status == 304:
         framing = F_NONE
@@ -453,11 +450,11 @@ async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Excha
     reusable = request_complete and resp.keep_alive and framing != F_CLOSE
     ex.response_started = True
     if framing == F_NONE:
-        await send_all(sock_d, out)
+        await send_d(out)
     elif framing == F_LENGTH:
         remaining = resp.content_length
         take = min(len(ubuf) - upos, remaining)
-        await send_all(sock_d, out + ubuf[upos:upos + take] if take else out)
+        await send_d(out + ubuf[upos:upos + take] if take else out)
         remaining -= take
         upos += take
         ex.bytes_out = take
@@ -468,7 +465,7 @@ async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Excha
                 data = b""
             if not data:
                 raise _truncated()
-            await send_all(sock_d, data)
+            await send_d(data)
             remaining -= len(data)
             ex.bytes_out += len(data)
     elif framing == F_CHUNKED:
@@ -488,10 +485,10 @@ async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Excha
             if dec.done:
                 if down_chunked:
                     pending += encode_last_chunk(dec.trailers)
-                await send_all(sock_d, pending)
+                await send_d(pending)
                 break
             if pending:
-                await send_all(sock_d, pending)
+                await send_d(pending)
                 pending = b""
             try:
                 ubuf, upos = await recv_now(ch_u), 0
@@ -506,7 +503,7 @@ async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Excha
                 ex.bytes_out += len(data)
                 pending += encode_chunk(data) if down_chunked else data
             if pending:
-                await send_all(sock_d, pending)
+                await send_d(pending)
                 pending = b""
             try:
                 data = await recv_now(ch_u)
@@ -515,7 +512,7 @@ async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Excha
             if not data:
                 break
         if down_chunked:
-            await send_all(sock_d, encode_last_chunk())
+            await send_d(encode_last_chunk())
         upos = len(ubuf)
     dc.upstream = None
     if reusable and upos >= len(ubuf):
@@ -529,7 +526,7 @@ async def _tunnel(dc: DownstreamConnection, ex: Exchange, conn: UpstreamConn,
                   resp: MessageHead, ubuf: bytes) -> None:
     """After a 101 to a WebSocket upgrade, relay bytes both ways until both sides are done.
     The listener's idle_timeout, renewed by traffic either way, bounds a silent tunnel."""
-    sock_d, sock_u = dc.sock, conn.sock
+    sock_u = conn.sock
     extra = [CONN_UPGRADE, (b"upgrade", resp.upgrade or b"websocket")]
     out = serialize_head(b"HTTP/1.1 101 %s" % (resp.reason or b"Switching Protocols"),
                          resp.headers, RESPONSE_SKIP, extra)
@@ -538,20 +535,21 @@ async def _tunnel(dc: DownstreamConnection, ex: Exchange, conn: UpstreamConn,
     dc.phase = PH_TUNNEL
     idle = dc.ctx.spec.idle_timeout
     dc.deadline = dc.reactor.now + idle
-    await send_all(sock_d, out + ubuf[resp.end:])
+    await dc.send(out + ubuf[resp.end:])
     if dc.pos < len(dc.buf):
         await send_all(sock_u, dc.buf[dc.pos:])
         dc.pos = len(dc.buf)
 
-    async def pump(src: Channel, dst: socket.socket, upstream_bound: bool,
-                   nursery: trio.Nursery) -> None:
+    async def pump(recv: Callable[[], Awaitable[bytes]],
+                   send: Callable[[bytes], Awaitable[None]], dst: socket.socket,
+                   upstream_bound: bool, nursery: trio.Nursery) -> None:
         try:
             while True:
-                data = await recv_now(src)
+                data = await recv()
                 if not data:
                     break
                 dc.deadline = dc.reactor.now + idle
-                await send_all(dst, data)
+                await send(data)
                 if upstream_bound:
                     ex.bytes_in += len(data)
                 else:
@@ -565,7 +563,7 @@ async def _tunnel(dc: DownstreamConnection, ex: Exchange, conn: UpstreamConn,
             pass
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(pump, dc.ch, sock_u, True, nursery)
-        nursery.start_soon(pump, conn.ch, sock_d, False, nursery)
+        nursery.start_soon(pump, dc.recv, partial(send_all, sock_u), sock_u, True, nursery)
+        nursery.start_soon(pump, partial(recv_now, conn.ch), dc.send, dc.sock, False, nursery)
     dc.upstream = None
     conn.close()

@@ -60,6 +60,8 @@ LISTENER = (
     counter("downstream_cx_total", "connections accepted"),
     gauge("downstream_cx_active", "connections open"),
     counter("downstream_cx_destroy", "connections closed"),
+    counter("ssl.handshake", "TLS handshakes completed"),
+    counter("ssl.connection_error", "TLS handshakes that failed or timed out"),
 )
 
 HTTP = (

@@ -50,6 +50,12 @@ class HealthChecker:
         self.states: dict[str, _State] = {}
         self._scope: trio.CancelScope | None = None
 
+    def stop(self) -> None:
+        """No more probes (the proxy is draining: its endpoints are none of its business)."""
+        if self._scope is not None:
+            self._scope.cancel()
+            self._scope = None
+
     def apply(self, config: schema.Config, nursery: trio.Nursery) -> None:
         """Probe the endpoints of `config` (stopping the probes of the previous one)."""
         if self._scope is not None:

@@ -332,3 +332,23 @@ def test_supervisor_kill9_under_load_only_victims_connections_fail(pool) -> None
         c.close()
     fresh = [get(p.port) for _ in range(20)]
     assert fresh == [200] * 20
+
+
+def test_supervisor_killed_workers_do_not_outlive_it(origin, tmp_path) -> None:
+    p = start(tmp_path, origin)
+    pids = [w["pid"] for w in workers(p)]
+    p.proc.kill()  # SIGKILL: no drain, no goodbye
+    p.proc.wait(5)
+
+    def gone() -> bool:
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().split()[2] != "Z":
+                        return False
+            except FileNotFoundError:
+                pass
+        return True
+
+    wait_for(gone, timeout=5)
+    p.stop()
