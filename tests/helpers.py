@@ -288,3 +288,22 @@ def read_response(sock: socket.socket, head_only: bool = False) -> tuple[int, di
 def curl(*args: str, timeout: float = 10) -> subprocess.CompletedProcess:
     return subprocess.run(["curl", "-sS", "--max-time", str(timeout), *args],
                           capture_output=True, timeout=timeout + 5)
+
+
+def make_pki(directory: Path, name_sets: list[list[str]]) -> tuple[Path, list[tuple[str, str]]]:
+    """A test CA (trustme) and one certificate per set of names: (CA file, [(chain, key)])."""
+    import trustme
+
+    ca = trustme.CA()
+    ca_path = directory / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    out = []
+    for i, names in enumerate(name_sets):
+        cert = ca.issue_cert(*names)
+        chain, key = directory / f"chain{i}.pem", directory / f"key{i}.pem"
+        cert.cert_chain_pems[0].write_to_path(str(chain))
+        for extra in cert.cert_chain_pems[1:]:
+            extra.write_to_path(str(chain), append=True)
+        cert.private_key_pem.write_to_path(str(key))
+        out.append((str(chain), str(key)))
+    return ca_path, out

@@ -9,25 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import trustme
 
-from tests.helpers import Proxy, config, wait_for
+from tests.helpers import Proxy, config, make_pki, wait_for
 from tests.integration.test_supervisor import _admin_port, admin, stat
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     d: Path = tmp_path_factory.mktemp("tls")
-    ca = trustme.CA()
-    ca.cert_pem.write_to_path(str(d / "ca.pem"))
-    out = []
-    for i, names in enumerate((["a.example"], ["*.b.example"])):
-        cert = ca.issue_cert(*names)
-        chain, key = d / f"chain{i}.pem", d / f"key{i}.pem"
-        cert.cert_chain_pems[0].write_to_path(str(chain))
-        cert.private_key_pem.write_to_path(str(key))
-        out.append({"certificate_chain": str(chain), "private_key": str(key)})
-    return d, out
+    _, pairs = make_pki(d, [["a.example"], ["*.b.example"]])
+    return d, [{"certificate_chain": c, "private_key": k} for c, k in pairs]
 
 
 def tls_proxy(tmp_path, origin, certs_list) -> Proxy:

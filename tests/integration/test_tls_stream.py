@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import trio
-import trustme
 
 from meshproxy.transport.listener import bind_listener
 from meshproxy.transport.reactor import Reactor
 from meshproxy.transport.sockio import PeerClosed, close
 from meshproxy.transport.tls_context import CertificateFiles, ServerTLS, TLSConfigError, describe
 from meshproxy.transport.tls_stream import TLSError, TLSStream
+from tests.helpers import make_pki
 
 
 class TLSServer:
@@ -86,17 +86,8 @@ class TLSServer:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     d: Path = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    ca.cert_pem.write_to_path(str(d / "ca.pem"))
-    files = []
-    for i, names in enumerate((["a.example", "localhost"], ["*.b.example"])):
-        cert = ca.issue_cert(*names)
-        cert.cert_chain_pems[0].write_to_path(str(d / f"c{i}.pem"))
-        for extra in cert.cert_chain_pems[1:]:
-            extra.write_to_path(str(d / f"c{i}.pem"), append=True)
-        cert.private_key_pem.write_to_path(str(d / f"k{i}.pem"))
-        files.append(CertificateFiles(str(d / f"c{i}.pem"), str(d / f"k{i}.pem")))
-    return d, files
+    _, pairs = make_pki(d, [["a.example", "localhost"], ["*.b.example"]])
+    return d, [CertificateFiles(c, k) for c, k in pairs]
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +172,7 @@ def test_tls_stream_handshake_timeout(pki) -> None:
 
 def test_tls_stream_bad_key_named(pki, tmp_path) -> None:
     d, files = pki
-    with pytest.raises(TLSConfigError, match=r"k1\.pem"):
+    with pytest.raises(TLSConfigError, match=r"key1\.pem"):
         ServerTLS([CertificateFiles(files[0].chain, files[1].key)])  # key of another cert
     broken = tmp_path / "broken.pem"
     broken.write_text("not a certificate")
