@@ -23,6 +23,8 @@ cdef class MessageHead:
     cdef public bytes upgrade
     cdef public bytes request_id
     cdef public bytes forwarded_for
+    cdef public bytes grpc_timeout
+    cdef public bytes deadline_ms
 
 
 cdef class HeadParser:

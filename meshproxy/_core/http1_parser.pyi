@@ -30,6 +30,8 @@ class MessageHead:
     upgrade: bytes | None
     request_id: bytes | None
     forwarded_for: bytes | None
+    grpc_timeout: bytes | None
+    deadline_ms: bytes | None
     @property
     def keep_alive(self) -> bool: ...
     def get(self, name: bytes, default: bytes | None = None) -> bytes | None: ...

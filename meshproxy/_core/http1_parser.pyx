@@ -371,6 +371,12 @@ cdef int _note_field(const unsigned char *p, Py_ssize_t na, Py_ssize_t nb, Py_ss
     elif ln == 12 and _eq_lower(nm, 12, "x-request-id", 12):
         if head.request_id is None:
             head.request_id = value
+    elif ln == 12 and _eq_lower(nm, 12, "grpc-timeout", 12):
+        if head.grpc_timeout is None:
+            head.grpc_timeout = value
+    elif ln == 23 and _eq_lower(nm, 23, "x-meshproxy-deadline-ms", 23):
+        if head.deadline_ms is None:
+            head.deadline_ms = value
     elif ln == 15 and _eq_lower(nm, 15, "x-forwarded-for", 15):
         # Several lines are one list (RFC 9110 5.3); the proxy appends to the combined value.
         head.forwarded_for = value if head.forwarded_for is None else head.forwarded_for + b", " + value

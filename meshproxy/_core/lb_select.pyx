@@ -95,7 +95,8 @@ cdef class Balancer:
         return self.n
 
     cpdef Py_ssize_t pick(self, unsigned long long key=0, int attempt=0):
-        raise NotImplementedError
+        """The default every policy refines: a draw in proportion to the weights."""
+        return self._random_weighted()
 
     cpdef void start(self, Py_ssize_t i):
         self.active[i] += 1
@@ -147,11 +148,10 @@ cdef class SmoothWeightedRoundRobin(Balancer):
 
 
 cdef class Random(Balancer):
+    """A weighted random draw: the base balancer's pick, under its config name."""
+
     def __init__(self, list weights):
         pass
-
-    cpdef Py_ssize_t pick(self, unsigned long long key=0, int attempt=0):
-        return self._random_weighted()
 
 
 cdef class LeastRequest(Balancer):

@@ -30,8 +30,6 @@ from meshproxy.protocol.errors import ProxyError
 from meshproxy.proxy.forward import BodyState, attempt, build_upstream_head, finish
 from meshproxy.proxy.phases import PH_RESP_BODY, PH_UPSTREAM
 from meshproxy.proxy.retry_policy import (
-    DEADLINE_HEADER,
-    GRPC_TIMEOUT,
     RetrySpec,
     backoff,
     parse_deadline_ms,
@@ -62,10 +60,11 @@ def choose_cluster(action: ClusterAction) -> str:
 
 
 def incoming_deadline(head: MessageHead) -> tuple[float | None, bool]:
-    """(seconds the client allows, whether it spoke gRPC's grpc-timeout)."""
-    value = head.get(DEADLINE_HEADER)
+    """(seconds the client allows, whether it spoke gRPC's grpc-timeout). The parser noted
+    both headers while parsing, so no header is scanned here."""
+    value = head.deadline_ms
     mine = parse_deadline_ms(value) if value is not None else None
-    value = head.get(GRPC_TIMEOUT)
+    value = head.grpc_timeout
     grpc = parse_grpc_timeout(value) if value is not None else None
     if mine is None:
         return grpc, grpc is not None

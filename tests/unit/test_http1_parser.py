@@ -180,3 +180,11 @@ def test_serialize_head_skips_and_adds() -> None:
     out = serialize_head(b"GET / HTTP/1.1", [(b"a", b"1"), (b"connection", b"x"), (b"b", b"2")],
                          frozenset({b"connection"}), [(b"host", b"h")])
     assert out == b"GET / HTTP/1.1\r\na: 1\r\nb: 2\r\nhost: h\r\n\r\n"
+
+
+def test_http1_parser_notes_deadline_headers() -> None:
+    h = P.parse_request(b"GET / HTTP/1.1\r\nHost: a\r\nGRPC-Timeout: 100m\r\n"
+                        b"X-Meshproxy-Deadline-Ms: 250\r\nX-Meshproxy-Deadline-Ms: 900\r\n\r\n")
+    assert h.grpc_timeout == b"100m" and h.deadline_ms == b"250"  # the first one counts
+    h = P.parse_request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert h.grpc_timeout is None and h.deadline_ms is None

@@ -3,70 +3,70 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
 
-from meshproxy.transport.reactor import TICK, Reactor
+from meshproxy.transport.reactor import TICK, Channel, Reactor
 from meshproxy.transport.sockio import close, recv_after_wait, recv_now
 
 
-def pair() -> tuple[socket.socket, socket.socket]:
+@asynccontextmanager
+async def running(timers: bool = False
+                  ) -> AsyncIterator[tuple[Reactor, Channel, socket.socket, trio.Nursery]]:
+    """A running reactor with one end of a socket pair registered (the channel) and the
+    other end for the test to write; everything is torn down afterwards."""
+    reactor = Reactor()
     a, b = socket.socketpair()
     a.setblocking(False)
     b.setblocking(False)
-    return a, b
+    async with trio.open_nursery() as n:
+        await n.start(reactor.run)
+        if timers:
+            n.start_soon(reactor.run_timers)
+        ch = reactor.register(a)
+        try:
+            yield reactor, ch, b, n
+        finally:
+            close(ch)
+            b.close()
+            n.cancel_scope.cancel()
 
 
 def test_reactor_edge_before_wait_is_not_lost() -> None:
     async def main() -> None:
-        reactor = Reactor()
-        async with trio.open_nursery() as n:
-            await n.start(reactor.run)
-            a, b = pair()
-            ch = reactor.register(a)
-            b.send(b"early")
+        async with running() as (_, ch, peer, _n):
+            peer.send(b"early")
             await trio.sleep(0.05)  # the edge fires while nobody waits
             with trio.fail_after(1):
                 assert await recv_after_wait(ch) == b"early"
-            b.send(b"late")
+            peer.send(b"late")
             with trio.fail_after(1):
                 assert await recv_now(ch) == b"late"
-            close(ch)
-            b.close()
-            n.cancel_scope.cancel()
 
     trio.run(main)
 
 
 def test_reactor_eof_wakes_reader() -> None:
     async def main() -> None:
-        reactor = Reactor()
-        async with trio.open_nursery() as n:
-            await n.start(reactor.run)
-            a, b = pair()
-            ch = reactor.register(a)
+        async with running() as (_, ch, peer, n):
 
             async def closer() -> None:
                 await trio.sleep(0.05)
-                b.close()
+                peer.close()
 
             n.start_soon(closer)
             with trio.fail_after(1):
                 assert await recv_now(ch) == b""
-            close(ch)
-            n.cancel_scope.cancel()
 
     trio.run(main)
 
 
 def test_reactor_close_wakes_parked_task() -> None:
     async def main() -> None:
-        reactor = Reactor()
-        async with trio.open_nursery() as n:
-            await n.start(reactor.run)
-            a, b = pair()
-            ch = reactor.register(a)
+        async with running() as (_, ch, _peer, n):
 
             async def closer() -> None:
                 await trio.sleep(0.05)
@@ -75,8 +75,6 @@ def test_reactor_close_wakes_parked_task() -> None:
             n.start_soon(closer)
             with pytest.raises(trio.ClosedResourceError), trio.fail_after(1):
                 await ch.wait_readable()
-            b.close()
-            n.cancel_scope.cancel()
 
     trio.run(main)
 
@@ -89,9 +87,7 @@ class _Conn:
 
 def test_reactor_timers_cancel_after_deadline() -> None:
     async def main() -> None:
-        reactor = Reactor()
-        async with trio.open_nursery() as n:
-            n.start_soon(reactor.run_timers)
+        async with running(timers=True) as (reactor, _ch, _peer, _n):
             start = trio.current_time()
             conn = _Conn(start + 0.2)
             reactor.timed.add(conn)
@@ -100,29 +96,20 @@ def test_reactor_timers_cancel_after_deadline() -> None:
             took = trio.current_time() - start
             assert conn.cs.cancelled_caught
             assert 0.2 <= took <= 0.2 + 2 * TICK + 0.1
-            n.cancel_scope.cancel()
 
     trio.run(main)
 
 
 def test_reactor_timed_wait_raises_too_slow() -> None:
     async def main() -> None:
-        reactor = Reactor()
-        async with trio.open_nursery() as n:
-            await n.start(reactor.run)
-            n.start_soon(reactor.run_timers)
-            a, b = pair()
-            ch = reactor.register(a)
+        async with running(timers=True) as (reactor, ch, peer, _n):
             start = trio.current_time()
             with pytest.raises(trio.TooSlowError):
                 await recv_after_wait(ch, deadline=trio.current_time() + 0.2)
             assert 0.2 <= trio.current_time() - start <= 0.2 + 2 * TICK + 0.1
             assert not reactor.waits  # no registration left behind
-            b.send(b"x")  # and a later plain wait still works
+            peer.send(b"x")  # and a later plain wait still works
             with trio.fail_after(1):
                 assert await recv_after_wait(ch) == b"x"
-            close(ch)
-            b.close()
-            n.cancel_scope.cancel()
 
     trio.run(main)
