@@ -96,12 +96,14 @@ http {{
     return proc
 
 
-def start_haproxy(tmp: Path, port: int, origin: int) -> subprocess.Popen:
+def start_haproxy(tmp: Path, port: int, origin: int, bind_options: str = "",
+                  global_options: str = "") -> subprocess.Popen:
     conf = tmp / "haproxy.cfg"
     conf.write_text(f"""
 global
     nbthread 1
     maxconn 4000
+    {global_options}
 defaults
     mode http
     timeout connect 5s
@@ -110,7 +112,7 @@ defaults
     option http-keep-alive
     http-reuse always
 frontend fe
-    bind 127.0.0.1:{port}
+    bind 127.0.0.1:{port} {bind_options}
     default_backend be
 backend be
     server origin 127.0.0.1:{origin} maxconn 1000

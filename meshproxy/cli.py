@@ -25,8 +25,14 @@ def _print_config_errors(exc: ConfigError) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from meshproxy.process import cert_watch
+
     try:
-        load_file(args.config)
+        config = load_file(args.config)
+        # The certificates too: a key that does not match its certificate is invalid.
+        _material, errors = cert_watch.load(config)
+        if errors:
+            raise ConfigError(errors, args.config)
     except ConfigError as exc:
         _print_config_errors(exc)
         return EXIT_CONFIG
@@ -41,13 +47,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     try:
         config = load_file(args.config)
-        # Compiling catches what only the compiled form can (it is what workers will do).
-        compile_config(config, access_log_override=args.access_log)
         sup = Supervisor(args.config, config, Options(
             workers=args.workers, cpu_affinity=args.cpu_affinity,
             max_connections=args.max_connections, drain_timeout=args.drain_timeout,
             admin_address=args.admin_address, log_level=args.log_level,
             access_log=args.access_log, stats=not args.no_stats))
+        # Compiling catches what only the compiled form can (it is what workers will do).
+        compile_config(sup.config, access_log_override=args.access_log,
+                       material=sup.material.files)
     except ConfigError as exc:
         _print_config_errors(exc)
         return EXIT_CONFIG

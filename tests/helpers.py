@@ -12,6 +12,7 @@ import os
 import re
 import select
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import h11
+
+from meshproxy.transport.tls_material import KeyPair
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,6 +82,9 @@ class Origin:
     requests: list[Req] = field(default_factory=list)
     connections: int = 0
     raw_bytes: int = 0
+    # Serve HTTPS: the handshake happens in the connection's thread; failures are kept.
+    tls: ssl.SSLContext | None = None
+    tls_errors: list[str] = field(default_factory=list)
 
     def start(self) -> Origin:
         self._lsock = socket.socket()
@@ -109,6 +115,13 @@ class Origin:
 
     def _serve(self, sock: socket.socket, conn_id: int) -> None:
         leftover = b""
+        if self.tls is not None:
+            try:
+                sock = self.tls.wrap_socket(sock, server_side=True)
+            except (OSError, ssl.SSLError) as exc:
+                self.tls_errors.append(str(exc))
+                sock.close()
+                return
         try:
             while True:
                 conn = h11.Connection(h11.SERVER)
@@ -288,6 +301,11 @@ def read_response(sock: socket.socket, head_only: bool = False) -> tuple[int, di
 def curl(*args: str, timeout: float = 10) -> subprocess.CompletedProcess:
     return subprocess.run(["curl", "-sS", "--max-time", str(timeout), *args],
                           capture_output=True, timeout=timeout + 5)
+
+
+def key_pair(chain: str, key: str) -> KeyPair:
+    """A certificate and key as the supervisor hands them to the TLS contexts."""
+    return KeyPair(chain, Path(chain).read_bytes(), key, Path(key).read_bytes())
 
 
 def make_pki(directory: Path, name_sets: list[list[str]]) -> tuple[Path, list[tuple[str, str]]]:

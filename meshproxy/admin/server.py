@@ -29,6 +29,7 @@ import h11
 import msgspec
 import trio
 
+from meshproxy.process.cert_watch import certs_report
 from meshproxy.stats.names import Scope, offset
 from meshproxy.stats.render import (
     collect,
@@ -67,6 +68,7 @@ class AdminServer:
             "/stats/prometheus": {"GET": self.prometheus},
             "/clusters": {"GET": self.clusters},
             "/config_dump": {"GET": self.config_dump},
+            "/certs": {"GET": self.certs},
             "/ready": {"GET": self.ready},
             "/healthz": {"GET": self.healthz},
             "/workers": {"GET": self.workers},
@@ -202,6 +204,11 @@ class AdminServer:
 
     async def config_dump(self, q: dict[str, list[str]]) -> Reply:
         return _json({"version": self.sup.version, "config": self.sup.config})
+
+    async def certs(self, q: dict[str, list[str]]) -> Reply:
+        """Envoy's /certs: the TLS material in service, with SPIFFE IDs, serials and days
+        until expiry."""
+        return _json(certs_report(self.sup.config, self.sup.material))
 
     async def ready(self, q: dict[str, list[str]]) -> Reply:
         sup = self.sup

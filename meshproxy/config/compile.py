@@ -7,24 +7,38 @@ never mutated; a worker swaps it in one assignment.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 from meshproxy._core.route_table import HeaderMatcher, Route, RouteTable, VirtualHost
 from meshproxy.config import schema
 from meshproxy.config.durations import parse_duration
+from meshproxy.filters.authz import Authorizer, compile_policies, wildcard_regex
+from meshproxy.filters.local_ratelimit import (
+    LocalRateLimiter,
+    Memory,
+    RateLimitSpec,
+    private_memory,
+)
 from meshproxy.proxy.retry_policy import RetrySpec, conditions
+from meshproxy.transport.tls_material import Bundle, KeyPair
 
 MatcherKind = Literal["exact", "prefix", "suffix", "regex", "present", "absent"]
 PathKind = Literal["prefix", "path", "regex"]
 
 # Request headers never forwarded as they came (RFC 9110 section 7.6.1 hop-by-hop fields,
 # plus those the proxy itself rewrites: Host, the framing and Expect, which the proxy answers
-# itself as Envoy does, and the x-forwarded-* it sets).
+# itself as Envoy does, and the x-forwarded-* it sets). x-forwarded-client-cert is Envoy's
+# SANITIZE_SET: a client's own is dropped, the proxy sets it for a verified client.
 REQUEST_SKIP = frozenset({
     b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
     b"proxy-connection", b"host", b"expect", b"x-forwarded-for", b"x-forwarded-proto",
+    b"x-forwarded-client-cert",
 })
+# The pseudo-header the route table matches source principals on. A colon cannot start a
+# field name on the wire (RFC 9110 section 5.1), so a client cannot forge it.
+PRINCIPAL_HEADER = b":source-principal"
 # Response headers never forwarded as they came: hop-by-hop and the framing the proxy
 # chooses for the downstream connection.
 RESPONSE_SKIP = frozenset({
@@ -80,6 +94,15 @@ class OutlierSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteFilters:
+    """The filters a route's requests pass before its action (authorization first, so a
+    denied request takes no token). None on an action: no filter applies."""
+
+    authz: Authorizer | None
+    rate_limit: LocalRateLimiter | None
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterAction:
     """Forward upstream. `clusters` holds (name, cumulative weight); one entry unless
     weighted_clusters, where a request goes to the first whose cumulative weight exceeds a
@@ -95,6 +118,7 @@ class ClusterAction:
     retry: RetrySpec | None = None
     # (kind, name): ("header", b"x-user"), ("cookie", b"session"), ("source_ip", b"")
     hash_policy: tuple[tuple[str, bytes], ...] = ()
+    filters: RouteFilters | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +132,7 @@ class RedirectAction:
     status: int
     strip_query: bool
     ops: HeaderOps
+    filters: RouteFilters | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +141,7 @@ class DirectAction:
     body: bytes
     content_type: bytes
     ops: HeaderOps
+    filters: RouteFilters | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +162,7 @@ class ClusterSpec:
     placement: tuple[tuple[int, str], ...] = ()
     locality_weights: tuple[tuple[str, int], ...] | None = None
     overprovisioning: float = 1.4
+    tls: UpstreamTLSSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,9 +174,22 @@ class AccessLogSpec:
 
 @dataclass(frozen=True, slots=True)
 class TLSSpec:
-    certificates: tuple[tuple[str, str], ...]  # (chain file, key file)
+    """A listener's TLS: the material itself (bytes the supervisor checked), so that a
+    rotated file yields a different spec and workers rebuild their contexts."""
+
+    certificates: tuple[KeyPair, ...]
     alpn: tuple[bytes, ...]
     handshake_timeout: float
+    trusted_ca: Bundle | None = None
+    require_client: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTLSSpec:
+    sni: str
+    certificate: KeyPair | None
+    trusted_ca: Bundle | None
+    match_sans: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +206,8 @@ class ListenerSpec:
     access_log: AccessLogSpec | None
     max_connection_duration: float = 0.0
     tls: TLSSpec | None = None
+    # Some route matches on the source principal: requests of verified clients carry it.
+    match_principal: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +279,7 @@ def _ops(vh: schema.VirtualHost, route: schema.Route) -> HeaderOps:
     return HeaderOps(rq_skip, rq_add, rs_skip, rs_add)
 
 
-def _action(vh: schema.VirtualHost, r: schema.Route) -> object:
+def _action(vh: schema.VirtualHost, r: schema.Route, filters: RouteFilters | None) -> object:
     ops = _ops(vh, r)
     prefix = _enc(r.match.prefix) if r.match.prefix is not None else None
     if r.route is not None:
@@ -260,7 +302,7 @@ def _action(vh: schema.VirtualHost, r: schema.Route) -> object:
             parse_duration(a.timeout), ops, _retry(a.retry_policy),
             tuple(("header", _enc(h.header.lower())) if h.header is not None
                   else ("cookie", _enc(h.cookie)) if h.cookie is not None
-                  else ("source_ip", b"") for h in a.hash_policy))
+                  else ("source_ip", b"") for h in a.hash_policy), filters)
     if r.redirect is not None:
         d = r.redirect
         return RedirectAction(
@@ -270,10 +312,11 @@ def _action(vh: schema.VirtualHost, r: schema.Route) -> object:
             _enc(d.path_redirect) if d.path_redirect is not None else None,
             prefix,
             _enc(d.prefix_rewrite) if d.prefix_rewrite is not None else None,
-            d.response_code, d.strip_query, ops)
+            d.response_code, d.strip_query, ops, filters)
     assert r.direct_response is not None
     dr = r.direct_response
-    return DirectAction(dr.status, dr.body.encode("utf-8"), _enc(dr.content_type), ops)
+    return DirectAction(dr.status, dr.body.encode("utf-8"), _enc(dr.content_type), ops,
+                        filters)
 
 
 def _retry(rp: schema.RetryPolicy | None) -> RetrySpec | None:
@@ -312,7 +355,7 @@ def _outlier(od: schema.OutlierDetection | None) -> OutlierSpec | None:
         od.failure_percentage_minimum_hosts, od.failure_percentage_request_volume)
 
 
-def _route(vh: schema.VirtualHost, r: schema.Route) -> Route:
+def _route(vh: schema.VirtualHost, r: schema.Route, filters: RouteFilters | None) -> Route:
     m = r.match
     kind: PathKind
     if m.prefix is not None:
@@ -322,10 +365,14 @@ def _route(vh: schema.VirtualHost, r: schema.Route) -> Route:
     else:
         kind, path = "regex", m.regex or ""
     methods = [_enc(x.upper()) for x in m.methods] if m.methods else None
-    return Route(kind, _enc(path), methods,
-                 [_matcher(h, True) for h in m.headers],
+    headers = [_matcher(h, True) for h in m.headers]
+    if m.source_principals is not None:
+        headers.append(HeaderMatcher(PRINCIPAL_HEADER, "regex",
+                                     _enc(wildcard_regex(m.source_principals,
+                                                         strip_scheme=True))))
+    return Route(kind, _enc(path), methods, headers,
                  [_matcher(q, False) for q in m.query_parameters],
-                 _action(vh, r), m.case_sensitive, r.name)
+                 _action(vh, r, filters), m.case_sensitive, r.name)
 
 
 def _access_log(spec: schema.AccessLog | None, override: str | None) -> AccessLogSpec | None:
@@ -339,25 +386,58 @@ def _access_log(spec: schema.AccessLog | None, override: str | None) -> AccessLo
     return AccessLogSpec(spec.path, spec.format, parse_duration(spec.flush_interval))
 
 
+def _pair(chain: str, key: str, material: Mapping[str, bytes]) -> KeyPair:
+    return KeyPair(chain, material[chain], key, material[key])
+
+
+def _bundle(path: str | None, material: Mapping[str, bytes]) -> Bundle | None:
+    return Bundle(path, material[path]) if path is not None else None
+
+
+def listener_tls(t: schema.ListenerTLS | None, material: Mapping[str, bytes]
+                  ) -> TLSSpec | None:
+    if t is None:
+        return None
+    return TLSSpec(tuple(_pair(c.certificate_chain, c.private_key, material)
+                         for c in t.certificates),
+                   tuple(a.encode() for a in t.alpn), parse_duration(t.handshake_timeout),
+                   _bundle(t.trusted_ca, material), t.require_client_certificate)
+
+
+def upstream_tls(t: schema.UpstreamTLS | None, material: Mapping[str, bytes]
+                  ) -> UpstreamTLSSpec | None:
+    if t is None:
+        return None
+    cert = (_pair(t.certificate_chain, t.private_key, material)
+            if t.certificate_chain is not None and t.private_key is not None else None)
+    return UpstreamTLSSpec(t.sni, cert, _bundle(t.trusted_ca, material),
+                           tuple(t.match_subject_alt_names))
+
+
 def compile_config(config: schema.Config, version: int = 1,
-                   access_log_override: str | None = None, workers: int = 1) -> Snapshot:
-    """Build the runtime snapshot. The config must have passed load.check()."""
+                   access_log_override: str | None = None, workers: int = 1,
+                   material: Mapping[str, bytes] | None = None,
+                   memory: Memory = private_memory) -> Snapshot:
+    """Build the runtime snapshot. The config must have passed load.check(); `material`
+    holds the bytes of every file load.tls_files() names (the supervisor read them);
+    `memory` places each rate limiter's bucket table (shared memory in workers)."""
+    material = material or {}
+    limiters: dict[str, LocalRateLimiter] = {}
     listeners = []
     for lst in config.listeners:
         vhosts = []
         for vh in lst.virtual_hosts:
-            routes = [_route(vh, r) for r in vh.routes]
+            routes = [_route(vh, r, _filters(lst, vh, k, r, memory, limiters))
+                      for k, r in enumerate(vh.routes)]
             vhosts.append((VirtualHost(vh.name, routes), list(vh.domains)))
         listeners.append(ListenerSpec(
             lst.name, lst.address, lst.port, RouteTable(vhosts),
             parse_duration(lst.request_headers_timeout), parse_duration(lst.idle_timeout),
             lst.max_request_line, lst.max_request_headers_kb * 1024, lst.max_headers_count,
             _access_log(lst.access_log or config.access_log, access_log_override),
-            parse_duration(lst.max_connection_duration),
-            TLSSpec(tuple((c.certificate_chain, c.private_key) for c in lst.tls.certificates),
-                    tuple(a.encode() for a in lst.tls.alpn),
-                    parse_duration(lst.tls.handshake_timeout)) if lst.tls is not None
-            else None))
+            parse_duration(lst.max_connection_duration), listener_tls(lst.tls, material),
+            any(r.match.source_principals is not None
+                for vh in lst.virtual_hosts for r in vh.routes)))
     clusters = {
         c.name: ClusterSpec(
             c.name, tuple((e.address, e.port, e.weight) for e in c.endpoints),
@@ -371,7 +451,59 @@ def compile_config(config: schema.Config, version: int = 1,
             tuple((e.priority, e.locality) for e in c.endpoints),
             tuple(sorted(c.locality_weights.items())) if c.locality_weights is not None
             else None,
-            c.overprovisioning_factor / 100)
+            c.overprovisioning_factor / 100, upstream_tls(c.tls, material))
         for c in config.clusters
     }
     return Snapshot(version, config, tuple(listeners), clusters, _tracing(config.tracing))
+
+
+def rate_limit_specs(lst: schema.Listener, vh: schema.VirtualHost, k: int, r: schema.Route
+                     ) -> RateLimitSpec | None:
+    """The limit of route k of `vh`: the route's own, else its virtual host's. The name is
+    the shared table's: a virtual host's limit is one set of buckets for all its routes."""
+    rl = r.local_rate_limit or vh.local_rate_limit
+    if rl is None:
+        return None
+    where = f"{lst.name}/{vh.name}" + (f"/routes[{k}]" if r.local_rate_limit else "")
+    tb = rl.token_bucket
+    window = parse_duration(tb.fill_interval)
+    key, header = "", b""
+    if rl.key is not None:
+        if rl.key.header is not None:
+            key, header = "header", _enc(rl.key.header.lower())
+        elif rl.key.source_principal:
+            key = "source_principal"
+        else:
+            key = "remote_address"
+    nkeys = rl.max_keys if key else 1
+    return RateLimitSpec(f"{where}#{nkeys}", tb.max_tokens, tb.tokens_per_fill / window,
+                         window, key, header, nkeys, rl.response_headers)
+
+
+def rate_limit_tables(config: schema.Config) -> dict[str, int]:
+    """name -> int64 cells of every rate limiter's bucket table (the supervisor places
+    them in shared memory)."""
+    out: dict[str, int] = {}
+    for lst in config.listeners:
+        for vh in lst.virtual_hosts:
+            for k, r in enumerate(vh.routes):
+                spec = rate_limit_specs(lst, vh, k, r)
+                if spec is not None:
+                    out[spec.name] = spec.cells
+    return out
+
+
+def _filters(lst: schema.Listener, vh: schema.VirtualHost, k: int, r: schema.Route,
+             memory: Memory, limiters: dict[str, LocalRateLimiter]) -> RouteFilters | None:
+    policies = (r.authorization_policies if r.authorization_policies is not None
+                else lst.authorization_policies)
+    authz = compile_policies(policies)
+    spec = rate_limit_specs(lst, vh, k, r)
+    limiter = None
+    if spec is not None:
+        limiter = limiters.get(spec.name)
+        if limiter is None:
+            limiter = limiters[spec.name] = LocalRateLimiter(spec, memory)
+    if authz is None and limiter is None:
+        return None
+    return RouteFilters(authz, limiter)

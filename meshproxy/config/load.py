@@ -22,6 +22,7 @@ import msgspec
 import yaml
 
 from meshproxy.config import schema
+from meshproxy.config.check_filters import check_policies, check_rate_limit
 from meshproxy.config.durations import parse_duration
 
 
@@ -196,6 +197,11 @@ _MATCHER_KINDS = ("exact", "prefix", "suffix", "regex", "present", "absent")
 
 def _check_route(route: schema.Route, path: str, clusters: set[str], errors: list[str]) -> None:
     _exactly_one(route.match, ("prefix", "path", "regex"), f"{path}.match", errors)
+    if route.authorization_policies is not None:
+        check_policies(route.authorization_policies, f"{path}.authorization_policies", errors)
+    check_rate_limit(route.local_rate_limit, f"{path}.local_rate_limit", errors)
+    if route.match.source_principals is not None and not route.match.source_principals:
+        errors.append(f"{path}.match.source_principals: must not be empty")
     _check_regex(route.match.regex, f"{path}.match.regex", errors)
     groups: tuple[tuple[str, list[schema.QueryParameterMatch]], ...] = (
         ("headers", list(route.match.headers)),
@@ -285,6 +291,8 @@ def check(config: schema.Config) -> list[str]:
         budget = c.circuit_breakers.retry_budget
         if budget is not None and budget.window is not None:
             _check_duration(budget.window, f"{p}.circuit_breakers.retry_budget.window", errors)
+        if c.tls is not None and (c.tls.certificate_chain is None) != (c.tls.private_key is None):
+            errors.append(f"{p}.tls: certificate_chain and private_key go together")
     if not config.listeners:
         errors.append("listeners: at least one listener is required")
     if config.tracing is not None:
@@ -305,15 +313,11 @@ def check(config: schema.Config) -> list[str]:
         _check_duration(lst.max_connection_duration, f"{p}.max_connection_duration", errors)
         if lst.tls is not None:
             _check_duration(lst.tls.handshake_timeout, f"{p}.tls.handshake_timeout", errors)
-            for k, cert in enumerate(lst.tls.certificates):
-                for fname in ("certificate_chain", "private_key"):
-                    path = getattr(cert, fname)
-                    if not os.path.isfile(path):
-                        errors.append(f"{p}.tls.certificates[{k}].{fname}: no such file "
-                                      f"{path!r}")
+        check_policies(lst.authorization_policies, f"{p}.authorization_policies", errors)
         seen: dict[str, str] = {}
         for j, vh in enumerate(lst.virtual_hosts):
             vp = f"{p}.virtual_hosts[{j}]"
+            check_rate_limit(vh.local_rate_limit, f"{vp}.local_rate_limit", errors)
             for k, d in enumerate(vh.domains):
                 _check_domain(d, f"{vp}.domains[{k}]", errors)
                 if d.lower() in seen:
@@ -322,4 +326,30 @@ def check(config: schema.Config) -> list[str]:
                 seen[d.lower()] = vh.name
             for k, route in enumerate(vh.routes):
                 _check_route(route, f"{vp}.routes[{k}]", clusters, errors)
+    for where, path in tls_files(config):
+        if not os.path.isfile(path):
+            errors.append(f"{where}: no such file {path!r}")
     return errors
+
+
+def tls_files(config: schema.Config) -> list[tuple[str, str]]:
+    """Every certificate, key and bundle file the config names, with the field naming it:
+    what the supervisor reads, checks, watches for rotation and sends to the workers."""
+    out: list[tuple[str, str]] = []
+    for i, lst in enumerate(config.listeners):
+        if lst.tls is None:
+            continue
+        p = f"listeners[{i}].tls"
+        for k, cert in enumerate(lst.tls.certificates):
+            out.append((f"{p}.certificates[{k}].certificate_chain", cert.certificate_chain))
+            out.append((f"{p}.certificates[{k}].private_key", cert.private_key))
+        if lst.tls.trusted_ca is not None:
+            out.append((f"{p}.trusted_ca", lst.tls.trusted_ca))
+    for i, c in enumerate(config.clusters):
+        if c.tls is None:
+            continue
+        for fname in ("certificate_chain", "private_key", "trusted_ca"):
+            path = getattr(c.tls, fname)
+            if path is not None:
+                out.append((f"clusters[{i}].tls.{fname}", path))
+    return out

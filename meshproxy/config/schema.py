@@ -112,6 +112,22 @@ class HealthCheck(Base, frozen=True):
     unhealthy_threshold: Annotated[int, Meta(ge=1)] = 3
 
 
+class UpstreamTLS(Base, frozen=True):
+    """TLS to a cluster's endpoints (Envoy's UpstreamTlsContext, flattened)."""
+
+    # Server name sent in the handshake (default: none).
+    sni: str = ""
+    # The proxy's own certificate, for mTLS: both or neither.
+    certificate_chain: NonEmptyStr | None = None
+    private_key: NonEmptyStr | None = None
+    # CA certificates the endpoints' certificates must chain to. Without it the endpoints
+    # are not verified (Envoy's behaviour without a validation context).
+    trusted_ca: NonEmptyStr | None = None
+    # Envoy's match_subject_alt_names (exact): an endpoint's certificate must carry one of
+    # these URI (SPIFFE ID) or DNS SANs, else the connection fails (503 UF).
+    match_subject_alt_names: list[NonEmptyStr] = []
+
+
 class Cluster(Base, frozen=True):
     name: NonEmptyStr
     endpoints: list[Endpoint]
@@ -147,6 +163,7 @@ class Cluster(Base, frozen=True):
     # Envoy's overprovisioning factor, in percent: a level or locality with this much
     # more capacity than needed can lose 1 - 100/140 of its endpoints before traffic moves.
     overprovisioning_factor: Annotated[int, Meta(ge=100, le=1000)] = 140
+    tls: UpstreamTLS | None = None
 
 
 class QueryParameterMatch(Base, frozen=True):
@@ -179,6 +196,10 @@ class RouteMatch(Base, frozen=True):
     methods: list[Annotated[str, Meta(pattern=r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")]] | None = None
     headers: list[HeaderMatch] = []
     query_parameters: list[QueryParameterMatch] = []
+    # The request's source principal (the client certificate's SPIFFE ID without
+    # "spiffe://", Istio's form) must match one of these: exact, "prefix*", "*suffix", or
+    # "*" (any verified client). Requests without a verified client never match.
+    source_principals: list[NonEmptyStr] | None = None
 
 
 class WeightedCluster(Base, frozen=True):
@@ -263,6 +284,83 @@ class HeaderValue(Base, frozen=True):
     append: bool = True
 
 
+class AuthzSource(Base, frozen=True):
+    """Who sent the request (Istio's Source). Set fields must all match."""
+
+    principals: list[NonEmptyStr] = []      # SPIFFE IDs without "spiffe://", with * wildcards
+    not_principals: list[NonEmptyStr] = []
+    namespaces: list[NonEmptyStr] = []
+    not_namespaces: list[NonEmptyStr] = []
+    ip_blocks: list[NonEmptyStr] = []       # the client address: "10.0.0.0/8", "192.0.2.7"
+    not_ip_blocks: list[NonEmptyStr] = []
+
+
+class AuthzOperation(Base, frozen=True):
+    """What is asked for (Istio's Operation). Set fields must all match."""
+
+    hosts: list[NonEmptyStr] = []
+    not_hosts: list[NonEmptyStr] = []
+    ports: list[Port] = []
+    not_ports: list[Port] = []
+    methods: list[NonEmptyStr] = []
+    not_methods: list[NonEmptyStr] = []
+    paths: list[NonEmptyStr] = []           # the path without its query
+    not_paths: list[NonEmptyStr] = []
+
+
+class AuthzCondition(Base, frozen=True):
+    """Istio's Condition: `key` is request.headers[<name>], source.ip, source.principal,
+    source.namespace, destination.port, request.method, request.path or request.host."""
+
+    key: NonEmptyStr
+    values: list[str] = []
+    not_values: list[str] = []
+
+
+class AuthzRule(Base, frozen=True):
+    from_: list[AuthzSource] = msgspec.field(default_factory=list, name="from")
+    to: list[AuthzOperation] = []
+    when: list[AuthzCondition] = []
+
+
+class AuthorizationPolicy(Base, frozen=True):
+    """Istio's AuthorizationPolicy for this listener or route (see filters/authz.py)."""
+
+    name: NonEmptyStr
+    action: Literal["ALLOW", "DENY", "AUDIT"] = "ALLOW"
+    rules: list[AuthzRule] = []
+
+
+class TokenBucket(Base, frozen=True):
+    """Envoy's token bucket: holds up to max_tokens, refilled by tokens_per_fill every
+    fill_interval (continuously, pro rata, so that the rate is smooth)."""
+
+    max_tokens: Annotated[int, Meta(ge=1, le=1_000_000_000)]
+    fill_interval: Duration
+    tokens_per_fill: Annotated[int, Meta(ge=1, le=1_000_000_000)] = 1
+
+
+class RateLimitKey(Base, frozen=True):
+    """A bucket per distinct value of exactly one of these."""
+
+    header: HeaderName | None = None
+    source_principal: bool = False
+    remote_address: bool = False
+
+
+class LocalRateLimit(Base, frozen=True):
+    """Envoy's local rate limit, for the whole worker pool of this proxy."""
+
+    token_bucket: TokenBucket
+    # Without `key`, one bucket for every request of the route or virtual host.
+    key: RateLimitKey | None = None
+    # Buckets kept for distinct keys (a shared table); keys beyond it share buckets.
+    max_keys: Annotated[int, Meta(ge=1, le=1_048_576)] = 4096
+    # x-ratelimit-limit, -remaining, -reset on every response of a limited route
+    # (Envoy's enable_x_ratelimit_headers: DRAFT_VERSION_03).
+    response_headers: bool = True
+
+
 class Route(Base, frozen=True):
     """Exactly one of route, redirect, direct_response."""
 
@@ -275,6 +373,11 @@ class Route(Base, frozen=True):
     request_headers_to_remove: list[HeaderName] = []
     response_headers_to_add: list[HeaderValue] = []
     response_headers_to_remove: list[HeaderName] = []
+    # Replace the listener's policies for this route (Envoy's per-route RBAC); [] turns
+    # authorization off for it. None: the listener's apply.
+    authorization_policies: list[AuthorizationPolicy] | None = None
+    # Replaces the virtual host's limit for this route.
+    local_rate_limit: LocalRateLimit | None = None
 
 
 class VirtualHost(Base, frozen=True):
@@ -285,6 +388,7 @@ class VirtualHost(Base, frozen=True):
     request_headers_to_remove: list[HeaderName] = []
     response_headers_to_add: list[HeaderValue] = []
     response_headers_to_remove: list[HeaderName] = []
+    local_rate_limit: LocalRateLimit | None = None
 
 
 class TLSCertificate(Base, frozen=True):
@@ -301,6 +405,13 @@ class ListenerTLS(Base, frozen=True):
     # A client must finish its handshake within this (Envoy's
     # transport_socket_connect_timeout).
     handshake_timeout: Duration = "10s"
+    # mTLS (Envoy's validation_context.trusted_ca): PEM CA certificates a client certificate
+    # must chain to. With it, a client certificate is asked for and verified when sent; its
+    # SPIFFE ID becomes the request's source principal.
+    trusted_ca: NonEmptyStr | None = None
+    # Envoy's require_client_certificate (default false, which is Istio's PERMISSIVE for
+    # certificates): true fails a handshake without a client certificate (STRICT).
+    require_client_certificate: bool = False
 
 
 class Listener(Base, frozen=True):
@@ -321,6 +432,8 @@ class Listener(Base, frozen=True):
     max_headers_count: Annotated[int, Meta(ge=1, le=10_000)] = 100
     access_log: AccessLog | None = None
     tls: ListenerTLS | None = None
+    # Checked for every request of the listener, after routing (a route may replace them).
+    authorization_policies: list[AuthorizationPolicy] = []
 
 
 class TracingCollector(Base, frozen=True):

@@ -26,6 +26,10 @@ class SnapshotMsg(msgspec.Struct, tag="snapshot", frozen=True):
     cluster_slots: dict[str, int]
     endpoint_slots: dict[str, int]
     workers: int = 1
+    # The bytes of every TLS file the config names, as the supervisor read and checked them.
+    material: dict[str, bytes] = {}
+    # Rate-limit bucket tables: name -> first cell in the shared bucket memory.
+    bucket_slots: dict[str, int] = {}
 
 
 class DrainMsg(msgspec.Struct, tag="drain", frozen=True):

@@ -35,12 +35,14 @@ import msgspec
 import trio
 
 from meshproxy.config import schema
+from meshproxy.config.compile import rate_limit_tables
 from meshproxy.config.load import ConfigError, load_file
+from meshproxy.process import cert_watch
+from meshproxy.process.bucket_memory import BucketMemory
 from meshproxy.process.messages import DrainMsg, SnapshotMsg, encode
 from meshproxy.stats.names import Scope, offset
 from meshproxy.stats.shared_memory import Capacity, Layout, Segment, Slots
 from meshproxy.stats.sink import endpoint_key
-from meshproxy.transport.tls_context import CertificateFiles, ServerTLS, TLSConfigError
 from meshproxy.upstream.health_check import HealthChecker
 
 log = logging.getLogger("meshproxy.supervisor")
@@ -86,6 +88,7 @@ class Supervisor:
         self.cap = Capacity()
         self.segment = Segment(Layout(self.cap), opts.workers + 1)
         self.slots = Slots()
+        self.buckets = BucketMemory()
         self.workers = [WorkerHandle(i) for i in range(opts.workers)]
         self.reserved: dict[tuple[str, str, int], socket.socket] = {}
         self.version = 0
@@ -98,6 +101,7 @@ class Supervisor:
         self._stop = trio.Event()
         self.health = HealthChecker(self.segment, self.slots)
         self._nursery: trio.Nursery | None = None
+        self.material = cert_watch.Material()
         errors = self._prepare(config)
         if errors:
             raise ConfigError(errors, str(config_path))
@@ -123,17 +127,11 @@ class Supervisor:
     def _prepare(self, config: schema.Config) -> list[str]:
         """Reserve ports and stats slots for `config`; on success it becomes the message
         the workers get. Returns errors (and changes nothing) when it cannot be served."""
-        errors: list[str] = []
         listeners = []
         keep: set[tuple[str, str, int]] = set()
+        # What every worker will load, read and checked here: refused here if it cannot be.
+        material, errors = cert_watch.load(config)
         for i, lst in enumerate(config.listeners):
-            if lst.tls is not None:
-                try:  # what every worker will load: refuse it here if it cannot be
-                    ServerTLS([CertificateFiles(c.certificate_chain, c.private_key)
-                               for c in lst.tls.certificates])
-                except TLSConfigError as exc:
-                    errors.append(f"listeners[{i}].tls: {exc}")
-                    continue
             try:
                 sock = self._reserve(lst)
             except OSError as exc:
@@ -147,6 +145,8 @@ class Supervisor:
         if not errors:
             errors = self.slots.assign([lst.name for lst in config.listeners],
                                        [c.name for c in config.clusters], endpoints, self.cap)
+        if not errors:
+            errors = self.buckets.assign(rate_limit_tables(config))
         if errors:
             for key in list(self.reserved):
                 if key not in keep and key not in self._in_use():
@@ -156,9 +156,11 @@ class Supervisor:
             self.reserved.pop(key).close()
         self.version += 1
         self.config = msgspec.structs.replace(config, listeners=listeners)
+        self.material = material
         self.message = SnapshotMsg(self.version, self.config, self.opts.access_log,
                                    dict(self.slots.listeners), dict(self.slots.clusters),
-                                   dict(self.slots.endpoints), len(self.workers))
+                                   dict(self.slots.endpoints), len(self.workers),
+                                   material.files, dict(self.buckets.slots))
         return []
 
     def _in_use(self) -> set[tuple[str, str, int]]:
@@ -192,6 +194,29 @@ class Supervisor:
             self.health.apply(self.config, self._nursery)
         return self.version, []
 
+    async def _watch_certificates(self) -> None:
+        """Rotation: a changed TLS file is read, checked and sent to the workers as a new
+        snapshot of the same config; a broken one is refused and the old material stays."""
+        refused: dict[str, cert_watch.Stamp | None] | None = None
+        while True:
+            await trio.sleep(cert_watch.POLL_INTERVAL)
+            if self.draining or not cert_watch.changed(self.material):
+                continue
+            seen = cert_watch.current_stamps(self.material)
+            if seen == refused:
+                continue  # the same broken files: said once already
+            errors = self._prepare(self.config)
+            if errors:
+                refused = seen
+                log.error("certificate rotation refused, the material in service stays "
+                          "(config version %d): %s", self.version, "; ".join(errors))
+                continue
+            refused = None
+            log.info("certificate rotation: new TLS material in config version %d",
+                     self.version)
+            for w in self.workers:
+                await self._send(w)
+
     def _log_refused(self, errors: list[str]) -> None:
         log.error("reload refused, config version %d stays: %s", self.version,
                   "; ".join(errors))
@@ -204,6 +229,7 @@ class Supervisor:
         cmd = [sys.executable, "-m", "meshproxy.process.worker_process",
                "--index", str(w.index), "--control-fd", str(r),
                "--stats-fd", str(self.segment.fd), "--slabs", str(self.segment.slabs),
+               "--buckets-fd", str(self.buckets.fd),
                "--capacity", str(self.cap.listeners), str(self.cap.clusters),
                str(self.cap.endpoints),
                "--max-connections", str(self.opts.max_connections),
@@ -213,7 +239,7 @@ class Supervisor:
             cmd += ["--cpu", str(w.index % ncpu)]
         if not self.opts.stats:
             cmd.append("--no-stats")
-        w.proc = subprocess.Popen(cmd, pass_fds=(r, self.segment.fd))
+        w.proc = subprocess.Popen(cmd, pass_fds=(r, self.segment.fd, self.buckets.fd))
         os.close(r)
         w.control = trio.lowlevel.FdStream(wfd)
         w.started_at = time.monotonic()
@@ -327,6 +353,7 @@ class Supervisor:
                     await self._start(w)
                 nursery.start_soon(self._monitor)
                 nursery.start_soon(self._signals, sigs)
+                nursery.start_soon(self._watch_certificates)
                 self._nursery = nursery
                 self.health.apply(self.config, nursery)
                 with trio.move_on_after(30):

@@ -18,6 +18,7 @@ import sys
 import trio
 
 from meshproxy.config.compile import compile_config
+from meshproxy.process.bucket_memory import BucketMemory
 from meshproxy.process.errors import leaves
 from meshproxy.process.messages import DrainMsg, FrameReader, SnapshotMsg
 from meshproxy.process.worker import Worker
@@ -48,8 +49,10 @@ async def _main(args: argparse.Namespace, segment: Segment) -> None:
     if not isinstance(first, SnapshotMsg):
         raise SystemExit("worker: expected a snapshot first")
     sink = Sink(segment, args.index, _slots(first), enabled=not args.no_stats)
+    buckets = BucketMemory(args.buckets_fd)
     worker = Worker(compile_config(first.config, first.version, first.access_log_override,
-                                   first.workers),
+                                   first.workers, first.material,
+                                   buckets.memory(first.bucket_slots)),
                     sink, args.max_connections)
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -72,7 +75,8 @@ async def _main(args: argparse.Namespace, segment: Segment) -> None:
                     break
                 sink.slots = _slots(msg)
                 worker.apply(compile_config(msg.config, msg.version, msg.access_log_override,
-                                            msg.workers))
+                                            msg.workers, msg.material,
+                                            buckets.memory(msg.bucket_slots)))
                 log.debug("worker %d adopted config version %d", args.index, msg.version)
             nursery.cancel_scope.cancel()
 
@@ -95,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--index", type=int, required=True)
     ap.add_argument("--control-fd", type=int, required=True)
     ap.add_argument("--stats-fd", type=int, required=True)
+    ap.add_argument("--buckets-fd", type=int, required=True)
     ap.add_argument("--slabs", type=int, required=True)
     ap.add_argument("--capacity", type=int, nargs=3, required=True)
     ap.add_argument("--cpu", type=int, default=None)

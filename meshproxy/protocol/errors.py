@@ -42,4 +42,5 @@ UPSTREAM_OVERFLOW = "UO"           # a circuit breaker refused the request: 503
 UPSTREAM_PROTOCOL_ERROR = "UPE"    # the upstream's response broke HTTP/1.1 framing: 502
 DOWNSTREAM_PROTOCOL_ERROR = "DPE"  # the client's request broke HTTP/1.1: 4xx
 DOWNSTREAM_CONNECTION_TERMINATION = "DC"  # the client went away mid-exchange
+RATE_LIMITED = "RL"                # a local rate limit refused the request: 429
 STREAM_IDLE_TIMEOUT = "SI"         # the client stalled: request headers or body timeout: 408

@@ -8,6 +8,9 @@ syscall per request. Nothing is formatted when the log is off: the data path che
 Text layout (Envoy's default format, minus what HTTP/1.1 here has no value for):
 [START_TIME] "METHOD PATH PROTOCOL" CODE FLAGS BYTES_RECEIVED BYTES_SENT DURATION_MS
 "X-FORWARDED-FOR" "USER-AGENT" "X-REQUEST-ID" "AUTHORITY" "UPSTREAM_HOST"
+"DOWNSTREAM_PEER_URI_SAN" "RESPONSE_CODE_DETAILS"
+The last two: the client certificate's SPIFFE ID (mTLS) and why a request failed (an
+upstream TLS verification failure says which SAN was missing).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class Entry(msgspec.Struct, omit_defaults=False):
     authority: str
     user_agent: str
     x_forwarded_for: str
+    downstream_peer_uri_san: str = "-"
+    response_code_details: str = "-"
 
 
 def format_time(t: float) -> str:
@@ -55,7 +60,8 @@ def format_text(e: Entry) -> str:
     return (f'[{e.start_time}] "{_q(e.method)} {_q(e.path)} {e.protocol}" {e.response_code} '
             f'{e.response_flags} {e.bytes_received} {e.bytes_sent} {e.duration} '
             f'"{_q(e.x_forwarded_for)}" "{_q(e.user_agent)}" "{_q(e.x_request_id)}" '
-            f'"{_q(e.authority)}" "{e.upstream_host}"\n')
+            f'"{_q(e.authority)}" "{e.upstream_host}" "{_q(e.downstream_peer_uri_san)}" '
+            f'"{_q(e.response_code_details)}"\n')
 
 
 class AccessLogger:

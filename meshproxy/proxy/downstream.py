@@ -31,12 +31,15 @@ import trio
 
 from meshproxy._core.http1_parser import HeadParser, MessageHead, ParseError
 from meshproxy.config.compile import (
+    PRINCIPAL_HEADER,
     ClusterAction,
     DirectAction,
     ListenerSpec,
     RedirectAction,
+    RouteFilters,
     TLSSpec,
 )
+from meshproxy.filters.authz import Request as AuthzRequest
 from meshproxy.protocol import errors as flags
 from meshproxy.proxy.access_log import AccessLogger, Entry, format_time, text
 from meshproxy.proxy.local_reply import local_reply
@@ -46,13 +49,16 @@ from meshproxy.stats.sink import Sink
 from meshproxy.tracing.tracer import Active, Tracer
 from meshproxy.transport.reactor import Reactor
 from meshproxy.transport.sockio import PeerClosed, abort, close, recv_after_wait, recv_now, send_all
-from meshproxy.transport.tls_context import CertificateFiles, ServerTLS
+from meshproxy.transport.tls_context import ServerTLS
+from meshproxy.transport.tls_material import PeerIdentity
 from meshproxy.transport.tls_stream import TLSError, TLSStream
 from meshproxy.upstream.cluster_manager import ClusterManager
 from meshproxy.upstream.conn_pool import UpstreamConn
 
 # Bound on writing a last error reply to a client after a timeout: it may not be reading.
 FAREWELL_TIMEOUT = 1.0
+# Envoy marks its local rate limit replies so that other Envoys do not retry them.
+RATE_LIMITED = (b"x-envoy-ratelimited", b"true")
 
 log = logging.getLogger("meshproxy.downstream")
 
@@ -62,8 +68,7 @@ class ListenerTLS:
 
     def __init__(self, spec: TLSSpec) -> None:
         self.spec = spec
-        self.server = ServerTLS([CertificateFiles(c, k) for c, k in spec.certificates],
-                                spec.alpn)
+        self.server = ServerTLS.from_spec(spec)
         self.handshake_timeout = spec.handshake_timeout
 
 
@@ -101,8 +106,8 @@ class ListenerContext:
         if spec.tls is None:
             self.tls = None
         elif self.tls is None or self.tls.spec != spec.tls:
-            # Certificates are loaded once per listener config (the supervisor has already
-            # checked that they load); connections keep the contexts they started with.
+            # Contexts are built once per listener config or rotation (the supervisor has
+            # already checked the material); connections keep the contexts they started with.
             self.tls = ListenerTLS(spec.tls)
         self.scheme = b"https" if self.tls is not None else b"http"
         self.spec = spec
@@ -116,7 +121,7 @@ class Exchange:
 
     __slots__ = ("head", "method", "target", "host", "start", "wall_start", "status", "flags",
                  "bytes_in", "bytes_out", "upstream_host", "request_id", "response_started",
-                 "upstream_status", "trace", "cluster")
+                 "upstream_status", "trace", "cluster", "details", "resp_extra")
 
     def __init__(self, head: MessageHead | None, start: float) -> None:
         self.head = head
@@ -135,12 +140,15 @@ class Exchange:
         self.upstream_status = 0
         self.trace: Active | None = None
         self.cluster = "-"
+        self.details = "-"  # why it failed, for the log (Envoy's response code details)
+        # Headers every response to this request carries (x-ratelimit-*).
+        self.resp_extra: list[tuple[bytes, bytes]] | None = None
 
 
 class DownstreamConnection:
     __slots__ = ("ctx", "reactor", "ch", "sock", "peer", "peer_ip", "buf", "pos", "phase", "ex",
                  "requests", "upstream", "cs", "deadline", "born", "recv", "recv_wait", "send",
-                 "tls")
+                 "tls", "identity")
 
     def __init__(self, ctx: ListenerContext, sock: socket.socket, peer: tuple) -> None:
         self.ctx = ctx
@@ -153,6 +161,8 @@ class DownstreamConnection:
         self.recv_wait: Callable[..., Awaitable[bytes]] = partial(recv_after_wait, self.ch)
         self.send: Callable[[bytes], Awaitable[None]] = partial(send_all, sock)
         self.tls: TLSStream | None = None
+        # The verified client certificate's identity (mTLS), the source principal.
+        self.identity: PeerIdentity | None = None
         self.peer = peer
         self.peer_ip = peer[0].encode("ascii") if peer else b"-"
         self.buf = b""
@@ -218,10 +228,13 @@ class DownstreamConnection:
             log.debug("TLS handshake with %s failed: %s", self.peer, exc)
             return False
         self.recv = stream.recv
-        self.recv_wait = stream.recv
+        self.recv_wait = stream.recv_wait
         self.send = stream.send_all
+        self.identity = tls.server.peer(stream.ssl)
         ls = self.ctx.lstats
         ls.block.inc(ls.ssl_handshake)
+        if tls.server.mtls and self.identity is None:
+            ls.block.inc(ls.ssl_no_certificate)
         return True
 
     # ------------------------------------------------------------------ heads
@@ -368,10 +381,20 @@ class DownstreamConnection:
                                               flags.DOWNSTREAM_PROTOCOL_ERROR, close=True)
         ex.host = host
         ex.target = target
-        _vh, route = self.ctx.spec.route_table.route(host, head.method, target, head.headers)
+        spec = self.ctx.spec
+        headers = head.headers
+        if spec.match_principal and self.identity is not None:
+            headers = headers + [(PRINCIPAL_HEADER, self.identity.principal)]
+        _vh, route = spec.route_table.route(host, head.method, target, headers)
         if route is None:
             return await self._send_local(ex, head, 404, b"", flags.NO_ROUTE)
         action = route.action
+        filters = action.filters
+        if filters is not None:
+            refusal = self._filter(filters, head, ex, host, target)
+            if refusal is not None:
+                status, body, flag = refusal
+                return await self._send_local(ex, head, status, body, flag)
         kind = type(action)
         if kind is ClusterAction:
             return await forward(self, head, ex, action)
@@ -384,6 +407,54 @@ class DownstreamConnection:
         return await self._send_local(ex, head, action.status, b"", "-",
                                       extra=[(b"location", location)] +
                                       list(action.ops.response_add))
+
+    # ------------------------------------------------------------------ filters
+
+    def _filter(self, filters: RouteFilters, head: MessageHead, ex: Exchange, host: bytes,
+                target: bytes) -> tuple[int, bytes, str] | None:
+        """Authorization, then the rate limit: None to go on, else the local reply."""
+        hs = self.ctx.hstats
+        blk = hs.block
+        if filters.authz is not None:
+            decision = filters.authz.check(self._authz_request(head, host, target))
+            if decision.audited:
+                blk.inc(hs.rbac_logged)
+                ex.details = f"rbac_audit_matched_policy[{decision.audited}]"
+            if not decision.allowed:
+                blk.inc(hs.rbac_denied)
+                ex.details = f"rbac_access_denied_matched_policy[{decision.policy or 'none'}]"
+                return 403, b"RBAC: access denied", "-"
+            blk.inc(hs.rbac_allowed)
+        limiter = filters.rate_limit
+        if limiter is not None:
+            blk.inc(hs.http_local_rate_limit_enabled)
+            ident = self.identity
+            ok, headers = limiter.take(limiter.key(
+                head, self.peer_ip, ident.principal if ident is not None else None))
+            if headers:
+                ex.resp_extra = headers
+            if not ok:
+                blk.inc(hs.http_local_rate_limit_rate_limited)
+                ex.resp_extra = [*headers, RATE_LIMITED]
+                return 429, b"local_rate_limited", flags.RATE_LIMITED
+            blk.inc(hs.http_local_rate_limit_ok)
+        return None
+
+    def _authz_request(self, head: MessageHead, host: bytes, target: bytes) -> AuthzRequest:
+        ident = self.identity
+        hostname = host.lower()
+        if not hostname.endswith(b"]"):
+            hostname = hostname.rpartition(b":")[0] or hostname  # the port is not the host
+
+        def header(name: str) -> str | None:
+            value = head.get(name.encode("latin-1"))
+            return value.decode("latin-1") if value is not None else None
+
+        return AuthzRequest(
+            head.method.decode("latin-1"), target.partition(b"?")[0].decode("latin-1"),
+            hostname.decode("latin-1"), self.ctx.spec.port, self.peer[0] if self.peer else "",
+            ident.principal.decode() if ident is not None else "",
+            ident.namespace if ident is not None else "", header)
 
     # ------------------------------------------------------------------ local replies
 
@@ -413,6 +484,8 @@ class DownstreamConnection:
                 and not self.ctx.state.draining and not self.too_old()
                 and (body_done or self.body_skippable(head)))
         hdrs = list(extra or ())
+        if ex.resp_extra:
+            hdrs += ex.resp_extra
         if keep and head is not None and head.version == 10:
             hdrs.append((b"connection", b"keep-alive"))
         head_only = head is not None and head.method == b"HEAD"
@@ -468,6 +541,8 @@ class DownstreamConnection:
             authority=text(ex.host or (head.host if head is not None else None)),
             user_agent=text(head.get(b"user-agent") if head is not None else None),
             x_forwarded_for=text(head.forwarded_for if head is not None else None),
+            downstream_peer_uri_san=self.identity.spiffe_id or "-" if self.identity else "-",
+            response_code_details=ex.details,
         ))
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
@@ -57,14 +56,8 @@ from meshproxy.proxy.retry_policy import (
     format_grpc_timeout,
 )
 from meshproxy.tracing.context import PROPAGATION_HEADERS
-from meshproxy.transport.sockio import (
-    RECV_SIZE,
-    PeerClosed,
-    connect,
-    recv_after_wait,
-    recv_now,
-    send_all,
-)
+from meshproxy.transport.sockio import RECV_SIZE, PeerClosed, connect
+from meshproxy.transport.tls_stream import TLSError, TLSStream
 from meshproxy.upstream.cluster_manager import Cluster
 from meshproxy.upstream.conn_pool import Endpoint, UpstreamConn
 
@@ -90,9 +83,9 @@ class _UpstreamGone(Exception):
     """The upstream stopped taking the request body (closed or reset its side)."""
 
 
-async def _send_up(sock: socket.socket, data: bytes) -> None:
+async def _send_up(send: Callable[[bytes], Awaitable[None]], data: bytes) -> None:
     try:
-        await send_all(sock, data)
+        await send(data)
     except PeerClosed:
         raise _UpstreamGone() from None
 
@@ -111,6 +104,9 @@ def build_upstream_head(dc: DownstreamConnection, head: MessageHead, ex: Exchang
         (b"x-forwarded-for", xff + b", " + dc.peer_ip if xff else dc.peer_ip),
         (b"x-forwarded-proto", dc.ctx.scheme),
     ]
+    if dc.identity is not None:
+        # Envoy's SANITIZE_SET: the client's own header is dropped (REQUEST_SKIP), ours set.
+        extra.append((b"x-forwarded-client-cert", dc.identity.xfcc))
     if head.request_id is None:
         if ex.request_id is None:  # one id for every attempt of the request
             ex.request_id = new_request_id()
@@ -170,20 +166,56 @@ class BodyState:
                 self.replay.append(data)
 
 
-async def _connect(dc: DownstreamConnection, ep: Endpoint, timeout: float) -> UpstreamConn:
-    with trio.move_on_after(timeout):
+async def _connect(dc: DownstreamConnection, cluster: Cluster, ep: Endpoint) -> UpstreamConn:
+    """A new connection to `ep`; with upstream TLS the handshake (and the check of the
+    endpoint's SANs) is part of connecting, bounded by the same connect_timeout."""
+    conn = None
+    with trio.move_on_after(cluster.spec.connect_timeout):
         try:
             conn = UpstreamConn(await connect(dc.reactor, ep.address, ep.port), ep)
-            conn.born = dc.reactor.now
-            return conn
         except OSError as exc:
             raise ProxyError(503, flags.UPSTREAM_CONNECT_FAILURE, "upstream",
                              f"upstream connect error: {exc.strerror or exc}",
                              retriable=True, stat="upstream_cx_connect_fail",
                              failure=CONNECT_FAILURE) from None
+        conn.born = dc.reactor.now
+        if cluster.tls is not None:
+            await _handshake(cluster, conn)
+        return conn
+    if conn is not None:
+        conn.abort()  # the TLS handshake did not finish in time
     raise ProxyError(503, flags.UPSTREAM_CONNECT_FAILURE, "upstream",
                      "upstream connect error: connect timeout", retriable=True,
                      stat="upstream_cx_connect_timeout", failure=CONNECT_FAILURE)
+
+
+async def _handshake(cluster: Cluster, conn: UpstreamConn) -> None:
+    """Upstream TLS: verify the endpoint (chain to the trust bundle, validity, serverAuth,
+    an expected SAN), then route the connection's I/O through the TLS stream. A failure is
+    503 UF with the reason, as Envoy's "TLS error" transport failure."""
+    tls = cluster.tls
+    assert tls is not None
+    st = cluster.stats
+    stream = TLSStream(conn.ch, tls.connection())
+    try:
+        await stream.handshake()
+    except (TLSError, PeerClosed) as exc:
+        conn.abort()
+        st.block.inc(st.ssl_connection_error)
+        raise ProxyError(503, flags.UPSTREAM_CONNECT_FAILURE, "upstream",
+                         f"upstream connect error: TLS error: {exc}", retriable=True,
+                         stat="upstream_cx_connect_fail", failure=CONNECT_FAILURE) from None
+    problem = tls.check_peer(stream.ssl)
+    if problem:
+        conn.abort()
+        st.block.inc(st.ssl_fail_verify_san)
+        raise ProxyError(503, flags.UPSTREAM_CONNECT_FAILURE, "upstream",
+                         f"upstream connect error: TLS error: {problem}", retriable=True,
+                         stat="upstream_cx_connect_fail", failure=CONNECT_FAILURE)
+    st.block.inc(st.ssl_handshake)
+    conn.tls = stream
+    conn.recv, conn.recv_wait = stream.recv, stream.recv_wait
+    conn.send = stream.send_all
 
 
 async def attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange, cluster: Cluster,
@@ -208,12 +240,12 @@ async def attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange, clu
             conn = await _connection_slot(dc, cluster, ep)
         reused = conn is not None
         if conn is None:
-            conn = await _connect(dc, ep, cluster.spec.connect_timeout)
+            conn = await _connect(dc, cluster, ep)
         dc.upstream = conn
         ex.upstream_host = ep.label
         try:
             try:
-                await send_all(conn.sock, first)
+                await conn.send(first)
             except PeerClosed:
                 raise _StaleConnection() from None
             if buffered and not state.done:
@@ -306,7 +338,7 @@ async def _send_request_body(dc: DownstreamConnection, head: MessageHead, ex: Ex
                              conn: UpstreamConn, state: BodyState) -> None:
     """Stream the request body client -> upstream; each send waits for the upstream to take
     the bytes before more are read from the client (backpressure)."""
-    sock_u = conn.sock
+    send_u = conn.send
     idle = dc.ctx.spec.idle_timeout
     dc.phase = PH_REQ_BODY
     buf, pos = dc.buf, dc.pos
@@ -330,11 +362,11 @@ async def _send_request_body(dc: DownstreamConnection, head: MessageHead, ex: Ex
                 if dec.done:
                     out += encode_last_chunk(dec.trailers)
                     state.keep(out)
-                    await _send_up(sock_u, out)
+                    await _send_up(send_u, out)
                     break
                 if out:
                     state.keep(out)
-                    await _send_up(sock_u, out)
+                    await _send_up(send_u, out)
                 dc.deadline = dc.reactor.now + idle
                 buf, pos = await dc.recv(), 0
                 if not buf:
@@ -345,7 +377,7 @@ async def _send_request_body(dc: DownstreamConnection, head: MessageHead, ex: Ex
             take = min(remaining, len(buf) - pos)
             if take:
                 state.keep(buf[pos:pos + take])
-                await _send_up(sock_u, buf[pos:pos + take])
+                await _send_up(send_u, buf[pos:pos + take])
                 remaining -= take
                 ex.bytes_in += take
             dc.buf, dc.pos = buf, pos + take
@@ -356,7 +388,7 @@ async def _send_request_body(dc: DownstreamConnection, head: MessageHead, ex: Ex
                 if not data:
                     raise PeerClosed("client closed during the request body")
                 state.keep(data)
-                await _send_up(sock_u, data)
+                await _send_up(send_u, data)
                 remaining -= len(data)
                 ex.bytes_in += len(data)
         state.done = True
@@ -373,9 +405,9 @@ async def _read_response_head(dc: DownstreamConnection, head: MessageHead,
     """The final response head (1xx relayed on the way) and the bytes read with it;
     trio.TooSlowError past `deadline` (the per-try timeout; 0: none)."""
     parser = dc.ctx.parser
-    ch_u = conn.ch
+    recv_u = conn.recv
     try:
-        data = await recv_after_wait(ch_u, deadline=deadline)
+        data = await conn.recv_wait(deadline=deadline)
     except PeerClosed:
         raise _StaleConnection() from None
     if not data:
@@ -398,7 +430,7 @@ async def _read_response_head(dc: DownstreamConnection, head: MessageHead,
         if resp is not None:
             return resp, ubuf
         try:
-            data = await recv_now(ch_u, deadline=deadline)
+            data = await recv_u(deadline=deadline)
         except PeerClosed:
             data = b""
         if not data:
@@ -418,7 +450,7 @@ def _truncated() -> ProxyError:
 async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
                           action: ClusterAction, conn: UpstreamConn, resp: MessageHead,
                           ubuf: bytes, request_complete: bool) -> bool:
-    send_d, ch_u = dc.send, conn.ch
+    send_d, recv_u = dc.send, conn.recv
     status = resp.status
     if head.method == b"HEAD" or status == 204 or status == 304:
         framing = F_NONE
@@ -442,6 +474,8 @@ async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Excha
         extra.append(CONN_CLOSE)
     elif head.version == 10:
         extra.append(CONN_KEEP_ALIVE)
+    if ex.resp_extra:
+        extra += ex.resp_extra
     out = _serialize(b"HTTP/1.1 %d %s" % (status, resp.reason or reason(status)), resp,
                      action.ops.response_skip, action.ops.response_add, extra)
     ex.status = ex.upstream_status = status
@@ -460,7 +494,7 @@ async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Excha
         ex.bytes_out = take
         while remaining:
             try:
-                data = await recv_now(ch_u, min(remaining, RECV_SIZE))
+                data = await recv_u(min(remaining, RECV_SIZE))
             except PeerClosed:
                 data = b""
             if not data:
@@ -491,7 +525,7 @@ async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Excha
                 await send_d(pending)
                 pending = b""
             try:
-                ubuf, upos = await recv_now(ch_u), 0
+                ubuf, upos = await recv_u(), 0
             except PeerClosed:
                 ubuf = b""
             if not ubuf:
@@ -506,7 +540,7 @@ async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Excha
                 await send_d(pending)
                 pending = b""
             try:
-                data = await recv_now(ch_u)
+                data = await recv_u()
             except PeerClosed:
                 raise _truncated() from None  # a reset is not an end of body
             if not data:
@@ -526,7 +560,6 @@ async def _tunnel(dc: DownstreamConnection, ex: Exchange, conn: UpstreamConn,
                   resp: MessageHead, ubuf: bytes) -> None:
     """After a 101 to a WebSocket upgrade, relay bytes both ways until both sides are done.
     The listener's idle_timeout, renewed by traffic either way, bounds a silent tunnel."""
-    sock_u = conn.sock
     extra = [CONN_UPGRADE, (b"upgrade", resp.upgrade or b"websocket")]
     out = serialize_head(b"HTTP/1.1 101 %s" % (resp.reason or b"Switching Protocols"),
                          resp.headers, RESPONSE_SKIP, extra)
@@ -537,7 +570,7 @@ async def _tunnel(dc: DownstreamConnection, ex: Exchange, conn: UpstreamConn,
     dc.deadline = dc.reactor.now + idle
     await dc.send(out + ubuf[resp.end:])
     if dc.pos < len(dc.buf):
-        await send_all(sock_u, dc.buf[dc.pos:])
+        await conn.send(dc.buf[dc.pos:])
         dc.pos = len(dc.buf)
 
     async def pump(recv: Callable[[], Awaitable[bytes]],
@@ -563,7 +596,7 @@ async def _tunnel(dc: DownstreamConnection, ex: Exchange, conn: UpstreamConn,
             pass
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(pump, dc.recv, partial(send_all, sock_u), sock_u, True, nursery)
-        nursery.start_soon(pump, partial(recv_now, conn.ch), dc.send, dc.sock, False, nursery)
+        nursery.start_soon(pump, dc.recv, conn.send, conn.sock, True, nursery)
+        nursery.start_soon(pump, conn.recv, dc.send, dc.sock, False, nursery)
     dc.upstream = None
     conn.close()

@@ -173,6 +173,7 @@ async def forward(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
             dc.upstream.abort()
             dc.upstream = None
         ex.flags = err.flag
+        ex.details = err.detail
         if ex.response_started:
             abort(dc.ch)  # a broken response must never look complete
             return False

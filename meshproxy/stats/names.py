@@ -62,6 +62,8 @@ LISTENER = (
     counter("downstream_cx_destroy", "connections closed"),
     counter("ssl.handshake", "TLS handshakes completed"),
     counter("ssl.connection_error", "TLS handshakes that failed or timed out"),
+    counter("ssl.no_certificate",
+            "mTLS handshakes completed without a client certificate (optional mode)"),
 )
 
 HTTP = (
@@ -72,6 +74,14 @@ HTTP = (
     counter("downstream_rq_timeout", "requests cut off by a downstream timeout (408)"),
     counter("downstream_cx_protocol_error", "connections closed on a malformed request"),
     counter("no_route", "requests with no matching route (404 NR)"),
+    # Envoy's RBAC filter stats: enforced decisions and AUDIT (shadow) matches.
+    counter("rbac.allowed", "requests the authorization policies allowed"),
+    counter("rbac.denied", "requests the authorization policies denied (403)"),
+    counter("rbac.logged", "requests an AUDIT policy matched (logged, never denied)"),
+    # Envoy's local rate limit stats.
+    counter("http_local_rate_limit.enabled", "requests a local rate limit applied to"),
+    counter("http_local_rate_limit.ok", "requests within the limit"),
+    counter("http_local_rate_limit.rate_limited", "requests over the limit (429 RL)"),
     histogram("downstream_rq_time", "request duration, first byte in to last byte out (ms)"),
 )
 
@@ -95,6 +105,10 @@ CLUSTER = (
     counter("upstream_cx_destroy_remote_with_active_rq",
             "upstream connections closed by the origin during a request (UC)"),
     counter("upstream_cx_protocol_error", "upstream responses with broken framing (UPE)"),
+    counter("ssl.handshake", "upstream TLS handshakes completed"),
+    counter("ssl.connection_error", "upstream TLS handshakes that failed (503 UF)"),
+    counter("ssl.fail_verify_san",
+            "upstream certificates without an expected SAN (503 UF)"),
     counter("upstream_cx_none_healthy", "requests with no endpoint to pick (UH)"),
     counter("upstream_cx_overflow", "times max_connections made a request wait or fail"),
     counter("upstream_rq_pending_total", "requests that waited for a connection slot"),

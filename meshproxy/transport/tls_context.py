@@ -1,4 +1,5 @@
-"""Server-side TLS contexts (pyOpenSSL): certificates by SNI, ALPN, a modern policy.
+"""TLS contexts (pyOpenSSL): listeners (certificates by SNI, ALPN, mTLS) and upstream
+clusters (SNI, client certificate, verification, expected SANs), under one modern policy.
 
 Policy, and why:
 - TLS 1.2 and 1.3 only: older versions have known attacks and no modern cipher suites;
@@ -18,88 +19,130 @@ offers; until HTTP/2 is served that is only `http/1.1`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
-from cryptography.x509.oid import NameOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
+
+from meshproxy.transport.tls_material import (
+    Bundle,
+    KeyPair,
+    PeerIdentity,
+    TLSConfigError,
+    check_pair,
+    dns_names,
+    load_bundle,
+    peer_identity,
+    spiffe_id,
+    uri_sans,
+)
+
+__all__ = ["ClientTLS", "ServerTLS", "TLSConfigError", "describe"]
 
 TLS12_CIPHERS = (b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
                  b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
                  b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305")
 DEFAULT_ALPN = (b"http/1.1",)
+# Session-id context: OpenSSL refuses to resume sessions of a context that verifies peers
+# unless one is set (a session must not be resumed into a context with other rules).
+SESSION_ID = b"meshproxy"
 
 
-class TLSConfigError(Exception):
-    """A certificate or key that cannot be used, named by its file."""
-
-
-@dataclass(frozen=True)
-class CertificateFiles:
-    chain: str  # PEM: the leaf first, then intermediates
-    key: str    # PEM private key
-
-
-def _names(chain_path: str) -> list[str]:
-    """DNS names of the leaf certificate (SANs, else the common name), lowercased."""
-    with open(chain_path, "rb") as f:
-        leaf = x509.load_pem_x509_certificate(f.read())
-    try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        names = san.value.get_values_for_type(x509.DNSName)
-    except x509.ExtensionNotFound:
-        names = [a.value for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-                 if isinstance(a.value, str)]
-    return [n.lower() for n in names]
-
-
-def _context(cert: CertificateFiles, alpn: Sequence[bytes]) -> SSL.Context:
-    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+def _policy(ctx: SSL.Context) -> None:
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
-    ctx.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION
-                    | SSL.OP_CIPHER_SERVER_PREFERENCE)
+    ctx.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION)
     ctx.set_cipher_list(TLS12_CIPHERS)
+
+
+def _use_pair(ctx: SSL.Context, pair: KeyPair) -> x509.Certificate:
+    chain, key = check_pair(pair)
     try:
-        ctx.use_certificate_chain_file(cert.chain)
-    except (SSL.Error, OSError) as exc:
-        raise TLSConfigError(f"{cert.chain}: cannot load certificate chain: {exc}") from None
-    try:
-        ctx.use_privatekey_file(cert.key)
+        ctx.use_certificate(chain[0])
+        for extra in chain[1:]:
+            ctx.add_extra_chain_cert(extra)
+        ctx.use_privatekey(key)
         ctx.check_privatekey()
-    except (SSL.Error, OSError) as exc:
-        raise TLSConfigError(f"{cert.key}: private key unusable or not matching "
-                             f"{cert.chain}: {exc}") from None
-    offered = list(alpn)
+    except SSL.Error as exc:
+        raise TLSConfigError(f"{pair.chain_path}: unusable certificate or key: {exc}") from None
+    return chain[0]
 
-    def select(conn: SSL.Connection, protos: list[bytes]) -> bytes:
-        for p in offered:
-            if p in protos:
-                return p
-        return SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
 
-    ctx.set_alpn_select_callback(select)
-    return ctx
+def _trust(ctx: SSL.Context, bundle: Bundle, advertise: bool) -> None:
+    store = ctx.get_cert_store()
+    assert store is not None
+    for ca in load_bundle(bundle):
+        try:
+            store.add_cert(crypto.X509.from_cryptography(ca))
+        except SSL.Error as exc:
+            raise TLSConfigError(f"{bundle.path}: unusable CA certificate: {exc}") from None
+        if advertise:
+            ctx.add_client_ca(ca)  # named in the CertificateRequest
+
+
+def _verified_identity(conn: SSL.Connection, by: str) -> PeerIdentity | None:
+    """The identity of a peer whose certificate OpenSSL verified (chain to the bundle,
+    validity period, purpose: a client certificate must allow clientAuth, a server's
+    serverAuth)."""
+    cert = conn.get_peer_certificate(as_cryptography=True)
+    if cert is None:
+        return None
+    return peer_identity(cert, by)
 
 
 class ServerTLS:
-    """The contexts of one listener. `connection()` makes a memory-BIO SSL object."""
+    """The contexts of one listener. `connection()` makes a memory-BIO SSL object.
 
-    def __init__(self, certs: Sequence[CertificateFiles],
-                 alpn: Sequence[bytes] = DEFAULT_ALPN) -> None:
+    mTLS: with a trust bundle, a client certificate is asked for and, when presented, must
+    verify (chain to the bundle, validity period, clientAuth purpose) or the handshake fails;
+    `require_client` also fails a handshake without one (Istio STRICT; optional is
+    PERMISSIVE for certificates)."""
+
+    def __init__(self, certs: Sequence[KeyPair], alpn: Sequence[bytes] = DEFAULT_ALPN,
+                 trusted_ca: Bundle | None = None, require_client: bool = False) -> None:
         if not certs:
             raise TLSConfigError("a TLS listener needs at least one certificate")
-        self.contexts = [_context(c, alpn) for c in certs]
+        offered = list(alpn)
+
+        def select(conn: SSL.Connection, protos: list[bytes]) -> bytes:
+            for p in offered:
+                if p in protos:
+                    return p
+            return SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
+
+        self.contexts: list[SSL.Context] = []
         self.exact: dict[bytes, SSL.Context] = {}
         self.wildcard: dict[bytes, SSL.Context] = {}
-        for cert, ctx in zip(certs, self.contexts, strict=True):
-            for name in _names(cert.chain):
+        # Our own SPIFFE ID per context: the `By` of x-forwarded-client-cert.
+        self.own_id: dict[SSL.Context, str] = {}
+        for pair in certs:
+            ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+            _policy(ctx)
+            ctx.set_options(SSL.OP_CIPHER_SERVER_PREFERENCE)
+            leaf = _use_pair(ctx, pair)
+            ctx.set_alpn_select_callback(select)
+            ctx.set_session_id(SESSION_ID)
+            if trusted_ca is not None:
+                _trust(ctx, trusted_ca, advertise=True)
+                mode = SSL.VERIFY_PEER
+                if require_client:
+                    mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+                ctx.set_verify(mode)  # no callback: OpenSSL's own verification decides
+            self.contexts.append(ctx)
+            self.own_id[ctx] = spiffe_id(leaf)
+            for name in dns_names(leaf):
                 if name.startswith("*."):
                     self.wildcard.setdefault(name[1:].encode(), ctx)
                 else:
                     self.exact.setdefault(name.encode(), ctx)
+        self.mtls = trusted_ca is not None
         self.default = self.contexts[0]
         for ctx in self.contexts:
             ctx.set_tlsext_servername_callback(self._on_servername)
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> ServerTLS:
+        """From a listener's compiled TLSSpec (config.compile)."""
+        return cls(spec.certificates, spec.alpn, spec.trusted_ca, spec.require_client)
 
     def context_for(self, server_name: bytes | None) -> SSL.Context:
         if server_name:
@@ -124,10 +167,64 @@ class ServerTLS:
         conn.set_accept_state()
         return conn
 
+    def peer(self, conn: SSL.Connection) -> PeerIdentity | None:
+        """After the handshake: the verified client's identity (None without mTLS or
+        without a client certificate)."""
+        if not self.mtls:
+            return None
+        return _verified_identity(conn, self.own_id.get(conn.get_context(), ""))
+
+
+class ClientTLS:
+    """Upstream TLS for one cluster: SNI, an optional client certificate (mTLS), verification
+    against a trust bundle, and the SANs an endpoint's certificate must carry.
+
+    Without a trust bundle the upstream's certificate is not verified (Envoy's behaviour
+    without a validation context); the README says to set one. `match_sans` is Envoy's
+    match_subject_alt_names with exact matching, against URI (SPIFFE ID) and DNS SANs."""
+
+    def __init__(self, sni: str, cert: KeyPair | None, trusted_ca: Bundle | None,
+                 match_sans: Sequence[str] = (), alpn: Sequence[bytes] = DEFAULT_ALPN) -> None:
+        ctx = self.context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        _policy(ctx)
+        if cert is not None:
+            _use_pair(ctx, cert)
+        if trusted_ca is not None:
+            _trust(ctx, trusted_ca, advertise=False)
+            ctx.set_verify(SSL.VERIFY_PEER)
+        ctx.set_alpn_protos(list(alpn))
+        self.sni = sni.encode("idna") if sni else b""
+        self.match_sans = frozenset(match_sans)
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> ClientTLS:
+        """From a cluster's compiled UpstreamTLSSpec (config.compile)."""
+        return cls(spec.sni, spec.certificate, spec.trusted_ca, spec.match_sans)
+
+    def connection(self) -> SSL.Connection:
+        conn = SSL.Connection(self.context, None)
+        if self.sni:
+            conn.set_tlsext_host_name(self.sni)
+        conn.set_connect_state()
+        return conn
+
+    def check_peer(self, conn: SSL.Connection) -> str:
+        """After the handshake: "" when the endpoint's certificate carries an expected SAN
+        (or none is expected), else why not."""
+        if not self.match_sans:
+            return ""
+        cert = conn.get_peer_certificate(as_cryptography=True)
+        if cert is None:
+            return "upstream presented no certificate"
+        sans = set(uri_sans(cert)) | set(dns_names(cert))
+        if sans & self.match_sans:
+            return ""
+        return (f"upstream certificate SANs {sorted(sans)} match none of "
+                f"{sorted(self.match_sans)}")
+
 
 def describe(conn: SSL.Connection) -> dict[str, str]:
     """What was negotiated, for logs and tests."""
     return {"version": conn.get_protocol_version_name(), "cipher": conn.get_cipher_name() or "",
             "alpn": (conn.get_alpn_proto_negotiated() or b"").decode(),
             "server_name": (conn.get_servername() or b"").decode()}
-

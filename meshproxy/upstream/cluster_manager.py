@@ -14,6 +14,7 @@ from meshproxy._core.circuit_state import Breaker, RetryBudget
 from meshproxy._core.lb_select import Balancer, make
 from meshproxy.config.compile import BreakerSpec, ClusterSpec
 from meshproxy.stats.sink import Sink
+from meshproxy.transport.tls_context import ClientTLS
 from meshproxy.upstream.conn_pool import Endpoint
 from meshproxy.upstream.locality import choose, health, locality_weights, priority_loads
 from meshproxy.upstream.outlier import OutlierDetector
@@ -36,7 +37,7 @@ class _Group:
 
 class Cluster:
     __slots__ = ("spec", "name", "endpoints", "lb", "stats", "breaker", "budget", "_freed",
-                 "outlier", "levels")
+                 "outlier", "levels", "tls")
 
     def __init__(self, spec: ClusterSpec, sink: Sink,
                  previous: dict[tuple[str, int], Endpoint] | None = None) -> None:
@@ -50,10 +51,14 @@ class Cluster:
         self.budget = (RetryBudget(b.budget_percent, b.min_retry_concurrency, b.budget_window)
                        if b.budget_percent is not None else None)
         self._freed: trio.Event | None = None
+        # Upstream TLS: new connections use this context (rebuilt when the material
+        # rotates); pooled connections keep the session they were made with.
+        self.tls = ClientTLS.from_spec(spec.tls) if spec.tls is not None else None
         self.endpoints = []
         for a, p, w in spec.endpoints:
             old = previous.get((a, p)) if previous else None
-            if old is not None and old.idle_timeout == spec.idle_timeout:
+            if (old is not None and old.idle_timeout == spec.idle_timeout
+                    and old.secure == (self.tls is not None)):
                 # Same endpoint in the new snapshot: keep its pool of warm connections.
                 old.weight = w
                 old.max_idle = spec.max_idle_connections
@@ -62,6 +67,7 @@ class Cluster:
                 self.endpoints.append(Endpoint(
                     a, p, w, spec.idle_timeout, spec.max_idle_connections,
                     sink.endpoint(spec.name, f"{a}:{p}"), self.stats))
+                self.endpoints[-1].secure = self.tls is not None
         for ep in self.endpoints:
             ep.notify = self._notify
             ep.changed = self.publish

@@ -16,22 +16,30 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from meshproxy._core.circuit_state import OutlierState
 from meshproxy.transport.reactor import Channel
-from meshproxy.transport.sockio import abort, close
+from meshproxy.transport.sockio import abort, close, recv_after_wait, recv_now, send_all
 
 
 class UpstreamConn:
     """An open upstream connection; opening and closing it keep the cx gauges true."""
 
-    __slots__ = ("ch", "sock", "endpoint", "idle_since", "requests", "open", "born")
+    __slots__ = ("ch", "sock", "endpoint", "idle_since", "requests", "open", "born", "recv",
+                 "recv_wait", "send", "tls")
 
     def __init__(self, ch: Channel, endpoint: Endpoint) -> None:
         self.ch = ch
         self.sock = ch.sock
+        # The connection's I/O, as on the downstream side: plain socket calls, replaced by
+        # the TLS stream's methods after an upstream TLS handshake.
+        self.recv: Callable[..., Awaitable[bytes]] = partial(recv_now, ch)
+        self.recv_wait: Callable[..., Awaitable[bytes]] = partial(recv_after_wait, ch)
+        self.send: Callable[[bytes], Awaitable[None]] = partial(send_all, ch.sock)
+        self.tls: Any = None  # the TLSStream of a TLS connection
         self.endpoint = endpoint
         self.idle_since = 0.0
         self.born = 0.0  # when it was opened (reactor time), for max_connection_duration
@@ -70,7 +78,7 @@ class Endpoint:
 
     __slots__ = ("address", "port", "weight", "label", "idle", "idle_timeout", "max_idle",
                  "stats", "cstats", "open", "notify", "changed", "outlier", "hc", "index",
-                 "max_duration", "lb")
+                 "max_duration", "lb", "secure")
 
     def __init__(self, address: str, port: int, weight: int, idle_timeout: float,
                  max_idle: int, stats: Any, cstats: Any) -> None:
@@ -90,6 +98,7 @@ class Endpoint:
         self.index = 0  # position in its group's balancer, `lb`
         self.lb: Any = None
         self.max_duration = 0.0  # max_connection_duration (0: none)
+        self.secure = False  # its connections are TLS (a pool never mixes the two)
         # Set by the cluster that owns the endpoint: `notify` wakes requests waiting for a
         # connection slot; `changed` republishes the remaining_cx gauge.
         self.notify: Callable[[], None] = _nothing

@@ -37,7 +37,7 @@ def test_access_log_text_format_generated_request_id(origin, proxy_factory, tmp_
     raw_exchange(p.port, b"GET /t HTTP/1.0\r\n\r\n")
     line = wait_for(lambda: _lines(log))[0]
     m = re.match(r'\[(\S+)\] "GET /t HTTP/1.0" 200 - 0 (\d+) (\d+) "-" "-" "([0-9a-f-]{36})" '
-                 r'"-" "127.0.0.1:(\d+)"$', line)
+                 r'"-" "127.0.0.1:(\d+)" "-" "-"$', line)
     assert m, line
     # the generated id in the log is the one the origin received
     assert origin.requests[-1].header(b"x-request-id").decode() == m.group(4)

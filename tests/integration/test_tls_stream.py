@@ -15,9 +15,9 @@ import trio
 from meshproxy.transport.listener import bind_listener
 from meshproxy.transport.reactor import Reactor
 from meshproxy.transport.sockio import PeerClosed, close
-from meshproxy.transport.tls_context import CertificateFiles, ServerTLS, TLSConfigError, describe
+from meshproxy.transport.tls_context import ServerTLS, TLSConfigError, describe
 from meshproxy.transport.tls_stream import TLSError, TLSStream
-from tests.helpers import make_pki
+from tests.helpers import key_pair, make_pki
 
 
 class TLSServer:
@@ -87,7 +87,7 @@ class TLSServer:
 def pki(tmp_path_factory):
     d: Path = tmp_path_factory.mktemp("pki")
     _, pairs = make_pki(d, [["a.example", "localhost"], ["*.b.example"]])
-    return d, [CertificateFiles(c, k) for c, k in pairs]
+    return d, [key_pair(c, k) for c, k in pairs]
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +173,8 @@ def test_tls_stream_handshake_timeout(pki) -> None:
 def test_tls_stream_bad_key_named(pki, tmp_path) -> None:
     d, files = pki
     with pytest.raises(TLSConfigError, match=r"key1\.pem"):
-        ServerTLS([CertificateFiles(files[0].chain, files[1].key)])  # key of another cert
+        ServerTLS([key_pair(files[0].chain_path, files[1].key_path)])  # key of another cert
     broken = tmp_path / "broken.pem"
     broken.write_text("not a certificate")
     with pytest.raises(TLSConfigError, match=r"broken\.pem"):
-        ServerTLS([CertificateFiles(str(broken), files[0].key)])
+        ServerTLS([key_pair(str(broken), files[0].key_path)])

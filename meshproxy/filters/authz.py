@@ -1,0 +1,237 @@
+"""Authorization policies with Istio's AuthorizationPolicy semantics (sans-IO).
+
+A policy has an action (DENY, ALLOW, AUDIT) and rules. A rule matches when all of its
+parts match: any of its `from` sources, any of its `to` operations, and every `when`
+condition (a missing part matches anything). Within a source or operation every field that
+is set must match, a field matching when any of its values does and none of its `not_`
+values does. A policy matches when any of its rules does; a policy with no rules matches
+nothing (so an ALLOW policy without rules is Istio's "allow nothing").
+
+Decision (Istio's order): a matching DENY policy denies; otherwise, when there are ALLOW
+policies, one of them must match or the request is denied; otherwise it is allowed. AUDIT
+policies never change the decision: a match is counted (rbac.shadow_denied, Envoy's
+shadow-rules stat) and named in the log.
+
+Values are Istio's string matches: exact, "prefix*", "*suffix", or "*" (present). Each
+field's values are compiled once per config snapshot into one full-match regex, so a check
+is a handful of regex calls on short strings, only for requests a policy applies to.
+Principals are SPIFFE IDs without the scheme (cluster.local/ns/default/sa/web); a request
+without a verified client certificate has no principal and no namespace, so it never
+matches `principals: ["*"]` (Istio's way of saying "any authenticated client").
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from meshproxy.config import schema
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What a policy can look at, gathered by the data path for one request."""
+
+    method: str
+    path: str          # without the query
+    host: str          # Host, lowercased, port dropped
+    port: int          # the listener's port (Istio's destination port)
+    source_ip: str
+    principal: str     # "" without a verified client certificate
+    namespace: str
+    header: Callable[[str], str | None]  # a request header's value by lowercased name
+
+
+def wildcard_regex(values: list[str], lower: bool = False, strip_scheme: bool = False) -> str:
+    """Istio's string matches (exact, "prefix*", "*suffix", "*" = present) as one full-match
+    regex; strip_scheme drops "spiffe://" (principals are written without it)."""
+    alts = []
+    for v in values:
+        if strip_scheme and v.startswith("spiffe://"):
+            v = v[len("spiffe://"):]
+        if lower:
+            v = v.lower()
+        if v == "*":
+            alts.append(".+")
+        elif v.endswith("*"):
+            alts.append(re.escape(v[:-1]) + ".*")
+        elif v.startswith("*"):
+            alts.append(".*" + re.escape(v[1:]))
+        else:
+            alts.append(re.escape(v))
+    return "(?:" + "|".join(alts) + ")"
+
+
+def _pattern(values: list[str], lower: bool = False, strip_scheme: bool = False) -> re.Pattern[str]:
+    return re.compile(wildcard_regex(values, lower, strip_scheme), re.DOTALL)
+
+
+class _Field:
+    """One field of a source or operation: any of `values`, none of `not_values`."""
+
+    __slots__ = ("get", "yes", "no")
+
+    def __init__(self, get: Callable[[Request], str | None], yes: re.Pattern[str] | None,
+                 no: re.Pattern[str] | None) -> None:
+        self.get, self.yes, self.no = get, yes, no
+
+    def matches(self, r: Request) -> bool:
+        value = self.get(r)
+        if self.yes is not None and (not value or self.yes.fullmatch(value) is None):
+            return False
+        return not (self.no is not None and value and self.no.fullmatch(value) is not None)
+
+
+class _IPField:
+    __slots__ = ("yes", "no")
+
+    def __init__(self, yes: list[IPNetwork], no: list[IPNetwork]) -> None:
+        self.yes, self.no = yes, no
+
+    def matches(self, r: Request) -> bool:
+        try:
+            ip = ipaddress.ip_address(r.source_ip)
+        except ValueError:
+            return not self.yes
+        if self.yes and not any(ip in net for net in self.yes):
+            return False
+        return not any(ip in net for net in self.no)
+
+
+Matcher = _Field | _IPField
+
+
+def _field(get: Callable[[Request], str | None], yes: list[str], no: list[str],
+           lower: bool = False, strip_scheme: bool = False) -> _Field | None:
+    if not yes and not no:
+        return None
+    return _Field(get, _pattern(yes, lower, strip_scheme) if yes else None,
+                  _pattern(no, lower, strip_scheme) if no else None)
+
+
+def _networks(blocks: list[str]) -> list[IPNetwork]:
+    return [ipaddress.ip_network(b, strict=False) for b in blocks]
+
+
+def _all(fields: list[Matcher | None]) -> tuple[Matcher, ...]:
+    return tuple(f for f in fields if f is not None)
+
+
+def _source(s: schema.AuthzSource) -> tuple[Matcher, ...]:
+    ip = _IPField(_networks(s.ip_blocks), _networks(s.not_ip_blocks)) \
+        if s.ip_blocks or s.not_ip_blocks else None
+    return _all([
+        _field(lambda r: r.principal, s.principals, s.not_principals, strip_scheme=True),
+        _field(lambda r: r.namespace, s.namespaces, s.not_namespaces),
+        ip,
+    ])
+
+
+def _operation(o: schema.AuthzOperation) -> tuple[Matcher, ...]:
+    return _all([
+        _field(lambda r: r.host, o.hosts, o.not_hosts, lower=True),
+        _field(lambda r: str(r.port), [str(p) for p in o.ports], [str(p) for p in o.not_ports]),
+        _field(lambda r: r.method, o.methods, o.not_methods),
+        _field(lambda r: r.path, o.paths, o.not_paths),
+    ])
+
+
+def _condition_value(key: str) -> Callable[[Request], str | None]:
+    if key.startswith("request.headers[") and key.endswith("]"):
+        name = key[len("request.headers["):-1].lower()
+        return lambda r: r.header(name)
+    simple: dict[str, Callable[[Request], str | None]] = {
+        "source.ip": lambda r: r.source_ip,
+        "source.principal": lambda r: r.principal,
+        "source.namespace": lambda r: r.namespace,
+        "destination.port": lambda r: str(r.port),
+        "request.method": lambda r: r.method,
+        "request.path": lambda r: r.path,
+        "request.host": lambda r: r.host,
+    }
+    return simple[key]  # load.check() has refused other keys
+
+
+CONDITION_KEYS = ("request.headers[<name>]", "source.ip", "source.principal",
+                  "source.namespace", "destination.port", "request.method", "request.path",
+                  "request.host")
+
+
+def known_condition_key(key: str) -> bool:
+    return (key.startswith("request.headers[") and key.endswith("]") and len(key) > 17) or \
+        key in CONDITION_KEYS[1:]
+
+
+def _condition(c: schema.AuthzCondition) -> Matcher:
+    if c.key == "source.ip":
+        return _IPField(_networks(c.values), _networks(c.not_values))
+    f = _field(_condition_value(c.key), c.values, c.not_values,
+               strip_scheme=c.key == "source.principal")
+    assert f is not None  # load.check(): values or not_values
+    return f
+
+
+class _Rule:
+    __slots__ = ("sources", "operations", "conditions")
+
+    def __init__(self, rule: schema.AuthzRule) -> None:
+        self.sources = [_source(s) for s in rule.from_]
+        self.operations = [_operation(o) for o in rule.to]
+        self.conditions = _all([_condition(c) for c in rule.when])
+
+    def matches(self, r: Request) -> bool:
+        if self.sources and not any(all(f.matches(r) for f in fs) for fs in self.sources):
+            return False
+        if self.operations and not any(all(f.matches(r) for f in fs)
+                                       for fs in self.operations):
+            return False
+        return all(f.matches(r) for f in self.conditions)
+
+
+class _Policy:
+    __slots__ = ("name", "rules")
+
+    def __init__(self, p: schema.AuthorizationPolicy) -> None:
+        self.name = p.name
+        self.rules = [_Rule(r) for r in p.rules]
+
+    def matches(self, r: Request) -> bool:
+        return any(rule.matches(r) for rule in self.rules)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    policy: str   # the deciding policy ("" when none matched)
+    audited: str  # the AUDIT policy that matched, or ""
+
+
+class Authorizer:
+    """The compiled policies of one listener or route."""
+
+    __slots__ = ("deny", "allow", "audit")
+
+    def __init__(self, policies: list[schema.AuthorizationPolicy]) -> None:
+        self.deny = [_Policy(p) for p in policies if p.action == "DENY"]
+        self.allow = [_Policy(p) for p in policies if p.action == "ALLOW"]
+        self.audit = [_Policy(p) for p in policies if p.action == "AUDIT"]
+
+    def check(self, r: Request) -> Decision:
+        audited = next((p.name for p in self.audit if p.matches(r)), "")
+        for p in self.deny:
+            if p.matches(r):
+                return Decision(False, p.name, audited)
+        if not self.allow:
+            return Decision(True, "", audited)
+        for p in self.allow:
+            if p.matches(r):
+                return Decision(True, p.name, audited)
+        return Decision(False, "", audited)
+
+
+def compile_policies(policies: list[schema.AuthorizationPolicy]) -> Authorizer | None:
+    return Authorizer(policies) if policies else None

@@ -1,0 +1,122 @@
+"""Upstream TLS and mTLS per cluster against real TLS origins (Python's ssl server): the
+proxy's client certificate, verification against a trust bundle, expected SANs; failures
+are 503 UF with the reason in the access log."""
+
+from __future__ import annotations
+
+import json
+import ssl
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Origin, Proxy, config, raw_exchange, wait_for
+from tests.integration.test_supervisor import _admin_port, stat
+from tools.mesh_certs import MeshCA, spiffe
+
+ORIGIN_ID = spiffe("cluster.local", "backend", "api")
+PROXY_ID = spiffe("cluster.local", "mesh", "gateway")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d: Path = tmp_path_factory.mktemp("upstream-tls")
+    ca = MeshCA()
+    ca.write(d / "ca.pem")
+    return {"dir": d, "ca": d / "ca.pem",
+            "origin": ca.issue(d, "api", dns=["api.backend"], uris=[ORIGIN_ID]),
+            "proxy": ca.issue(d, "gateway", uris=[PROXY_ID]),
+            "impostor": MeshCA("another CA").issue(d / "other", "api", uris=[ORIGIN_ID])}
+
+
+def tls_origin(pki, cert: str = "origin", require_client: bool = True) -> Origin:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki[cert].chain, pki[cert].key)
+    if require_client:
+        ctx.load_verify_locations(pki["ca"])
+        ctx.verify_mode = ssl.CERT_REQUIRED  # the proxy must present its certificate
+    return Origin(tls=ctx).start()
+
+
+def upstream_proxy(tmp_path: Path, origin: Origin, pki, **tls: object) -> Proxy:
+    spec = {"sni": "api.backend", "trusted_ca": str(pki["ca"]),
+            "certificate_chain": str(pki["proxy"].chain), "private_key": str(pki["proxy"].key)}
+    spec.update(tls)
+    clusters = [{"name": "web", "connect_timeout": "2s", "tls": spec,
+                 "endpoints": [{"address": "127.0.0.1", "port": origin.port}]}]
+    cfg = config(clusters=clusters, access_log={"path": str(tmp_path / "access.log"),
+                                                "format": "json", "flush_interval": "50ms"})
+    cfg["admin"] = {"address": "127.0.0.1", "port": 0}
+    p = Proxy(cfg, tmp_path)
+    p.admin_port = int(wait_for(lambda: _admin_port(p)))
+    return p
+
+
+def get(p: Proxy, path: str) -> tuple[int, bytes]:
+    data = raw_exchange(p.port, b"GET %s HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+                        % path.encode())
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def log_entries(tmp_path: Path, n: int) -> list[dict]:
+    log = tmp_path / "access.log"
+    return wait_for(lambda: [json.loads(x) for x in log.read_text().splitlines()]
+                    if log.exists() and len(log.read_text().splitlines()) >= n else None)
+
+
+def test_upstream_mtls_verified_and_pooled(tmp_path, pki) -> None:
+    origin = tls_origin(pki)
+    try:
+        p = upstream_proxy(tmp_path, origin, pki, match_subject_alt_names=[ORIGIN_ID])
+        for path in ("/a", "/b"):
+            status, body = get(p, path)
+            assert status == 200, body
+            assert json.loads(body)["target"] == path
+        assert origin.tls_errors == []
+        assert origin.connections == 1  # the TLS connection is kept alive and reused
+        assert stat(p, "cluster.web.ssl.handshake") == 1
+    finally:
+        origin.stop()
+
+
+def test_upstream_tls_wrong_san_is_503_uf(tmp_path, pki) -> None:
+    origin = tls_origin(pki)
+    try:
+        p = upstream_proxy(tmp_path, origin, pki,
+                           match_subject_alt_names=[spiffe("cluster.local", "x", "other")])
+        status, _ = get(p, "/a")
+        assert status == 503
+        assert origin.requests == []
+        entry = log_entries(tmp_path, 1)[0]
+        assert entry["response_flags"] == "UF"
+        assert "match none of" in entry["response_code_details"]
+        assert stat(p, "cluster.web.ssl.fail_verify_san") == 1
+    finally:
+        origin.stop()
+
+
+def test_upstream_tls_untrusted_origin_is_503_uf(tmp_path, pki) -> None:
+    origin = tls_origin(pki, cert="impostor", require_client=False)
+    try:
+        p = upstream_proxy(tmp_path, origin, pki)
+        status, _ = get(p, "/a")
+        assert status == 503
+        assert origin.requests == []
+        entry = log_entries(tmp_path, 1)[0]
+        assert entry["response_flags"] == "UF"
+        assert "certificate verify failed" in entry["response_code_details"]
+        assert stat(p, "cluster.web.ssl.connection_error") == 1
+    finally:
+        origin.stop()
+
+
+def test_upstream_tls_without_client_cert_is_refused_by_origin(tmp_path, pki) -> None:
+    origin = tls_origin(pki)
+    try:
+        p = upstream_proxy(tmp_path, origin, pki, certificate_chain=None, private_key=None)
+        status, _ = get(p, "/a")
+        assert status == 503  # the origin demands a client certificate the proxy lacks
+        assert origin.requests == [] and origin.tls_errors
+    finally:
+        origin.stop()
