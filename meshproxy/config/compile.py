@@ -182,6 +182,7 @@ class TLSSpec:
     handshake_timeout: float
     trusted_ca: Bundle | None = None
     require_client: bool = False
+    match_sans: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,7 +402,8 @@ def listener_tls(t: schema.ListenerTLS | None, material: Mapping[str, bytes]
     return TLSSpec(tuple(_pair(c.certificate_chain, c.private_key, material)
                          for c in t.certificates),
                    tuple(a.encode() for a in t.alpn), parse_duration(t.handshake_timeout),
-                   _bundle(t.trusted_ca, material), t.require_client_certificate)
+                   _bundle(t.trusted_ca, material), t.require_client_certificate,
+                   tuple(t.match_subject_alt_names))
 
 
 def upstream_tls(t: schema.UpstreamTLS | None, material: Mapping[str, bytes]

@@ -313,6 +313,11 @@ def check(config: schema.Config) -> list[str]:
         _check_duration(lst.max_connection_duration, f"{p}.max_connection_duration", errors)
         if lst.tls is not None:
             _check_duration(lst.tls.handshake_timeout, f"{p}.tls.handshake_timeout", errors)
+            if lst.tls.trusted_ca is None:
+                for fname in ("require_client_certificate", "match_subject_alt_names"):
+                    if getattr(lst.tls, fname):
+                        errors.append(f"{p}.tls.{fname}: needs trusted_ca (client "
+                                      "certificates are verified against it)")
         check_policies(lst.authorization_policies, f"{p}.authorization_policies", errors)
         seen: dict[str, str] = {}
         for j, vh in enumerate(lst.virtual_hosts):

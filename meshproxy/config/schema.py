@@ -412,6 +412,9 @@ class ListenerTLS(Base, frozen=True):
     # Envoy's require_client_certificate (default false, which is Istio's PERMISSIVE for
     # certificates): true fails a handshake without a client certificate (STRICT).
     require_client_certificate: bool = False
+    # Envoy's match_subject_alt_names (exact): a client certificate must carry one of these
+    # URI (SPIFFE ID) or DNS SANs, else the handshake fails. Empty: any verified client.
+    match_subject_alt_names: list[NonEmptyStr] = []
 
 
 class Listener(Base, frozen=True):

@@ -184,12 +184,26 @@ class _Rule:
         self.conditions = _all([_condition(c) for c in rule.when])
 
     def matches(self, r: Request) -> bool:
-        if self.sources and not any(all(f.matches(r) for f in fs) for fs in self.sources):
+        # Plain loops, not any()/all() over generators: this runs per request.
+        if self.sources and not _any_group(self.sources, r):
             return False
-        if self.operations and not any(all(f.matches(r) for f in fs)
-                                       for fs in self.operations):
+        if self.operations and not _any_group(self.operations, r):
             return False
-        return all(f.matches(r) for f in self.conditions)
+        for f in self.conditions:  # noqa: SIM110 - a loop: no generator per request
+            if not f.matches(r):
+                return False
+        return True
+
+
+def _any_group(groups: list[tuple[Matcher, ...]], r: Request) -> bool:
+    """Any group whose every matcher matches (an empty group matches)."""
+    for fs in groups:
+        for f in fs:
+            if not f.matches(r):
+                break
+        else:
+            return True
+    return False
 
 
 class _Policy:
@@ -200,7 +214,10 @@ class _Policy:
         self.rules = [_Rule(r) for r in p.rules]
 
     def matches(self, r: Request) -> bool:
-        return any(rule.matches(r) for rule in self.rules)
+        for rule in self.rules:  # noqa: SIM110 - a loop: no generator per request
+            if rule.matches(r):
+                return True
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +238,11 @@ class Authorizer:
         self.audit = [_Policy(p) for p in policies if p.action == "AUDIT"]
 
     def check(self, r: Request) -> Decision:
-        audited = next((p.name for p in self.audit if p.matches(r)), "")
+        audited = ""
+        for p in self.audit:
+            if p.matches(r):
+                audited = p.name
+                break
         for p in self.deny:
             if p.matches(r):
                 return Decision(False, p.name, audited)

@@ -33,8 +33,8 @@ from meshproxy.transport.tls_material import (
     dns_names,
     load_bundle,
     peer_identity,
+    san_set,
     spiffe_id,
-    uri_sans,
 )
 
 __all__ = ["ClientTLS", "ServerTLS", "TLSConfigError", "describe"]
@@ -89,16 +89,32 @@ def _verified_identity(conn: SSL.Connection, by: str) -> PeerIdentity | None:
     return peer_identity(cert, by)
 
 
+def _san_check(expected: frozenset[str]) -> Any:
+    """A verify callback: OpenSSL's verdict for every certificate of the chain, and for the
+    client's own (depth 0) also one of the expected SANs."""
+
+    def verify(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int,
+               ok: int) -> bool:
+        if not ok or depth:
+            return bool(ok)
+        return bool(san_set(cert.to_cryptography()) & expected)
+
+    return verify
+
+
 class ServerTLS:
     """The contexts of one listener. `connection()` makes a memory-BIO SSL object.
 
     mTLS: with a trust bundle, a client certificate is asked for and, when presented, must
     verify (chain to the bundle, validity period, clientAuth purpose) or the handshake fails;
+    `match_sans` (Envoy's match_subject_alt_names, exact, URI or DNS) fails a handshake
+    whose client certificate carries none of them, with a bad_certificate alert.
     `require_client` also fails a handshake without one (Istio STRICT; optional is
     PERMISSIVE for certificates)."""
 
     def __init__(self, certs: Sequence[KeyPair], alpn: Sequence[bytes] = DEFAULT_ALPN,
-                 trusted_ca: Bundle | None = None, require_client: bool = False) -> None:
+                 trusted_ca: Bundle | None = None, require_client: bool = False,
+                 match_sans: Sequence[str] = ()) -> None:
         if not certs:
             raise TLSConfigError("a TLS listener needs at least one certificate")
         offered = list(alpn)
@@ -126,7 +142,8 @@ class ServerTLS:
                 mode = SSL.VERIFY_PEER
                 if require_client:
                     mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
-                ctx.set_verify(mode)  # no callback: OpenSSL's own verification decides
+                # Without SANs to match, no callback: OpenSSL's own verification decides.
+                ctx.set_verify(mode, _san_check(frozenset(match_sans)) if match_sans else None)
             self.contexts.append(ctx)
             self.own_id[ctx] = spiffe_id(leaf)
             for name in dns_names(leaf):
@@ -142,7 +159,8 @@ class ServerTLS:
     @classmethod
     def from_spec(cls, spec: Any) -> ServerTLS:
         """From a listener's compiled TLSSpec (config.compile)."""
-        return cls(spec.certificates, spec.alpn, spec.trusted_ca, spec.require_client)
+        return cls(spec.certificates, spec.alpn, spec.trusted_ca, spec.require_client,
+                   spec.match_sans)
 
     def context_for(self, server_name: bytes | None) -> SSL.Context:
         if server_name:
@@ -216,7 +234,7 @@ class ClientTLS:
         cert = conn.get_peer_certificate(as_cryptography=True)
         if cert is None:
             return "upstream presented no certificate"
-        sans = set(uri_sans(cert)) | set(dns_names(cert))
+        sans = san_set(cert)
         if sans & self.match_sans:
             return ""
         return (f"upstream certificate SANs {sorted(sans)} match none of "

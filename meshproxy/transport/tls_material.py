@@ -128,6 +128,11 @@ def dns_names(cert: x509.Certificate) -> list[str]:
     return [n.lower() for n in names]
 
 
+def san_set(cert: x509.Certificate) -> set[str]:
+    """URI and DNS SANs: what match_subject_alt_names compares with (exact)."""
+    return set(uri_sans(cert)) | set(dns_names(cert))
+
+
 def spiffe_id(cert: x509.Certificate) -> str:
     """The certificate's SPIFFE ID, or "" (the first spiffe:// URI SAN)."""
     for uri in uri_sans(cert):

@@ -42,7 +42,8 @@ def pki(tmp_path_factory):
 
 
 def mtls_proxy(tmp_path: Path, origin, pki, *, require: bool = True,
-               routes: list | None = None, policies: list | None = None) -> Proxy:
+               routes: list | None = None, policies: list | None = None,
+               match_sans: list[str] | None = None) -> Proxy:
     d = pki["dir"]
     routes = routes or [
         {"match": {"prefix": "/deploy", "source_principals": ["cluster.local/ns/ops/*"]},
@@ -52,7 +53,8 @@ def mtls_proxy(tmp_path: Path, origin, pki, *, require: bool = True,
     cfg = config(origin.port, routes=routes, listener={"tls": {
         "certificates": [{"certificate_chain": str(pki["server"].chain),
                           "private_key": str(pki["server"].key)}],
-        "trusted_ca": str(d / "ca.pem"), "require_client_certificate": require},
+        "trusted_ca": str(d / "ca.pem"), "require_client_certificate": require,
+        "match_subject_alt_names": match_sans or []},
         "authorization_policies": policies or []},
         access_log={"path": str(tmp_path / "access.log"), "format": "json",
                     "flush_interval": "50ms"})
@@ -123,3 +125,24 @@ def test_mtls_optional_mode_serves_both(origin, tmp_path, pki) -> None:
     assert dict(json.loads(r.stdout)["headers"])["x-forwarded-client-cert"] == xfcc_of(pki, "ops")
     assert curl(pki, p, "/x", "expired").returncode != 0  # a presented cert must still verify
     assert stat(p, "listener.ingress.ssl.no_certificate") == 2
+
+
+def test_mtls_client_san_must_match_when_listed(origin, tmp_path, pki) -> None:
+    p = mtls_proxy(tmp_path, origin, pki, match_sans=[WEB])
+    assert curl(pki, p, "/x", "web").returncode == 0
+    r = curl(pki, p, "/x", "ops")  # trusted and valid, but not an expected identity
+    assert r.returncode != 0
+    assert [q.target for q in origin.requests] == [b"/x"]
+    assert wait_for(lambda: stat(p, "listener.ingress.ssl.connection_error") == 1)
+
+
+def test_mtls_client_options_need_a_trust_bundle(tmp_path) -> None:
+    from meshproxy.config.load import ConfigError, decode
+
+    cfg = config(1, listener={"tls": {"certificates": [
+        {"certificate_chain": "/dev/null", "private_key": "/dev/null"}],
+        "require_client_certificate": True}})
+    with pytest.raises(ConfigError) as err:
+        decode(cfg, "test")
+    assert any("listeners[0].tls.require_client_certificate: needs trusted_ca" in e
+               for e in err.value.errors)
