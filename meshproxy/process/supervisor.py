@@ -191,7 +191,7 @@ class Supervisor:
         for w in self.workers:
             await self._send(w)
         if self._nursery is not None:
-            self.health.apply(self.config, self._nursery)
+            self.health.apply(self.config, self._nursery, self.material.files)
         return self.version, []
 
     async def _watch_certificates(self) -> None:
@@ -216,6 +216,8 @@ class Supervisor:
                      self.version)
             for w in self.workers:
                 await self._send(w)
+            if self._nursery is not None:
+                self.health.apply(self.config, self._nursery, self.material.files)
 
     def _log_refused(self, errors: list[str]) -> None:
         log.error("reload refused, config version %d stays: %s", self.version,
@@ -355,7 +357,7 @@ class Supervisor:
                 nursery.start_soon(self._signals, sigs)
                 nursery.start_soon(self._watch_certificates)
                 self._nursery = nursery
-                self.health.apply(self.config, nursery)
+                self.health.apply(self.config, nursery, self.material.files)
                 with trio.move_on_after(30):
                     while not all(w.state == "serving" for w in self.workers):
                         await trio.sleep(0.02)

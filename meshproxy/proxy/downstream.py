@@ -219,7 +219,7 @@ class DownstreamConnection:
         every read and write of this connection goes through the TLS stream."""
         tls = self.ctx.tls
         assert tls is not None
-        stream = self.tls = TLSStream(self.ch, tls.server.connection())
+        stream = self.tls = TLSStream.over_channel(self.ch, tls.server.connection())
         try:
             await stream.handshake(self.reactor.now + tls.handshake_timeout)
         except (TLSError, trio.TooSlowError) as exc:

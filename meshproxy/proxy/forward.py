@@ -196,7 +196,7 @@ async def _handshake(cluster: Cluster, conn: UpstreamConn) -> None:
     tls = cluster.tls
     assert tls is not None
     st = cluster.stats
-    stream = TLSStream(conn.ch, tls.connection())
+    stream = TLSStream.over_channel(conn.ch, tls.connection())
     try:
         await stream.handshake()
     except (TLSError, PeerClosed) as exc:

@@ -14,6 +14,8 @@ connection with an alert.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from OpenSSL import SSL
@@ -49,17 +51,34 @@ class TLSError(Exception):
     """The TLS handshake or record layer failed; `str()` says how."""
 
 
-class TLSStream:
-    __slots__ = ("ch", "sock", "ssl", "_eof", "_in", "_out")
+RawSend = Callable[[bytes], Awaitable[None]]
+RawRecv = Callable[[int, float], Awaitable[bytes]]
 
-    def __init__(self, ch: Channel, ssl: SSL.Connection) -> None:
-        self.ch = ch
-        self.sock = ch.sock
+
+class TLSStream:
+    """TLS over any byte transport given as three coroutines: send ciphertext, receive
+    ciphertext now, and receive after waiting (the data path's reactor channels through
+    `over_channel`; the supervisor's health checks over trio streams)."""
+
+    __slots__ = ("ssl", "_eof", "_in", "_out", "_raw_send", "_raw_recv", "_raw_recv_wait")
+
+    def __init__(self, ssl: SSL.Connection, send: RawSend, recv: RawRecv,
+                 recv_wait: RawRecv | None = None) -> None:
         self.ssl = ssl
         self._eof = False
+        self._raw_send = send
+        self._raw_recv = recv
+        self._raw_recv_wait = recv_wait or recv
         # The memory BIOs (ciphertext in, ciphertext out), for _bio_pending.
         self._in = getattr(ssl, "_into_ssl", None)
         self._out = getattr(ssl, "_from_ssl", None)
+
+    @classmethod
+    def over_channel(cls, ch: Channel, ssl: SSL.Connection) -> TLSStream:
+        """On a reactor channel: sockio's calls, so the same backpressure and readiness
+        as plain connections."""
+        return cls(ssl, partial(send_all, ch.sock), partial(recv_now, ch),
+                   partial(recv_after_wait, ch))
 
     async def _flush(self) -> None:
         while True:
@@ -71,12 +90,12 @@ class TLSStream:
                 data = self.ssl.bio_read(FLUSH_SIZE)
             except SSL.WantReadError:
                 return
-            await send_all(self.sock, data)
+            await self._raw_send(data)
 
     async def _fill(self, deadline: float = 0.0, wait_first: bool = False) -> bool:
         """More ciphertext from the socket into the SSL object; False at EOF.
         wait_first: nothing is expected yet (keep-alive), so wait before the recv."""
-        data = await (recv_after_wait if wait_first else recv_now)(self.ch, RECV_SIZE, deadline)
+        data = await (self._raw_recv_wait if wait_first else self._raw_recv)(RECV_SIZE, deadline)
         if not data:
             self.ssl.bio_shutdown()
             return False

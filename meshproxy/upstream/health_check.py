@@ -17,16 +17,21 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Mapping
 
 import h11
 import trio
 
 from meshproxy.config import schema
+from meshproxy.config.compile import upstream_tls
 from meshproxy.config.durations import parse_duration
 from meshproxy.stats.names import Scope, offset
 from meshproxy.stats.shared_memory import Segment, Slots
 from meshproxy.stats.sink import endpoint_key
 from meshproxy.transport.h11_io import next_event
+from meshproxy.transport.sockio import PeerClosed
+from meshproxy.transport.tls_context import ClientTLS
+from meshproxy.transport.tls_stream import TLSError, TLSStream
 
 log = logging.getLogger("meshproxy.health_check")
 
@@ -56,13 +61,18 @@ class HealthChecker:
             self._scope.cancel()
             self._scope = None
 
-    def apply(self, config: schema.Config, nursery: trio.Nursery) -> None:
-        """Probe the endpoints of `config` (stopping the probes of the previous one)."""
+    def apply(self, config: schema.Config, nursery: trio.Nursery,
+              material: Mapping[str, bytes] | None = None) -> None:
+        """Probe the endpoints of `config` (stopping the probes of the previous one). A
+        cluster with upstream TLS is probed over TLS, with its own client certificate and
+        verification (`material`: the TLS files' bytes, as the workers have them)."""
         if self._scope is not None:
             self._scope.cancel()
         scope = self._scope = trio.CancelScope()
         probes = [(c, c.health_check, e) for c in config.clusters if c.health_check
                   for e in c.endpoints]
+        tls = {c.name: ClientTLS.from_spec(spec) for c in config.clusters
+               if c.health_check and (spec := upstream_tls(c.tls, material or {})) is not None}
         wanted = {endpoint_key(c.name, f"{e.address}:{e.port}") for c, _, e in probes}
         for key in [k for k in self.states if k not in wanted]:
             del self.states[key]  # endpoints no longer checked are not reported failed
@@ -72,7 +82,7 @@ class HealthChecker:
                 async with trio.open_nursery() as inner:
                     for cluster, hc, ep in probes:
                         assert hc is not None
-                        inner.start_soon(self._loop, cluster, hc, ep)
+                        inner.start_soon(self._loop, cluster, hc, ep, tls.get(cluster.name))
 
         nursery.start_soon(run_all)
         for c in config.clusters:
@@ -94,7 +104,7 @@ class HealthChecker:
         self.block.set(base + offset(Scope.CLUSTER, "health_check.healthy"), healthy)
 
     async def _loop(self, cluster: schema.Cluster, hc: schema.HealthCheck,
-                    ep: schema.Endpoint) -> None:
+                    ep: schema.Endpoint, tls: ClientTLS | None) -> None:
         label = f"{ep.address}:{ep.port}"
         key = endpoint_key(cluster.name, label)
         state = self.states.setdefault(key, _State())
@@ -106,7 +116,7 @@ class HealthChecker:
         blk.set(ep_cell, 0 if state.healthy else 1)
         while True:
             await trio.sleep(interval + random.random() * jitter)
-            ok, immediate = await probe(hc, cluster.name, ep.address, ep.port, timeout)
+            ok, immediate = await probe(hc, cluster.name, ep.address, ep.port, timeout, tls)
             blk.inc(cbase + offset(Scope.CLUSTER, "health_check.attempt"))
             blk.inc(cbase + offset(Scope.CLUSTER, "health_check.success" if ok
                                    else "health_check.failure"))
@@ -128,17 +138,64 @@ class HealthChecker:
                 self._publish_healthy(cluster)
 
 
+class _TrioTLS(trio.abc.Stream):
+    """A TLSStream over a trio stream, as the trio.abc.Stream h11_io reads from."""
+
+    def __init__(self, raw: trio.abc.Stream, tls: ClientTLS) -> None:
+        self.raw = raw
+        self.tls = tls
+
+        async def send(data: bytes) -> None:
+            try:
+                await raw.send_all(data)
+            except (trio.BrokenResourceError, OSError) as exc:
+                raise PeerClosed(str(exc)) from None
+
+        async def recv(size: int, deadline: float) -> bytes:
+            try:
+                return bytes(await raw.receive_some(size))
+            except (trio.BrokenResourceError, OSError) as exc:
+                raise PeerClosed(str(exc)) from None
+
+        self.stream = TLSStream(tls.connection(), send, recv)
+
+    async def handshake(self) -> bool:
+        try:
+            await self.stream.handshake()
+        except (TLSError, PeerClosed):
+            return False
+        return not self.tls.check_peer(self.stream.ssl)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(bytes(data))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.raw.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.stream.recv(max_bytes or 65536)
+
+    async def aclose(self) -> None:
+        await self.raw.aclose()
+
+
 async def probe(hc: schema.HealthCheck, cluster: str, address: str, port: int,
-                timeout: float) -> tuple[bool, bool]:
-    """(passed, asked to fail immediately)."""
+                timeout: float, tls: ClientTLS | None = None) -> tuple[bool, bool]:
+    """(passed, asked to fail immediately). With `tls`, an HTTP check runs over TLS and
+    fails when the endpoint's certificate does not verify (as a request would: 503 UF)."""
     with trio.move_on_after(timeout):
         try:
-            stream = await trio.open_tcp_stream(address, port)
+            raw = await trio.open_tcp_stream(address, port)
         except OSError:
             return False, False
-        async with stream:
+        async with raw:
             if hc.type == "tcp":
                 return True, False
+            stream: trio.abc.Stream = raw
+            if tls is not None:
+                stream = _TrioTLS(raw, tls)
+                if not await stream.handshake():
+                    return False, False
             conn = h11.Connection(h11.CLIENT)
             try:
                 await stream.send_all(conn.send(h11.Request(
@@ -146,7 +203,7 @@ async def probe(hc: schema.HealthCheck, cluster: str, address: str, port: int,
                     headers=[("host", hc.host or cluster), ("user-agent", "meshproxy-hc"),
                              ("connection", "close")])) + conn.send(h11.EndOfMessage()))
                 ev = await next_event(conn, stream)
-            except (OSError, trio.BrokenResourceError, h11.ProtocolError):
+            except (OSError, trio.BrokenResourceError, h11.ProtocolError, PeerClosed):
                 return False, False
             if not isinstance(ev, h11.Response):
                 return False, False

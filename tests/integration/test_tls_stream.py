@@ -56,7 +56,7 @@ class TLSServer:
 
     async def _serve(self, reactor: Reactor, sock: socket.socket) -> None:
         ch = reactor.register(sock)
-        stream = TLSStream(ch, self.tls.connection())
+        stream = TLSStream.over_channel(ch, self.tls.connection())
         try:
             await stream.handshake(reactor.now + self.timeout)
             while True:

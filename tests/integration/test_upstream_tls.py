@@ -38,12 +38,15 @@ def tls_origin(pki, cert: str = "origin", require_client: bool = True) -> Origin
     return Origin(tls=ctx).start()
 
 
-def upstream_proxy(tmp_path: Path, origin: Origin, pki, **tls: object) -> Proxy:
+def upstream_proxy(tmp_path: Path, origin: Origin, pki, health_check: dict | None = None,
+                   **tls: object) -> Proxy:
     spec = {"sni": "api.backend", "trusted_ca": str(pki["ca"]),
             "certificate_chain": str(pki["proxy"].chain), "private_key": str(pki["proxy"].key)}
     spec.update(tls)
     clusters = [{"name": "web", "connect_timeout": "2s", "tls": spec,
                  "endpoints": [{"address": "127.0.0.1", "port": origin.port}]}]
+    if health_check is not None:
+        clusters[0]["health_check"] = health_check
     cfg = config(clusters=clusters, access_log={"path": str(tmp_path / "access.log"),
                                                 "format": "json", "flush_interval": "50ms"})
     cfg["admin"] = {"address": "127.0.0.1", "port": 0}
@@ -120,3 +123,24 @@ def test_upstream_tls_without_client_cert_is_refused_by_origin(tmp_path, pki) ->
         assert origin.requests == [] and origin.tls_errors
     finally:
         origin.stop()
+
+
+def test_upstream_tls_health_checks_run_over_mtls(tmp_path, pki) -> None:
+    good, impostor = tls_origin(pki), tls_origin(pki, cert="impostor", require_client=False)
+    hc = {"path": "/healthz", "interval": "100ms", "timeout": "1s", "unhealthy_threshold": 1}
+    (tmp_path / "good").mkdir()
+    (tmp_path / "bad").mkdir()
+    try:
+        p = upstream_proxy(tmp_path / "good", good, pki, health_check=hc,
+                           match_subject_alt_names=[ORIGIN_ID])
+        assert wait_for(lambda: stat(p, "cluster.web.health_check.success") >= 3)
+        assert stat(p, "cluster.web.health_check.failure") == 0
+        assert good.tls_errors == []  # the checks presented the proxy's certificate
+        assert any(r.target == b"/healthz" for r in good.requests)
+        q = upstream_proxy(tmp_path / "bad", impostor, pki, health_check=hc)
+        assert wait_for(lambda: stat(q, "cluster.web.health_check.failure") >= 2)
+        assert stat(q, "cluster.web.health_check.success") == 0
+        assert not any(r.target == b"/healthz" for r in impostor.requests)
+    finally:
+        good.stop()
+        impostor.stop()
