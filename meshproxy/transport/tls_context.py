@@ -73,7 +73,7 @@ def _trust(ctx: SSL.Context, bundle: Bundle, advertise: bool) -> None:
     for ca in load_bundle(bundle):
         try:
             store.add_cert(crypto.X509.from_cryptography(ca))
-        except SSL.Error as exc:
+        except (SSL.Error, crypto.Error) as exc:
             raise TLSConfigError(f"{bundle.path}: unusable CA certificate: {exc}") from None
         if advertise:
             ctx.add_client_ca(ca)  # named in the CertificateRequest

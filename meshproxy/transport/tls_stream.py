@@ -103,8 +103,9 @@ class TLSStream:
         return True
 
     async def handshake(self, deadline: float = 0.0) -> None:
-        """Complete the server handshake; `deadline` (reactor time) bounds it, raising
-        trio.TooSlowError (a client that connects and never finishes its hello)."""
+        """Complete the handshake (server or client side, as the SSL object was set up);
+        `deadline` (reactor time, 0: none) bounds it, raising trio.TooSlowError (a client
+        that connects and never finishes its hello)."""
         while True:
             try:
                 self.ssl.do_handshake()
