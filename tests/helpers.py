@@ -85,6 +85,8 @@ class Origin:
     # Serve HTTPS: the handshake happens in the connection's thread; failures are kept.
     tls: ssl.SSLContext | None = None
     tls_errors: list[str] = field(default_factory=list)
+    tls_resumed: list[bool] = field(default_factory=list)  # per TLS connection
+    tls_clean_closes: int = 0  # connections the client ended with close_notify
 
     def start(self) -> Origin:
         self._lsock = socket.socket()
@@ -117,7 +119,9 @@ class Origin:
         leftover = b""
         if self.tls is not None:
             try:
-                sock = self.tls.wrap_socket(sock, server_side=True)
+                sock = self.tls.wrap_socket(sock, server_side=True,
+                                            suppress_ragged_eofs=False)
+                self.tls_resumed.append(sock.session_reused)
             except (OSError, ssl.SSLError) as exc:
                 self.tls_errors.append(str(exc))
                 sock.close()
@@ -136,6 +140,8 @@ class Origin:
                         self.raw_bytes += len(data)
                         conn.receive_data(data)
                         if not data:
+                            if self.tls is not None:  # ragged EOFs raise: this was clean
+                                self.tls_clean_closes += 1
                             return
                         continue
                     if isinstance(ev, h11.Request):

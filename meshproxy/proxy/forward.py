@@ -57,7 +57,7 @@ from meshproxy.proxy.retry_policy import (
 )
 from meshproxy.tracing.context import PROPAGATION_HEADERS
 from meshproxy.transport.sockio import RECV_SIZE, PeerClosed, connect
-from meshproxy.transport.tls_stream import TLSError, TLSStream
+from meshproxy.transport.tls_stream import TLSError, TLSStream, session_reused
 from meshproxy.upstream.cluster_manager import Cluster
 from meshproxy.upstream.conn_pool import Endpoint, UpstreamConn
 
@@ -196,7 +196,11 @@ async def _handshake(cluster: Cluster, conn: UpstreamConn) -> None:
     tls = cluster.tls
     assert tls is not None
     st = cluster.stats
-    stream = TLSStream.over_channel(conn.ch, tls.connection())
+    ssl = tls.connection()
+    ep = conn.endpoint
+    if ep.tls_session is not None and ep.tls_session[0] is tls:
+        ssl.set_session(ep.tls_session[1])  # resume; a rotated context starts afresh
+    stream = TLSStream.over_channel(conn.ch, ssl)
     try:
         await stream.handshake()
     except (TLSError, PeerClosed) as exc:
@@ -213,7 +217,10 @@ async def _handshake(cluster: Cluster, conn: UpstreamConn) -> None:
                          f"upstream connect error: TLS error: {problem}", retriable=True,
                          stat="upstream_cx_connect_fail", failure=CONNECT_FAILURE)
     st.block.inc(st.ssl_handshake)
+    if session_reused(ssl):
+        st.block.inc(st.ssl_session_reused)
     conn.tls = stream
+    conn.tls_context = tls
     conn.recv, conn.recv_wait = stream.recv, stream.recv_wait
     conn.send = stream.send_all
 

@@ -106,6 +106,7 @@ CLUSTER = (
             "upstream connections closed by the origin during a request (UC)"),
     counter("upstream_cx_protocol_error", "upstream responses with broken framing (UPE)"),
     counter("ssl.handshake", "upstream TLS handshakes completed"),
+    counter("ssl.session_reused", "upstream TLS handshakes that resumed a session"),
     counter("ssl.connection_error", "upstream TLS handshakes that failed (503 UF)"),
     counter("ssl.fail_verify_san",
             "upstream certificates without an expected SAN (503 UF)"),

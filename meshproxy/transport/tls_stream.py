@@ -47,6 +47,15 @@ except (ImportError, AttributeError):  # pragma: no cover - depends on pyOpenSSL
     pass
 
 
+def session_reused(ssl: SSL.Connection) -> bool:
+    """Whether the handshake resumed a session (SSL_session_reused; pyOpenSSL has no call
+    for it). False when it cannot be told."""
+    try:
+        return bool(_lib.SSL_session_reused(ssl._ssl))
+    except (NameError, AttributeError):  # pragma: no cover - depends on pyOpenSSL's insides
+        return False
+
+
 class TLSError(Exception):
     """The TLS handshake or record layer failed; `str()` says how."""
 
@@ -166,6 +175,15 @@ class TLSStream:
         except SSL.Error as exc:
             raise PeerClosed(f"TLS error: {_reason(exc)}") from None
         await self._flush()
+
+    def close_notify_record(self) -> bytes:
+        """The close_notify alert as ciphertext, for a caller that sends it without
+        waiting (b"" when the SSL object cannot make one)."""
+        try:
+            self.ssl.shutdown()
+            return self.ssl.bio_read(FLUSH_SIZE)
+        except SSL.Error:
+            return b""
 
     async def close_notify(self) -> None:
         """Send close_notify (RFC 8446 section 6.1) before the socket is closed."""

@@ -29,7 +29,7 @@ class UpstreamConn:
     """An open upstream connection; opening and closing it keep the cx gauges true."""
 
     __slots__ = ("ch", "sock", "endpoint", "idle_since", "requests", "open", "born", "recv",
-                 "recv_wait", "send", "tls")
+                 "recv_wait", "send", "tls", "tls_context")
 
     def __init__(self, ch: Channel, endpoint: Endpoint) -> None:
         self.ch = ch
@@ -40,6 +40,8 @@ class UpstreamConn:
         self.recv_wait: Callable[..., Awaitable[bytes]] = partial(recv_after_wait, ch)
         self.send: Callable[[bytes], Awaitable[None]] = partial(send_all, ch.sock)
         self.tls: Any = None  # the TLSStream of a TLS connection
+        # The ClientTLS it was made with, until its session is kept by the endpoint.
+        self.tls_context: Any = None
         self.endpoint = endpoint
         self.idle_since = 0.0
         self.born = 0.0  # when it was opened (reactor time), for max_connection_duration
@@ -65,6 +67,15 @@ class UpstreamConn:
     def close(self) -> None:
         if self.open:
             self._closed()
+            if self.tls is not None:
+                # close_notify (RFC 8446 section 6.1), best effort: one non-blocking send of
+                # a record that fits any socket buffer; a clean close is not worth a wait.
+                alert = self.tls.close_notify_record()
+                if alert:
+                    try:
+                        self.sock.send(alert)
+                    except OSError:
+                        pass
             close(self.ch)
 
     def abort(self) -> None:
@@ -78,7 +89,7 @@ class Endpoint:
 
     __slots__ = ("address", "port", "weight", "label", "idle", "idle_timeout", "max_idle",
                  "stats", "cstats", "open", "notify", "changed", "outlier", "hc", "index",
-                 "max_duration", "lb", "secure")
+                 "max_duration", "lb", "secure", "tls_session")
 
     def __init__(self, address: str, port: int, weight: int, idle_timeout: float,
                  max_idle: int, stats: Any, cstats: Any) -> None:
@@ -99,6 +110,9 @@ class Endpoint:
         self.lb: Any = None
         self.max_duration = 0.0  # max_connection_duration (0: none)
         self.secure = False  # its connections are TLS (a pool never mixes the two)
+        # (ClientTLS, session) of its last TLS connection: new connections made with the
+        # same context resume it (an abbreviated handshake, no certificate exchange).
+        self.tls_session: tuple[Any, Any] | None = None
         # Set by the cluster that owns the endpoint: `notify` wakes requests waiting for a
         # connection slot; `changed` republishes the remaining_cx gauge.
         self.notify: Callable[[], None] = _nothing
@@ -117,6 +131,11 @@ class Endpoint:
     def release(self, conn: UpstreamConn, now: float) -> None:
         """Back to the pool after a clean exchange, unless the pool is full or the
         connection has lived past max_connection_duration."""
+        if conn.tls_context is not None:
+            # After a whole exchange a TLS 1.3 server's session ticket has been read: keep
+            # the session for the next connection (once per connection).
+            self.tls_session = (conn.tls_context, conn.tls.ssl.get_session())
+            conn.tls_context = None
         if len(self.idle) >= self.max_idle or (
                 self.max_duration and now - conn.born >= self.max_duration):
             conn.close()

@@ -39,7 +39,7 @@ def tls_origin(pki, cert: str = "origin", require_client: bool = True) -> Origin
 
 
 def upstream_proxy(tmp_path: Path, origin: Origin, pki, health_check: dict | None = None,
-                   **tls: object) -> Proxy:
+                   pool: dict | None = None, **tls: object) -> Proxy:
     spec = {"sni": "api.backend", "trusted_ca": str(pki["ca"]),
             "certificate_chain": str(pki["proxy"].chain), "private_key": str(pki["proxy"].key)}
     spec.update(tls)
@@ -47,6 +47,7 @@ def upstream_proxy(tmp_path: Path, origin: Origin, pki, health_check: dict | Non
                  "endpoints": [{"address": "127.0.0.1", "port": origin.port}]}]
     if health_check is not None:
         clusters[0]["health_check"] = health_check
+    clusters[0].update(pool or {})
     cfg = config(clusters=clusters, access_log={"path": str(tmp_path / "access.log"),
                                                 "format": "json", "flush_interval": "50ms"})
     cfg["admin"] = {"address": "127.0.0.1", "port": 0}
@@ -144,3 +145,21 @@ def test_upstream_tls_health_checks_run_over_mtls(tmp_path, pki) -> None:
     finally:
         good.stop()
         impostor.stop()
+
+
+def test_upstream_tls_resumes_sessions_and_closes_cleanly(tmp_path, pki) -> None:
+    origin = tls_origin(pki)
+    try:
+        # No idle connections kept: every request opens a new TLS connection.
+        p = upstream_proxy(tmp_path, origin, pki, pool={"max_idle_connections": 0},
+                           match_subject_alt_names=[ORIGIN_ID])
+        for path in ("/1", "/2", "/3"):
+            assert get(p, path)[0] == 200
+        assert origin.connections == 3
+        assert origin.tls_resumed == [False, True, True]
+        assert stat(p, "cluster.web.ssl.session_reused") == 2
+        assert origin.tls_errors == []
+        # Each connection was closed by the proxy with a close_notify, not a bare FIN.
+        assert wait_for(lambda: origin.tls_clean_closes == 3)
+    finally:
+        origin.stop()
