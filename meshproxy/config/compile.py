@@ -209,6 +209,9 @@ class ListenerSpec:
     tls: TLSSpec | None = None
     # Some route matches on the source principal: requests of verified clients carry it.
     match_principal: bool = False
+    # The listener's authorization policies: also decide requests that match no route
+    # (a caller the policies deny learns nothing about which paths exist: 403, not 404).
+    authz: Authorizer | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,8 +431,9 @@ def compile_config(config: schema.Config, version: int = 1,
     listeners = []
     for lst in config.listeners:
         vhosts = []
+        listener_authz = compile_policies(lst.authorization_policies)
         for vh in lst.virtual_hosts:
-            routes = [_route(vh, r, _filters(lst, vh, k, r, memory, limiters))
+            routes = [_route(vh, r, _filters(lst, vh, k, r, memory, limiters, listener_authz))
                       for k, r in enumerate(vh.routes)]
             vhosts.append((VirtualHost(vh.name, routes), list(vh.domains)))
         listeners.append(ListenerSpec(
@@ -439,7 +443,7 @@ def compile_config(config: schema.Config, version: int = 1,
             _access_log(lst.access_log or config.access_log, access_log_override),
             parse_duration(lst.max_connection_duration), listener_tls(lst.tls, material),
             any(r.match.source_principals is not None
-                for vh in lst.virtual_hosts for r in vh.routes)))
+                for vh in lst.virtual_hosts for r in vh.routes), listener_authz))
     clusters = {
         c.name: ClusterSpec(
             c.name, tuple((e.address, e.port, e.weight) for e in c.endpoints),
@@ -496,10 +500,11 @@ def rate_limit_tables(config: schema.Config) -> dict[str, int]:
 
 
 def _filters(lst: schema.Listener, vh: schema.VirtualHost, k: int, r: schema.Route,
-             memory: Memory, limiters: dict[str, LocalRateLimiter]) -> RouteFilters | None:
-    policies = (r.authorization_policies if r.authorization_policies is not None
-                else lst.authorization_policies)
-    authz = compile_policies(policies)
+             memory: Memory, limiters: dict[str, LocalRateLimiter],
+             listener_authz: Authorizer | None) -> RouteFilters | None:
+    # Compiled once per listener; a route with its own policies compiles those.
+    authz = (compile_policies(r.authorization_policies)
+             if r.authorization_policies is not None else listener_authz)
     spec = rate_limit_specs(lst, vh, k, r)
     limiter = None
     if spec is not None:

@@ -387,14 +387,17 @@ class DownstreamConnection:
             headers = headers + [(PRINCIPAL_HEADER, self.identity.principal)]
         _vh, route = spec.route_table.route(host, head.method, target, headers)
         if route is None:
+            if spec.authz is not None:
+                refusal = self._filter(RouteFilters(spec.authz, None), head, ex, host, target)
+                if refusal is not None:
+                    return await self._send_local(ex, head, *refusal)
             return await self._send_local(ex, head, 404, b"", flags.NO_ROUTE)
         action = route.action
         filters = action.filters
         if filters is not None:
             refusal = self._filter(filters, head, ex, host, target)
             if refusal is not None:
-                status, body, flag = refusal
-                return await self._send_local(ex, head, status, body, flag)
+                return await self._send_local(ex, head, *refusal)
         kind = type(action)
         if kind is ClusterAction:
             return await forward(self, head, ex, action)

@@ -65,3 +65,15 @@ def test_authz_route_policies_replace_the_listeners(origin, tmp_path, pki) -> No
     p = mtls_proxy(tmp_path, origin, pki, routes=routes, policies=deny_all)
     assert status_body(curl(pki, p, "/public/x", "web", "-i"))[0] == 200
     assert status_body(curl(pki, p, "/private", "web", "-i"))[0] == 403
+
+
+def test_authz_listener_policies_decide_before_no_route(origin, tmp_path, pki) -> None:
+    """A denied caller gets 403 whether or not the path exists (as with Envoy's RBAC filter,
+    which runs before the router); an allowed one gets the 404."""
+    routes = [{"match": {"prefix": "/api"}, "route": {"cluster": "web"}}]
+    ops_only = [{"name": "ops-only", "action": "ALLOW",
+                 "rules": [{"from": [{"namespaces": ["ops"]}]}]}]
+    p = mtls_proxy(tmp_path, origin, pki, routes=routes, policies=ops_only)
+    assert status_body(curl(pki, p, "/nothing-here", "web", "-i"))[0] == 403
+    assert status_body(curl(pki, p, "/nothing-here", "ops", "-i"))[0] == 404
+    assert stat(p, "http.ingress.no_route") == 1

@@ -113,3 +113,23 @@ def test_authz_config_errors_name_the_field(raw: dict, message: str) -> None:
     errors: list[str] = []
     check_policies([msgspec.convert(raw, schema.AuthorizationPolicy)], "policies", errors)
     assert any(message in e for e in errors), errors
+
+
+def test_authz_listener_policies_compiled_once_per_snapshot() -> None:
+    from meshproxy.config.compile import compile_config
+    from meshproxy.config.load import decode
+
+    routes = [{"match": {"prefix": f"/r{i}"}, "direct_response": {"status": 200}}
+              for i in range(3)]
+    routes.append({"match": {"prefix": "/own"}, "direct_response": {"status": 200},
+                   "authorization_policies": [{"name": "own", "rules": [{}]}]})
+    cfg = decode({"listeners": [{
+        "name": "in", "port": 0,
+        "authorization_policies": [{"name": "p", "action": "DENY", "rules": [{}]}],
+        "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]}]})
+    listener = compile_config(cfg).listeners[0]
+    vh = listener.route_table.default
+    assert vh is not None
+    shared = {id(r.action.filters.authz) for r in vh.routes[:3]}
+    assert shared == {id(listener.authz)}  # one Authorizer for the listener's routes
+    assert vh.routes[3].action.filters.authz is not listener.authz
