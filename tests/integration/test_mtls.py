@@ -146,3 +146,29 @@ def test_mtls_client_options_need_a_trust_bundle(tmp_path) -> None:
         decode(cfg, "test")
     assert any("listeners[0].tls.require_client_certificate: needs trusted_ca" in e
                for e in err.value.errors)
+
+
+def test_mtls_resumed_session_keeps_the_identity(origin, tmp_path, pki) -> None:
+    """A client resuming its TLS session presents no certificate again: the identity comes
+    from the session, so the principal and x-forwarded-client-cert are the same."""
+    import socket
+    import ssl
+
+    p = mtls_proxy(tmp_path, origin, pki)
+    ctx = ssl.create_default_context(cafile=str(pki["dir"] / "ca.pem"))
+    ctx.load_cert_chain(pki["web"].chain, pki["web"].key)
+    session = None
+    seen = []
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", p.port), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost", session=session) as s:
+            s.sendall(b"GET /who HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            seen.append((s.session_reused, data))
+            session = s.session
+    assert [reused for reused, _ in seen] == [False, True]
+    for _, data in seen:
+        headers = dict(json.loads(data.partition(b"\r\n\r\n")[2])["headers"])
+        assert headers["x-forwarded-client-cert"] == xfcc_of(pki, "web")

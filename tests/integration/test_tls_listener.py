@@ -96,3 +96,20 @@ def test_tls_listener_bad_certificates_refused(origin, tmp_path, certs) -> None:
     assert status == 400 and b"key1.pem" in body
     assert curl(d, p, "a.example", f"https://a.example:{p.port}/").returncode == 0
     p.stop()
+
+
+def test_tls_listener_key_update_mid_connection(origin, tmp_path, certs) -> None:
+    """TLS 1.3 KeyUpdate (RFC 8446 section 4.6.3) between two requests on one connection,
+    with an update of ours requested: both requests are served."""
+    _d, cl = certs
+    p = tls_proxy(tmp_path, origin, cl)
+    feed = ("(printf 'GET /one HTTP/1.1\\r\\nhost: a.example\\r\\n\\r\\n'; sleep 0.7; "
+            "printf 'K\\n'; sleep 0.7; "
+            "printf 'GET /two HTTP/1.1\\r\\nhost: a.example\\r\\n\\r\\n'; sleep 0.7)")
+    # Without -ign_eof, so that s_client takes the line "K" as its key-update command.
+    r = subprocess.run(f"{feed} | openssl s_client -connect 127.0.0.1:{p.port} -tls1_3 "
+                       "-servername a.example", shell=True, capture_output=True, timeout=30)
+    assert b"KEYUPDATE" in r.stdout + r.stderr
+    assert r.stdout.count(b"HTTP/1.1 200") == 2
+    assert [q.target for q in origin.requests] == [b"/one", b"/two"]
+    p.stop()
