@@ -65,6 +65,18 @@ class MeshCA:
         path.write_bytes(self.pem())
         return path
 
+    def crl(self, revoked: list[x509.Certificate], path: Path) -> Path:
+        """A revocation list (PEM) signed by this CA naming `revoked`."""
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(self.cert.subject)
+                   .last_update(_now() - DAY).next_update(_now() + 7 * DAY))
+        for cert in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(cert.serial_number)
+                .revocation_date(_now() - DAY).build())
+        path.write_bytes(builder.sign(self.key, hashes.SHA256())
+                         .public_bytes(serialization.Encoding.PEM))
+        return path
+
     def issue(self, out: Path, name: str, *, dns: list[str] | None = None,
               uris: list[str] | None = None, usages: tuple[str, ...] = ("server", "client"),
               not_before: datetime.datetime | None = None,

@@ -183,6 +183,8 @@ class TLSSpec:
     trusted_ca: Bundle | None = None
     require_client: bool = False
     match_sans: tuple[str, ...] = ()
+    crl: Bundle | None = None  # revocation lists (PEM), same shape as a bundle
+    crl_leaf_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +193,8 @@ class UpstreamTLSSpec:
     certificate: KeyPair | None
     trusted_ca: Bundle | None
     match_sans: tuple[str, ...]
+    crl: Bundle | None = None
+    crl_leaf_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,7 +410,8 @@ def listener_tls(t: schema.ListenerTLS | None, material: Mapping[str, bytes]
                          for c in t.certificates),
                    tuple(a.encode() for a in t.alpn), parse_duration(t.handshake_timeout),
                    _bundle(t.trusted_ca, material), t.require_client_certificate,
-                   tuple(t.match_subject_alt_names))
+                   tuple(t.match_subject_alt_names), _bundle(t.crl, material),
+                   t.only_verify_leaf_cert_crl)
 
 
 def upstream_tls(t: schema.UpstreamTLS | None, material: Mapping[str, bytes]
@@ -416,7 +421,8 @@ def upstream_tls(t: schema.UpstreamTLS | None, material: Mapping[str, bytes]
     cert = (_pair(t.certificate_chain, t.private_key, material)
             if t.certificate_chain is not None and t.private_key is not None else None)
     return UpstreamTLSSpec(t.sni, cert, _bundle(t.trusted_ca, material),
-                           tuple(t.match_subject_alt_names))
+                           tuple(t.match_subject_alt_names), _bundle(t.crl, material),
+                           t.only_verify_leaf_cert_crl)
 
 
 def compile_config(config: schema.Config, version: int = 1,

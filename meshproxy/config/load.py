@@ -293,6 +293,8 @@ def check(config: schema.Config) -> list[str]:
             _check_duration(budget.window, f"{p}.circuit_breakers.retry_budget.window", errors)
         if c.tls is not None and (c.tls.certificate_chain is None) != (c.tls.private_key is None):
             errors.append(f"{p}.tls: certificate_chain and private_key go together")
+        if c.tls is not None and c.tls.crl is not None and c.tls.trusted_ca is None:
+            errors.append(f"{p}.tls.crl: needs trusted_ca (endpoints are verified against it)")
     if not config.listeners:
         errors.append("listeners: at least one listener is required")
     if config.tracing is not None:
@@ -314,7 +316,7 @@ def check(config: schema.Config) -> list[str]:
         if lst.tls is not None:
             _check_duration(lst.tls.handshake_timeout, f"{p}.tls.handshake_timeout", errors)
             if lst.tls.trusted_ca is None:
-                for fname in ("require_client_certificate", "match_subject_alt_names"):
+                for fname in ("require_client_certificate", "match_subject_alt_names", "crl"):
                     if getattr(lst.tls, fname):
                         errors.append(f"{p}.tls.{fname}: needs trusted_ca (client "
                                       "certificates are verified against it)")
@@ -348,12 +350,14 @@ def tls_files(config: schema.Config) -> list[tuple[str, str]]:
         for k, cert in enumerate(lst.tls.certificates):
             out.append((f"{p}.certificates[{k}].certificate_chain", cert.certificate_chain))
             out.append((f"{p}.certificates[{k}].private_key", cert.private_key))
-        if lst.tls.trusted_ca is not None:
-            out.append((f"{p}.trusted_ca", lst.tls.trusted_ca))
+        for fname in ("trusted_ca", "crl"):
+            path = getattr(lst.tls, fname)
+            if path is not None:
+                out.append((f"{p}.{fname}", path))
     for i, c in enumerate(config.clusters):
         if c.tls is None:
             continue
-        for fname in ("certificate_chain", "private_key", "trusted_ca"):
+        for fname in ("certificate_chain", "private_key", "trusted_ca", "crl"):
             path = getattr(c.tls, fname)
             if path is not None:
                 out.append((f"clusters[{i}].tls.{fname}", path))

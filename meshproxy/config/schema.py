@@ -126,6 +126,9 @@ class UpstreamTLS(Base, frozen=True):
     # Envoy's match_subject_alt_names (exact): an endpoint's certificate must carry one of
     # these URI (SPIFFE ID) or DNS SANs, else the connection fails (503 UF).
     match_subject_alt_names: list[NonEmptyStr] = []
+    # Revocation lists for the endpoints' certificates (as on listeners).
+    crl: NonEmptyStr | None = None
+    only_verify_leaf_cert_crl: bool = False
 
 
 class Cluster(Base, frozen=True):
@@ -415,6 +418,10 @@ class ListenerTLS(Base, frozen=True):
     # Envoy's match_subject_alt_names (exact): a client certificate must carry one of these
     # URI (SPIFFE ID) or DNS SANs, else the handshake fails. Empty: any verified client.
     match_subject_alt_names: list[NonEmptyStr] = []
+    # Envoy's crl: PEM certificate revocation lists; a revoked client certificate fails the
+    # handshake. Every certificate of the chain is checked unless only_verify_leaf_cert_crl.
+    crl: NonEmptyStr | None = None
+    only_verify_leaf_cert_crl: bool = False
 
 
 class Listener(Base, frozen=True):

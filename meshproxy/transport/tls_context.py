@@ -32,6 +32,7 @@ from meshproxy.transport.tls_material import (
     check_pair,
     dns_names,
     load_bundle,
+    load_crls,
     peer_identity,
     san_set,
     spiffe_id,
@@ -67,9 +68,18 @@ def _use_pair(ctx: SSL.Context, pair: KeyPair) -> x509.Certificate:
     return chain[0]
 
 
-def _trust(ctx: SSL.Context, bundle: Bundle, advertise: bool) -> None:
+def _trust(ctx: SSL.Context, bundle: Bundle, advertise: bool, crl: Bundle | None = None,
+           crl_leaf_only: bool = False) -> None:
+    """Trust `bundle`'s CAs; with `crl`, a revoked certificate fails verification (every
+    certificate of the chain is checked, as Envoy does, unless `crl_leaf_only`: then a CA
+    without a list is not an error)."""
     store = ctx.get_cert_store()
     assert store is not None
+    if crl is not None:
+        for revocations in load_crls(crl):
+            store.add_crl(revocations)
+        store.set_flags(crypto.X509StoreFlags.CRL_CHECK if crl_leaf_only
+                        else crypto.X509StoreFlags.CRL_CHECK | crypto.X509StoreFlags.CRL_CHECK_ALL)
     for ca in load_bundle(bundle):
         try:
             store.add_cert(crypto.X509.from_cryptography(ca))
@@ -114,7 +124,8 @@ class ServerTLS:
 
     def __init__(self, certs: Sequence[KeyPair], alpn: Sequence[bytes] = DEFAULT_ALPN,
                  trusted_ca: Bundle | None = None, require_client: bool = False,
-                 match_sans: Sequence[str] = ()) -> None:
+                 match_sans: Sequence[str] = (), crl: Bundle | None = None,
+                 crl_leaf_only: bool = False) -> None:
         if not certs:
             raise TLSConfigError("a TLS listener needs at least one certificate")
         offered = list(alpn)
@@ -138,7 +149,7 @@ class ServerTLS:
             ctx.set_alpn_select_callback(select)
             ctx.set_session_id(SESSION_ID)
             if trusted_ca is not None:
-                _trust(ctx, trusted_ca, advertise=True)
+                _trust(ctx, trusted_ca, True, crl, crl_leaf_only)
                 mode = SSL.VERIFY_PEER
                 if require_client:
                     mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
@@ -160,7 +171,7 @@ class ServerTLS:
     def from_spec(cls, spec: Any) -> ServerTLS:
         """From a listener's compiled TLSSpec (config.compile)."""
         return cls(spec.certificates, spec.alpn, spec.trusted_ca, spec.require_client,
-                   spec.match_sans)
+                   spec.match_sans, spec.crl, spec.crl_leaf_only)
 
     def context_for(self, server_name: bytes | None) -> SSL.Context:
         if server_name:
@@ -202,13 +213,14 @@ class ClientTLS:
     match_subject_alt_names with exact matching, against URI (SPIFFE ID) and DNS SANs."""
 
     def __init__(self, sni: str, cert: KeyPair | None, trusted_ca: Bundle | None,
-                 match_sans: Sequence[str] = (), alpn: Sequence[bytes] = DEFAULT_ALPN) -> None:
+                 match_sans: Sequence[str] = (), alpn: Sequence[bytes] = DEFAULT_ALPN,
+                 crl: Bundle | None = None, crl_leaf_only: bool = False) -> None:
         ctx = self.context = SSL.Context(SSL.TLS_CLIENT_METHOD)
         _policy(ctx)
         if cert is not None:
             _use_pair(ctx, cert)
         if trusted_ca is not None:
-            _trust(ctx, trusted_ca, advertise=False)
+            _trust(ctx, trusted_ca, False, crl, crl_leaf_only)
             ctx.set_verify(SSL.VERIFY_PEER)
         ctx.set_alpn_protos(list(alpn))
         self.sni = sni.encode("idna") if sni else b""
@@ -217,7 +229,8 @@ class ClientTLS:
     @classmethod
     def from_spec(cls, spec: Any) -> ClientTLS:
         """From a cluster's compiled UpstreamTLSSpec (config.compile)."""
-        return cls(spec.sni, spec.certificate, spec.trusted_ca, spec.match_sans)
+        return cls(spec.sni, spec.certificate, spec.trusted_ca, spec.match_sans,
+                   crl=spec.crl, crl_leaf_only=spec.crl_leaf_only)
 
     def connection(self) -> SSL.Connection:
         conn = SSL.Connection(self.context, None)

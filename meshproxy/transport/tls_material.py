@@ -109,6 +109,20 @@ def load_bundle(bundle: Bundle) -> list[x509.Certificate]:
     return load_chain(bundle.pem, bundle.path)
 
 
+CRL_BEGIN = b"-----BEGIN X509 CRL-----"
+
+
+def load_crls(bundle: Bundle) -> list[x509.CertificateRevocationList]:
+    """Every revocation list of a PEM file (one or more BEGIN X509 CRL blocks)."""
+    blocks = [CRL_BEGIN + part for part in bundle.pem.split(CRL_BEGIN)[1:]]
+    if not blocks:
+        raise TLSConfigError(f"{bundle.path}: no certificate revocation list in the file")
+    try:
+        return [x509.load_pem_x509_crl(b) for b in blocks]
+    except ValueError as exc:
+        raise TLSConfigError(f"{bundle.path}: not a PEM revocation list: {exc}") from None
+
+
 def uri_sans(cert: x509.Certificate) -> list[str]:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)

@@ -56,6 +56,18 @@ def session_reused(ssl: SSL.Connection) -> bool:
         return False
 
 
+def verify_error(ssl: SSL.Connection) -> str:
+    """Why certificate verification failed (OpenSSL's X509_V_ERR text: "certificate has
+    expired", "certificate revoked", ...), or "" when it cannot be told."""
+    try:
+        code = _lib.SSL_get_verify_result(ssl._ssl)
+        if not code:
+            return ""
+        return str(_ffi.string(_lib.X509_verify_cert_error_string(code)).decode())
+    except (NameError, AttributeError):  # pragma: no cover - depends on pyOpenSSL's insides
+        return ""
+
+
 class TLSError(Exception):
     """The TLS handshake or record layer failed; `str()` says how."""
 
@@ -125,7 +137,12 @@ class TLSStream:
                     raise PeerClosed("client closed during the TLS handshake") from None
             except SSL.Error as exc:
                 await self._send_alert()
-                raise TLSError(_reason(exc)) from None
+                reason = _reason(exc)
+                if "certificate verify failed" in reason:
+                    detail = verify_error(self.ssl)
+                    if detail:
+                        reason = f"{reason}: {detail}"
+                raise TLSError(reason) from None
         await self._flush()
 
     async def _send_alert(self) -> None:

@@ -30,6 +30,7 @@ def pki(tmp_path_factory):
     now = datetime.datetime.now(datetime.UTC)
     out = {
         "dir": d,
+        "ca": ca,
         "server": ca.issue(d, "gateway", dns=["localhost"], uris=[GATEWAY]),
         "web": ca.issue(d, "web", uris=[WEB]),
         "ops": ca.issue(d, "ops", uris=[OPS]),
@@ -43,7 +44,7 @@ def pki(tmp_path_factory):
 
 def mtls_proxy(tmp_path: Path, origin, pki, *, require: bool = True,
                routes: list | None = None, policies: list | None = None,
-               match_sans: list[str] | None = None) -> Proxy:
+               match_sans: list[str] | None = None, crl: Path | None = None) -> Proxy:
     d = pki["dir"]
     routes = routes or [
         {"match": {"prefix": "/deploy", "source_principals": ["cluster.local/ns/ops/*"]},
@@ -54,7 +55,8 @@ def mtls_proxy(tmp_path: Path, origin, pki, *, require: bool = True,
         "certificates": [{"certificate_chain": str(pki["server"].chain),
                           "private_key": str(pki["server"].key)}],
         "trusted_ca": str(d / "ca.pem"), "require_client_certificate": require,
-        "match_subject_alt_names": match_sans or []},
+        "match_subject_alt_names": match_sans or [],
+        **({"crl": str(crl)} if crl is not None else {})},
         "authorization_policies": policies or []},
         access_log={"path": str(tmp_path / "access.log"), "format": "json",
                     "flush_interval": "50ms"})
@@ -172,3 +174,15 @@ def test_mtls_resumed_session_keeps_the_identity(origin, tmp_path, pki) -> None:
     for _, data in seen:
         headers = dict(json.loads(data.partition(b"\r\n\r\n")[2])["headers"])
         assert headers["x-forwarded-client-cert"] == xfcc_of(pki, "web")
+
+
+def test_mtls_revocation_list_takes_effect_without_restart(origin, tmp_path, pki) -> None:
+    crl = pki["ca"].crl([], tmp_path / "revoked.pem")  # nothing revoked yet
+    p = mtls_proxy(tmp_path, origin, pki, crl=crl)
+    assert curl(pki, p, "/x", "ops").returncode == 0
+    # Revoke ops: a new list replaces the file atomically, the proxy picks it up.
+    pki["ca"].crl([pki["ops"].cert], tmp_path / "revoked.new")
+    (tmp_path / "revoked.new").replace(crl)
+    wait_for(lambda: curl(pki, p, "/x", "ops").returncode != 0)
+    assert curl(pki, p, "/x", "web").returncode == 0  # others are unaffected
+    assert [q.target for q in origin.requests].count(b"/x") >= 2

@@ -23,7 +23,7 @@ def pki(tmp_path_factory):
     d: Path = tmp_path_factory.mktemp("upstream-tls")
     ca = MeshCA()
     ca.write(d / "ca.pem")
-    return {"dir": d, "ca": d / "ca.pem",
+    return {"dir": d, "ca": d / "ca.pem", "authority": ca,
             "origin": ca.issue(d, "api", dns=["api.backend"], uris=[ORIGIN_ID]),
             "proxy": ca.issue(d, "gateway", uris=[PROXY_ID]),
             "impostor": MeshCA("another CA").issue(d / "other", "api", uris=[ORIGIN_ID])}
@@ -109,7 +109,8 @@ def test_upstream_tls_untrusted_origin_is_503_uf(tmp_path, pki) -> None:
         assert origin.requests == []
         entry = log_entries(tmp_path, 1)[0]
         assert entry["response_flags"] == "UF"
-        assert "certificate verify failed" in entry["response_code_details"]
+        assert "certificate verify failed: unable to get local issuer certificate" in \
+            entry["response_code_details"]
         assert stat(p, "cluster.web.ssl.connection_error") == 1
     finally:
         origin.stop()
@@ -161,5 +162,20 @@ def test_upstream_tls_resumes_sessions_and_closes_cleanly(tmp_path, pki) -> None
         assert origin.tls_errors == []
         # Each connection was closed by the proxy with a close_notify, not a bare FIN.
         assert wait_for(lambda: origin.tls_clean_closes == 3)
+    finally:
+        origin.stop()
+
+
+def test_upstream_tls_revoked_endpoint_is_503_uf(tmp_path, pki) -> None:
+    origin = tls_origin(pki)
+    crl = pki["authority"].crl([pki["origin"].cert], tmp_path / "revoked.pem")
+    try:
+        p = upstream_proxy(tmp_path, origin, pki, crl=str(crl))
+        assert get(p, "/a")[0] == 503
+        assert origin.requests == []
+        entry = log_entries(tmp_path, 1)[0]
+        assert entry["response_flags"] == "UF"
+        assert entry["response_code_details"].endswith(
+            "certificate verify failed: certificate revoked")
     finally:
         origin.stop()
