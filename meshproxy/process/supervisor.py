@@ -188,11 +188,16 @@ class Supervisor:
             self._log_refused(errors)
             return self.version, errors
         log.info("adopted config version %d from %s", self.version, self.config_path)
+        await self._publish()
+        return self.version, []
+
+    async def _publish(self) -> None:
+        """The snapshot `_prepare` adopted goes to every worker, and the health checker
+        probes with its clusters and TLS material."""
         for w in self.workers:
             await self._send(w)
         if self._nursery is not None:
             self.health.apply(self.config, self._nursery, self.material.files)
-        return self.version, []
 
     async def _watch_certificates(self) -> None:
         """Rotation: a changed TLS file is read, checked and sent to the workers as a new
@@ -214,10 +219,7 @@ class Supervisor:
             refused = None
             log.info("certificate rotation: new TLS material in config version %d",
                      self.version)
-            for w in self.workers:
-                await self._send(w)
-            if self._nursery is not None:
-                self.health.apply(self.config, self._nursery, self.material.files)
+            await self._publish()
 
     def _log_refused(self, errors: list[str]) -> None:
         log.error("reload refused, config version %d stays: %s", self.version,
