@@ -87,6 +87,8 @@ class Origin:
     tls_errors: list[str] = field(default_factory=list)
     tls_resumed: list[bool] = field(default_factory=list)  # per TLS connection
     tls_clean_closes: int = 0  # connections the client ended with close_notify
+    # Every byte received, per connection id, exactly as it arrived (what the proxy sent).
+    raw: dict[int, bytearray] = field(default_factory=dict)
 
     def start(self) -> Origin:
         self._lsock = socket.socket()
@@ -138,6 +140,7 @@ class Origin:
                     if ev is h11.NEED_DATA:
                         data = sock.recv(65536)
                         self.raw_bytes += len(data)
+                        self.raw.setdefault(conn_id, bytearray()).extend(data)
                         conn.receive_data(data)
                         if not data:
                             if self.tls is not None:  # ragged EOFs raise: this was clean

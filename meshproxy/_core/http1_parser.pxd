@@ -35,6 +35,7 @@ cdef class HeadParser:
                               bint request) except -2
     cdef int _parse_fields(self, const unsigned char *p, Py_ssize_t i, Py_ssize_t end,
                            MessageHead head) except -1
+    cdef object _response(self, bytes data, Py_ssize_t start)
 
 
 cdef class ChunkedDecoder:

@@ -63,7 +63,12 @@ cdef void _init_tables():
 
 _init_tables()
 
-# Content-Length above 2**62 cannot be a real body and would overflow arithmetic.
+# The largest body length (Content-Length, a chunk size) accepted: 2**62 bytes, far beyond
+# any real body, and a quarter of the signed 64-bit range, so that the sums the proxy makes
+# from a length it was told (position + length, length * 10 + digit while parsing, 16 *
+# size + hexdigit) cannot overflow a `long long`. Every accumulation checks that the NEXT
+# value stays within this bound before computing it (checking after is too late: 2**64 + 5
+# wraps to 5 and smuggles a request).
 cdef long long MAX_BODY_LENGTH = 4611686018427387904
 # A chunk-size line (size plus extensions) longer than this is an attack, not data:
 # extensions carry no meaning for a proxy and must not be an unbounded buffer.
@@ -125,7 +130,7 @@ cdef inline Py_ssize_t _trim_end(const unsigned char *p, Py_ssize_t a, Py_ssize_
 
 cdef long long _parse_content_length(const unsigned char *p, Py_ssize_t a, Py_ssize_t b) except -2:
     """A Content-Length value: 1*DIGIT, or a comma list of identical values (RFC 9112 6.3)."""
-    cdef long long value = -1, cur
+    cdef long long value = -1, cur, d
     cdef Py_ssize_t i = a, digits
     while True:
         while i < b and (p[i] == 32 or p[i] == 9):
@@ -133,10 +138,12 @@ cdef long long _parse_content_length(const unsigned char *p, Py_ssize_t a, Py_ss
         cur = 0
         digits = 0
         while i < b and 48 <= p[i] <= 57:
-            cur = cur * 10 + (p[i] - 48)
-            digits += 1
-            if cur > MAX_BODY_LENGTH:
+            d = p[i] - 48
+            # Before the arithmetic: cur * 10 + d <= MAX_BODY_LENGTH, so it cannot wrap.
+            if cur > (MAX_BODY_LENGTH - d) // 10:
                 raise ParseError(400, "Content-Length overflows")
+            cur = cur * 10 + d
+            digits += 1
             i += 1
         if digits == 0:
             raise ParseError(400, "invalid Content-Length")
@@ -229,6 +236,11 @@ cdef class HeadParser:
             raise ParseError(400, "invalid request target")
         if i - start > self.max_request_line:
             raise ParseError(414, "request line too long")
+        if memchr(p + a, 35, i - a) != NULL:  # '#'
+            # RFC 9112 3.2: a request-target has no fragment (the client keeps it). Refused,
+            # never stripped, as Envoy does by default: an origin that read `/a#/../b` as a
+            # path would see a different resource than the one the route matched.
+            raise ParseError(400, "fragment in request target")
         head.target = PyBytes_FromStringAndSize(<const char *>p + a, i - a)
         i += 1
         i = _parse_version(p, i, head)
@@ -239,7 +251,17 @@ cdef class HeadParser:
         return head
 
     def parse_response(self, bytes data, Py_ssize_t start=0):
-        """Parse a response head (status line and fields) from data[start:]."""
+        """Parse a response head (status line and fields) from data[start:]. Every refusal is
+        a 502: the version, field and size rules are the request's, but a response that
+        breaks them is the origin's fault (RFC 9110 15.6.3)."""
+        try:
+            return self._response(data, start)
+        except ParseError as exc:
+            if exc.status == 502:
+                raise
+            raise ParseError(502, exc.reason) from None
+
+    cdef object _response(self, bytes data, Py_ssize_t start):
         cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(data)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
         cdef Py_ssize_t i, a, end
@@ -258,7 +280,9 @@ cdef class HeadParser:
         if not (48 <= p[i] <= 57 and 48 <= p[i + 1] <= 57 and 48 <= p[i + 2] <= 57):
             raise ParseError(502, "invalid status code")
         head.status = (p[i] - 48) * 100 + (p[i + 1] - 48) * 10 + (p[i + 2] - 48)
-        if head.status < 100:
+        if head.status < 100 or head.status > 599:
+            # RFC 9110 15: every valid status code is in 100..599. A peer-chosen value outside
+            # it must not index per-class counters (1xx..5xx) or reach a client.
             raise ParseError(502, "invalid status code")
         i += 3
         a = i
@@ -547,7 +571,8 @@ cdef class ChunkedDecoder:
         n -= 2
         while i < n and HEXVAL[p[i]] != 255:
             h = HEXVAL[p[i]]
-            if size > (MAX_BODY_LENGTH >> 4):
+            # Before the shift: size * 16 + h <= MAX_BODY_LENGTH (leading zeros cost nothing).
+            if size > <unsigned long long>((MAX_BODY_LENGTH - h) >> 4):
                 raise ParseError(self.error_status, "chunk size overflows")
             size = (size << 4) | h
             i += 1

@@ -31,10 +31,14 @@ PathKind = Literal["prefix", "path", "regex"]
 # plus those the proxy itself rewrites: Host, the framing and Expect, which the proxy answers
 # itself as Envoy does, and the x-forwarded-* it sets). x-forwarded-client-cert is Envoy's
 # SANITIZE_SET: a client's own is dropped, the proxy sets it for a verified client.
+# Framing rule: the framing the proxy forwards is the framing it decided. Content-Length and
+# Transfer-Encoding are never copied from a peer's head (a duplicate `Content-Length: 5`
+# line, a `5, 5` list or a value the parser refused to believe must not reach the next hop);
+# the proxy writes one `content-length: N` or `transfer-encoding: chunked` of its own.
 REQUEST_SKIP = frozenset({
     b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
     b"proxy-connection", b"host", b"expect", b"x-forwarded-for", b"x-forwarded-proto",
-    b"x-forwarded-client-cert",
+    b"x-forwarded-client-cert", b"content-length",
 })
 # The pseudo-header the route table matches source principals on. A colon cannot start a
 # field name on the wire (RFC 9110 section 5.1), so a client cannot forge it.
@@ -43,7 +47,14 @@ PRINCIPAL_HEADER = b":source-principal"
 # chooses for the downstream connection.
 RESPONSE_SKIP = frozenset({
     b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
-    b"proxy-connection",
+    b"proxy-connection", b"content-length",
+})
+# Trailer fields never relayed (RFC 9110 6.5.1: framing, routing and connection control
+# cannot be sent after the content; a next hop that merges trailers into the header section
+# must never find a second framing there).
+TRAILER_SKIP = frozenset({
+    b"content-length", b"transfer-encoding", b"host", b"connection", b"keep-alive", b"te",
+    b"trailer", b"upgrade", b"proxy-connection", b"expect",
 })
 
 

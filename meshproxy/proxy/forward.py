@@ -40,7 +40,7 @@ from meshproxy._core.http1_parser import (
     encode_last_chunk,
     serialize_head,
 )
-from meshproxy.config.compile import RESPONSE_SKIP, ClusterAction
+from meshproxy.config.compile import RESPONSE_SKIP, TRAILER_SKIP, ClusterAction
 from meshproxy.protocol import errors as flags
 from meshproxy.protocol.errors import ProxyError
 from meshproxy.proxy.local_reply import CONTINUE_100, reason
@@ -111,8 +111,11 @@ def build_upstream_head(dc: DownstreamConnection, head: MessageHead, ex: Exchang
         if ex.request_id is None:  # one id for every attempt of the request
             ex.request_id = new_request_id()
         extra.append((b"x-request-id", ex.request_id))
+    # The framing decided by the parser, stated once (the peer's own lines are skipped).
     if head.chunked:
         extra.append(TE_CHUNKED)
+    elif head.content_length >= 0:
+        extra.append((b"content-length", b"%d" % head.content_length))
     if websocket:
         extra.append(CONN_UPGRADE)
         extra.append((b"upgrade", head.upgrade))
@@ -142,6 +145,13 @@ def _serialize(first_line: bytes, msg: MessageHead, skip: frozenset[bytes],
     if msg.conn_extra:
         skip = skip | frozenset(msg.conn_extra)
     return serialize_head(first_line, msg.headers, skip, extra)
+
+
+def relayed_trailers(trailers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The trailer fields that may go on (TRAILER_SKIP); most messages have none."""
+    if not trailers:
+        return trailers
+    return [t for t in trailers if t[0] not in TRAILER_SKIP]
 
 
 class BodyState:
@@ -233,13 +243,28 @@ async def attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange, clu
     cl = head.content_length
     has_body = head.chunked or cl > 0
     first_attempt = not state.started
-    buffered = first_attempt and not head.chunked and cl > 0 and len(dc.buf) - dc.pos >= cl
-    if buffered:
-        first = up_head + dc.buf[dc.pos:dc.pos + cl]
-    elif not first_attempt and state.replay:
-        first = up_head + b"".join(state.replay)
+    dec: ChunkedDecoder | None = None
+    # RFC 9110 10.1.1: answer 100-continue only to a client still waiting to send the body.
+    want_continue = first_attempt and head.expect_continue and dc.pos >= len(dc.buf)
+    if first_attempt and head.chunked:
+        # The chunks already received are decoded before any upstream I/O: a malformed chunk
+        # among them is answered 400 with no upstream touched. (A bad chunk that arrives
+        # later can only fail the stream, and the upstream connection is then reset.)
+        dec = ChunkedDecoder()
+        body0, dc.pos = _decode_chunks(dec, dc.buf, dc.pos, ex)
+        state.started = True
+        state.keep(body0)
+        state.done = dec.done
+        first = up_head + body0
+        buffered = dec.done
     else:
-        first = up_head
+        buffered = first_attempt and cl > 0 and len(dc.buf) - dc.pos >= cl
+        if buffered:
+            first = up_head + dc.buf[dc.pos:dc.pos + cl]
+        elif not first_attempt and state.replay:
+            first = up_head + b"".join(state.replay)
+        else:
+            first = up_head
     stale_retry = False
     while True:
         conn = ep.acquire(dc.reactor.now)
@@ -255,14 +280,17 @@ async def attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange, clu
                 await conn.send(first)
             except PeerClosed:
                 raise _StaleConnection() from None
-            if buffered and not state.done:
+            if dec is not None:
+                if not dec.done:
+                    await _send_request_body(dc, head, ex, conn, state, dec, want_continue)
+            elif buffered and not state.done:
                 dc.pos += cl
                 ex.bytes_in = cl
                 state.started = state.done = True
                 state.keep(first[len(up_head):])
             elif first_attempt and has_body and not state.started:
                 state.started = True
-                await _send_request_body(dc, head, ex, conn, state)
+                await _send_request_body(dc, head, ex, conn, state, None, want_continue)
             dc.phase = PH_UPSTREAM
             if first_attempt:
                 # Envoy's route timeout starts once the downstream request is complete and
@@ -290,6 +318,27 @@ async def attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange, clu
         break
     conn.requests += 1
     return resp, ubuf, conn
+
+
+def _decode_chunks(dec: ChunkedDecoder, buf: bytes, pos: int,
+                   ex: Exchange) -> tuple[bytes, int]:
+    """Re-encode the chunks of buf[pos:] for the upstream (the last chunk and the trailers
+    that may go on included once `dec` is done), and the position after what was consumed
+    (after the message once done: the rest is the next request). A malformed chunk is the
+    client's 400."""
+    try:
+        parts, pos = dec.feed(buf, pos)
+    except ParseError as exc:
+        raise ProxyError(exc.status, flags.DOWNSTREAM_PROTOCOL_ERROR, "downstream",
+                         exc.reason) from None
+    out = b""
+    if parts:
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        ex.bytes_in += len(data)
+        out = encode_chunk(data)
+    if dec.done:
+        out += encode_last_chunk(relayed_trailers(dec.trailers))
+    return out, pos
 
 
 async def _connection_slot(dc: DownstreamConnection, cluster: Cluster,
@@ -342,44 +391,32 @@ async def finish(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
 
 
 async def _send_request_body(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
-                             conn: UpstreamConn, state: BodyState) -> None:
-    """Stream the request body client -> upstream; each send waits for the upstream to take
-    the bytes before more are read from the client (backpressure)."""
+                             conn: UpstreamConn, state: BodyState, dec: ChunkedDecoder | None,
+                             want_continue: bool) -> None:
+    """Stream the rest of the request body client -> upstream; each send waits for the
+    upstream to take the bytes before more are read from the client (backpressure). A
+    chunked body arrives with its decoder, already fed with what was buffered."""
     send_u = conn.send
     idle = dc.ctx.spec.idle_timeout
     dc.phase = PH_REQ_BODY
-    buf, pos = dc.buf, dc.pos
-    if head.expect_continue and pos >= len(buf):
+    if want_continue:
         # RFC 9110 section 10.1.1: the client waits for this before sending the body.
         await dc.send(CONTINUE_100)
     try:
-        if head.chunked:
-            dec = ChunkedDecoder()
-            while True:
-                try:
-                    parts, pos = dec.feed(buf, pos)
-                except ParseError as exc:
-                    raise ProxyError(exc.status, flags.DOWNSTREAM_PROTOCOL_ERROR, "downstream",
-                                     exc.reason) from None
-                out = b""
-                if parts:
-                    data = parts[0] if len(parts) == 1 else b"".join(parts)
-                    ex.bytes_in += len(data)
-                    out = encode_chunk(data)
-                if dec.done:
-                    out += encode_last_chunk(dec.trailers)
-                    state.keep(out)
-                    await _send_up(send_u, out)
-                    break
+        if dec is not None:
+            while not dec.done:
+                dc.deadline = dc.reactor.now + idle
+                buf = await dc.recv()
+                if not buf:
+                    raise PeerClosed("client closed during the request body")
+                out, pos = _decode_chunks(dec, buf, 0, ex)
                 if out:
                     state.keep(out)
                     await _send_up(send_u, out)
-                dc.deadline = dc.reactor.now + idle
-                buf, pos = await dc.recv(), 0
-                if not buf:
-                    raise PeerClosed("client closed during the request body")
+            # What followed the last chunk belongs to the next request.
             dc.buf, dc.pos = buf, pos
         else:
+            buf, pos = dc.buf, dc.pos
             remaining = head.content_length
             take = min(remaining, len(buf) - pos)
             if take:
@@ -471,6 +508,11 @@ async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Excha
             and not dc.too_old())
     extra: list[tuple[bytes, bytes]] = []
     down_chunked = False
+    if framing == F_LENGTH or (framing == F_NONE and status != 204
+                               and resp.content_length >= 0):
+        # Stated from the parsed length (RFC 9110 8.6: a HEAD or 304 response may carry the
+        # length the full response would have; a 204 never carries one).
+        extra.append((b"content-length", b"%d" % resp.content_length))
     if framing in (F_CHUNKED, F_CLOSE):
         if head.version == 10:
             keep = False  # HTTP/1.0 has no chunked coding: the body ends when we close
@@ -525,7 +567,7 @@ async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Excha
                 pending += encode_chunk(data) if down_chunked else data
             if dec.done:
                 if down_chunked:
-                    pending += encode_last_chunk(dec.trailers)
+                    pending += encode_last_chunk(relayed_trailers(dec.trailers))
                 await send_d(pending)
                 break
             if pending:

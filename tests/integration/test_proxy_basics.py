@@ -180,7 +180,11 @@ def test_proxy_basics_absolute_form_authority_becomes_host(env) -> None:
     assert req.target == b"/abs?q=1" and req.all(b"host") == [b"Authority.example:81"]
 
 
-@pytest.mark.parametrize("path", sorted(CORPUS.glob("*.http")), ids=lambda p: p.stem)
+REFUSED_REQUESTS = sorted(p for p in CORPUS.glob("*.http")
+                          if not p.name.startswith("200_") and "_response_" not in p.name)
+
+
+@pytest.mark.parametrize("path", REFUSED_REQUESTS, ids=lambda p: p.stem)
 def test_proxy_basics_malformed_request_reaches_no_upstream(env, path: Path) -> None:
     o, p = env
     # A previous case may have legitimately forwarded a head (chunked-body cases): let the
@@ -193,12 +197,9 @@ def test_proxy_basics_malformed_request_reaches_no_upstream(env, path: Path) -> 
     before, completed = o.raw_bytes, len(o.requests)
     out = raw_exchange(p.port, path.read_bytes(), timeout=2, shutdown=False)
     expected = int(path.stem.split("_", 1)[0])
-    if "chunk" in path.stem or "trailer" in path.stem:
-        # Framing errors inside a chunked body are found after the head was forwarded: the
-        # client gets its 400 and the upstream exchange is reset, never completed.
-        assert out.startswith(b"HTTP/1.1 %d " % expected), out[:100]
-        assert len(o.requests) == completed
-        return
+    # Chunked bodies included: the chunks that arrived with the head are decoded before any
+    # upstream I/O (tests/integration/test_smuggling.py covers a bad chunk arriving later).
+    assert len(o.requests) == completed
     assert out.startswith(b"HTTP/1.1 %d " % expected), out[:100]
     assert b"connection: close" in out.lower()
     assert o.raw_bytes == before  # not one byte reached the origin
