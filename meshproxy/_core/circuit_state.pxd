@@ -17,15 +17,17 @@ cdef class Breaker:
     cdef public long max_pending
     cdef public long max_requests
     cdef public long max_retries
-    cdef public long requests
-    cdef public long pending
-    cdef public long retries
+    cdef readonly long requests
+    cdef readonly long pending
+    cdef readonly long retries
     cpdef bint try_request(self)
     cpdef void end_request(self)
     cpdef bint connection_room(self, long open_connections)
     cpdef bint try_pending(self)
     cpdef void end_pending(self)
     cpdef bint retry_room(self)
+    cpdef bint try_retry(self)
+    cpdef void end_retry(self)
 
 
 cdef class OutlierState:

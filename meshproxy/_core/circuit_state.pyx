@@ -81,9 +81,10 @@ cdef class RetryBudget:
 cdef class Breaker:
     """A cluster's circuit breakers in one worker (Envoy's thresholds, this worker's share).
 
-    Requests in progress are counted here; connections are counted by the endpoints (they
-    outlive a reload's new Breaker), passed in by the caller. Each `try_*` either admits
-    (and counts) or refuses; the caller turns a refusal into 503 UO.
+    Requests and retries in progress are counted here, and only here: each `try_*` either
+    admits (and counts) or refuses, and each admission is ended by its `end_*`. Connections
+    are counted by the endpoints (they outlive a reload's new Breaker), passed in by the
+    caller. The caller turns a refusal into 503 UO (or, for a retry, no retry).
     """
 
     def __init__(self, long max_connections, long max_pending, long max_requests,
@@ -119,6 +120,19 @@ cdef class Breaker:
 
     cpdef bint retry_room(self):
         return self.retries < self.max_retries
+
+    cpdef bint try_retry(self):
+        """Admit one more retry in progress (max_retries); the caller calls end_retry once
+        that retry's attempt has ended, whatever its outcome. A retry is counted only while
+        its attempt runs (Envoy's), so one request with num_retries 3 under max_retries 1
+        gets all four attempts: each retry ends before the next is admitted."""
+        if self.retries >= self.max_retries:
+            return False
+        self.retries += 1
+        return True
+
+    cpdef void end_retry(self):
+        self.retries -= 1
 
 
 cdef class OutlierState:

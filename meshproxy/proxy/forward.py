@@ -158,11 +158,12 @@ class BodyState:
     """How far the request body got, and a copy of what was sent upstream for replay
     while it fits the retry buffer (None once it does not, or when retries are off)."""
 
-    __slots__ = ("started", "done", "replay", "size", "limit")
+    __slots__ = ("started", "done", "replay", "size", "limit", "timer_started")
 
     def __init__(self, limit: int) -> None:
         self.started = False
         self.done = False
+        self.timer_started = False  # the route timeout runs (once per request)
         self.replay: list[bytes] | None = [] if limit > 0 else None
         self.size = 0
         self.limit = limit
@@ -292,9 +293,11 @@ async def attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange, clu
                 state.started = True
                 await _send_request_body(dc, head, ex, conn, state, None, want_continue)
             dc.phase = PH_UPSTREAM
-            if first_attempt:
+            if not state.timer_started:
                 # Envoy's route timeout starts once the downstream request is complete and
-                # covers every retry and back-off after it.
+                # covers every retry and back-off after it: set once per request, never
+                # again by a later attempt (a request without a body included).
+                state.timer_started = True
                 dc.deadline = dc.reactor.now + route_timeout if route_timeout else NO_DEADLINE
             try:
                 resp, ubuf = await _read_response_head(

@@ -99,21 +99,29 @@ def _cookie(header: bytes | None, name: bytes) -> bytes | None:
 
 
 def _admit_retry(cluster: Cluster, retry: RetrySpec, n: int, now: float) -> bool:
-    """May attempt n+1 start? On yes the retry's slot is reserved at once (so failures that
-    arrive together cannot all pass max_retries); the attempt releases it. Counts why not."""
+    """May attempt n+1 start? Called once attempt n has ended (its own retry slot, if it
+    was a retry, already released). On yes the breaker reserves the retry's slot at once (so
+    failures that arrive together cannot all pass max_retries); the retry's attempt releases
+    it when it ends. Counts why not."""
     cst = cluster.stats
     if n > retry.num_retries:
         cst.block.inc(cst.upstream_rq_retry_limit_exceeded)
         return False
     budget, breaker = cluster.budget, cluster.breaker
-    if not breaker.retry_room() or (
-            budget is not None
-            and not budget.allow(now, breaker.requests, breaker.retries)):
+    if ((budget is not None and not budget.allow(now, breaker.requests, breaker.retries))
+            or not breaker.try_retry()):
         cst.block.inc(cst.upstream_rq_retry_overflow)
         return False
-    breaker.retries += 1
     cluster.publish_retries()
     return True
+
+
+def _end_retry(cluster: Cluster) -> None:
+    """A retry's attempt has ended (or will never run): its max_retries slot is free."""
+    cluster.breaker.end_retry()
+    cluster.publish_retries()
+    cst = cluster.stats
+    cst.block.add(cst.upstream_rq_retry_active, -1)
 
 
 async def forward(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
@@ -165,7 +173,8 @@ async def forward(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
             try:
                 await trio.sleep(backoff(retry, n, _random()))
             except BaseException:
-                cluster.breaker.retries -= 1  # the reserved retry will not run
+                cluster.breaker.end_retry()  # the reserved retry will not run
+                cluster.publish_retries()
                 raise
             ep = cluster.pick(dc.reactor.now, tried, key) or ep
     except ProxyError as err:
@@ -198,7 +207,8 @@ async def _one_attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange
     breaker = cluster.breaker
     if not breaker.try_request():
         if n > 1:
-            breaker.retries -= 1
+            breaker.end_retry()  # the reserved retry will not run
+            cluster.publish_retries()
         blk.inc(cst.upstream_rq_pending_overflow)
         raise ProxyError(503, flags.UPSTREAM_OVERFLOW, "upstream",
                          "upstream overflow: max_requests reached")
@@ -216,6 +226,10 @@ async def _one_attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange
             cluster.budget.record_retry(dc.reactor.now)
     started = perf_counter()
     status = 0
+    # This attempt's max_retries slot (a retry's), held until the attempt's outcome is
+    # known, and released before the next retry is decided: a finished retry never counts
+    # against the next one.
+    retry_held = n > 1
     try:
         try:
             resp, ubuf, conn = await attempt(dc, head, ex, cluster, ep, up_head, state,
@@ -226,6 +240,9 @@ async def _one_attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange
                 blk.inc(getattr(cst, err.stat))
             if cluster.outlier is not None and err.failure:
                 cluster.outlier.on_result(ep, 0, True, dc.reactor.now)
+            if retry_held:
+                retry_held = False
+                _end_retry(cluster)
             if (retry is not None and err.failure and retriable_failure(retry, err.failure)
                     and (not has_body or (state.done and state.replay is not None))
                     and _admit_retry(cluster, retry, n, dc.reactor.now)):
@@ -239,6 +256,9 @@ async def _one_attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange
             cluster.outlier.on_result(ep, status, False, dc.reactor.now)
         # Known only now: whether the body fitted the retry buffer while it was sent.
         replayable = not has_body or (state.done and state.replay is not None)
+        if retry_held:
+            retry_held = False
+            _end_retry(cluster)
         if (retry is not None and status >= 400 and retriable_status(retry, status)
                 and replayable and _admit_retry(cluster, retry, n, dc.reactor.now)):
             blk.inc(est.rq_error)
@@ -259,10 +279,8 @@ async def _one_attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange
         blk.add(est.rq_active, -1)
         breaker.end_request()
         cluster.publish_requests()
-        if n > 1:
-            breaker.retries -= 1
-            cluster.publish_retries()
-            blk.add(cst.upstream_rq_retry_active, -1)
+        if retry_held:  # ended some other way (cancelled by the route timeout, a bug)
+            _end_retry(cluster)
         if status:
             blk.inc(cst.upstream_rq_1xx + status // 100 - 1)
             blk.observe(cst.upstream_rq_time, elapsed * 1000.0)

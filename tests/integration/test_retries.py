@@ -248,3 +248,44 @@ def test_retries_deadline_bounds_and_shrinks(origin_factory, tmp_path) -> None:
     time.sleep(0.2)
     assert len(slow.requests) == before
     q.stop()
+
+
+def test_retries_route_timeout_covers_every_attempt(origin_factory, tmp_path) -> None:
+    """Envoy's route timeout spans all attempts and back-offs: a request without a body
+    ends near 1 s, not after num_retries per-try timeouts."""
+    def hang(req, s):
+        time.sleep(3)
+        return ok_response(b"late")
+
+    slow = origin_factory(hang)
+    p = start(tmp_path, [slow.port], {"retry_on": "reset", "num_retries": 5,
+                                      "per_try_timeout": "400ms"}, timeout="1s")
+    t0 = time.monotonic()
+    assert get(p)[0] == 504
+    took = time.monotonic() - t0
+    assert 0.9 < took < 1.5, took
+    assert len(slow.requests) <= 3  # attempts at about 0, 0.42 and 0.85 s
+    # A client deadline shorter than the route's bounds all attempts the same way.
+    before = len(slow.requests)
+    t0 = time.monotonic()
+    assert get(p, headers=("x-meshproxy-deadline-ms: 700",))[0] == 504
+    took = time.monotonic() - t0
+    assert 0.6 < took < 1.2, took
+    assert len(slow.requests) - before <= 2
+    p.stop()
+
+
+def test_retries_max_retries_counts_only_retries_in_flight(origin_factory, tmp_path) -> None:
+    """max_retries 1 with num_retries 3: one request gets all four attempts, since each
+    retry has ended before the next is admitted."""
+    a = origin_factory(fail_503)
+    p = start(tmp_path, [a.port], {"retry_on": "5xx", "num_retries": 3,
+                                   "retry_back_off": {"base_interval": "1ms"}},
+              breakers={"max_retries": 1})
+    assert get(p)[0] == 503
+    assert len(a.requests) == 4
+    assert stat(p, "cluster.web.upstream_rq_retry") == 3
+    assert stat(p, "cluster.web.upstream_rq_retry_overflow") == 0
+    assert stat(p, "cluster.web.upstream_rq_retry_limit_exceeded") == 1
+    assert stat(p, "cluster.web.circuit_breakers.default.remaining_retries") == 1
+    p.stop()
