@@ -27,7 +27,7 @@ class PeakEwma(Balancer):
 class RingHash(Balancer):
     ring_size: int
     def __init__(self, weights: list[int], names: list[bytes],
-                 min_ring_size: int = 1024) -> None: ...
+                 min_ring_size: int = 1024, max_ring_size: int = 8388608) -> None: ...
 
 class Maglev(Balancer):
     table_size: int

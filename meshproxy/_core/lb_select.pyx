@@ -13,9 +13,10 @@ look at load get `start(i)` / `finish(i, rtt, now)` around each request.
   keep the one with fewer requests in progress; with unequal weights, the higher
   weight / (active + 1) (Envoy's active_request_bias 1.0).
 - Random (random).
-- RingHash (ring_hash): each endpoint owns points on a 64-bit ring in proportion to its
-  weight, at least `min_ring_size` points in all (Envoy's 1024); a key goes to the next
-  point clockwise, so adding one of N endpoints moves about 1/N of the keys.
+- RingHash (ring_hash): each endpoint owns min_ring_size points on a 64-bit ring per unit
+  of weight (Envoy's minimum_ring_size, 1024), placed by its own name only; a key goes to
+  the next point clockwise, so adding one of N endpoints moves about 1/N of the keys, all
+  to the new endpoint, and none between the others.
 - Maglev (maglev): Google's Maglev table (prime size, Envoy's 65537): each endpoint fills
   slots by its own permutation (offset, skip) in turn, weighted; even spread, about 1/N
   of keys move when an endpoint is added, O(1) lookup.
@@ -27,7 +28,7 @@ Hashes are 64-bit FNV-1a with a splitmix64 finalizer (good spread for short keys
 """
 
 from libc.math cimport exp
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free, malloc, qsort
 from libc.string cimport memset
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
@@ -222,38 +223,70 @@ cdef class PeakEwma(Balancer):
         return self.ewma[i]
 
 
+ctypedef struct _Point:
+    unsigned long long h
+    Py_ssize_t owner
+
+
+cdef int _cmp_points(const void *a, const void *b) noexcept nogil:
+    cdef const _Point *x = <const _Point *>a
+    cdef const _Point *y = <const _Point *>b
+    if x.h != y.h:
+        return -1 if x.h < y.h else 1
+    # Equal hashes (as good as never on 64 bits): the order is still fixed.
+    return -1 if x.owner < y.owner else (1 if x.owner > y.owner else 0)
+
+
 cdef class RingHash(Balancer):
-    def __init__(self, list weights, list names, Py_ssize_t min_ring_size=1024):
+    """Consistent hashing on a ring of 64-bit points.
+
+    Placement rule: endpoint e owns weight(e) x per_weight points, the k-th at
+    splitmix64(hash(name) + k * golden ratio); `per_weight` is `min_ring_size` (Envoy's
+    minimum_ring_size, 1024), so even one endpoint of weight 1 has that many points, unless
+    the whole ring would pass `max_ring_size` (Envoy's maximum_ring_size, 8M), when it is
+    shrunk to fit. An endpoint's points therefore depend only on its own name and weight:
+    adding an endpoint of weight w to a total of W moves only the keys that now go to it,
+    about w / (W + w) of them, and removing one moves only its own keys; no key ever moves
+    between two endpoints that were there before and after. (Envoy scales every endpoint's
+    share down as endpoints join, which also moves keys between old endpoints.)
+    Cost: 16 bytes a point, 16 KiB per unit of weight at the default size.
+    """
+
+    def __init__(self, list weights, list names, Py_ssize_t min_ring_size=1024,
+                 Py_ssize_t max_ring_size=8388608):
         cdef Py_ssize_t i, k, per, size = 0, at = 0
         cdef long long total_w = self.total
-        cdef long long unit = 1
-        cdef bytes name
+        cdef long long per_weight = min_ring_size
+        cdef unsigned long long seed
+        cdef _Point *pts
         if len(names) != self.n:
             raise ValueError("one name per endpoint")
-        # Points per unit of weight: the power of two that gives at least min_ring_size
-        # points in all. A power of two keeps every endpoint's points unchanged when one
-        # joins or leaves (unless the total crosses a power of two), so only the keys of
-        # the endpoint that changed move: about 1/N of them.
-        while unit * total_w < min_ring_size:
-            unit <<= 1
+        if min_ring_size < 1 or max_ring_size < 1:
+            raise ValueError("ring sizes must be positive")
+        if per_weight * total_w > max_ring_size:
+            per_weight = max_ring_size // total_w if max_ring_size >= total_w else 1
         for i in range(self.n):
-            size += unit * self.weights[i]
+            size += per_weight * self.weights[i]
         self.size = size
         self.points = <unsigned long long *>malloc(size * sizeof(unsigned long long))
         self.owners = <Py_ssize_t *>malloc(size * sizeof(Py_ssize_t))
-        if self.points == NULL or self.owners == NULL:
+        pts = <_Point *>malloc(size * sizeof(_Point))
+        if self.points == NULL or self.owners == NULL or pts == NULL:
+            free(pts)
             raise MemoryError()
-        pairs = []
         for i in range(self.n):
-            per = unit * self.weights[i]
-            name = names[i]
+            per = per_weight * self.weights[i]
+            seed = hash_bytes(<bytes>names[i])
             for k in range(per):
-                pairs.append((hash_bytes(name + b"_%d" % k), i))
-        pairs.sort()
-        for h, i in pairs:
-            self.points[at] = h
-            self.owners[at] = i
-            at += 1
+                seed += 0x9e3779b97f4a7c15ULL
+                pts[at].h = _mix(seed)
+                pts[at].owner = i
+                at += 1
+        qsort(pts, size, sizeof(_Point), _cmp_points)
+        for at in range(size):
+            self.points[at] = pts[at].h
+            self.owners[at] = pts[at].owner
+        free(pts)
 
     def __dealloc__(self):
         free(self.points)
@@ -359,7 +392,8 @@ def make(str policy, list weights, list names=None, **options):
     if policy == "random":
         return Random(weights)
     if policy == "ring_hash":
-        return RingHash(weights, names, options.get("minimum_ring_size", 1024))
+        return RingHash(weights, names, options.get("minimum_ring_size", 1024),
+                        options.get("maximum_ring_size", 8388608))
     if policy == "maglev":
         return Maglev(weights, names, options.get("table_size", 65537))
     if policy == "peak_ewma":

@@ -278,6 +278,9 @@ def check(config: schema.Config) -> list[str]:
         _check_duration(c.idle_timeout, f"{p}.idle_timeout", errors)
         _check_duration(c.peak_ewma_decay, f"{p}.peak_ewma_decay", errors)
         _check_duration(c.max_connection_duration, f"{p}.max_connection_duration", errors)
+        if c.minimum_ring_size > c.maximum_ring_size:
+            errors.append(f"{p}.maximum_ring_size: must be at least minimum_ring_size "
+                          f"({c.minimum_ring_size}), got {c.maximum_ring_size}")
         if c.lb_policy == "maglev" and not _is_prime(c.maglev_table_size):
             errors.append(f"{p}.maglev_table_size: must be a prime, got {c.maglev_table_size}")
         if c.health_check is not None:

@@ -137,8 +137,11 @@ class Cluster(Base, frozen=True):
     connect_timeout: Duration = "5s"
     lb_policy: Literal["round_robin", "least_request", "random", "ring_hash", "maglev",
                        "peak_ewma"] = "round_robin"
-    # ring_hash: at least this many points on the ring (Envoy's minimum_ring_size).
+    # ring_hash: points per unit of endpoint weight, so the ring has at least this many
+    # (Envoy's minimum_ring_size); the ring never grows past maximum_ring_size points (Envoy's
+    # name and default), past which every endpoint's share is scaled down to fit.
     minimum_ring_size: Annotated[int, Meta(ge=1, le=8_388_608)] = 1024
+    maximum_ring_size: Annotated[int, Meta(ge=1, le=8_388_608)] = 8_388_608
     # maglev: lookup table size, a prime (Envoy's default 65537).
     maglev_table_size: Annotated[int, Meta(ge=3, le=5_000_011)] = 65537
     # peak_ewma: time constant of the latency average's decay.

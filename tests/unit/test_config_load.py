@@ -87,6 +87,8 @@ def test_config_load_reports_every_structural_error_with_path() -> None:
     (lambda d: d["listeners"][0]["virtual_hosts"][0]["routes"][0]["match"].update(
         headers=[{"name": "x"}]),
      "listeners[0].virtual_hosts[0].routes[0].match.headers[0]: exactly one of"),
+    (lambda d: d["clusters"][0].update(minimum_ring_size=4096, maximum_ring_size=2048),
+     "clusters[0].maximum_ring_size: must be at least minimum_ring_size (4096), got 2048"),
 ])
 def test_config_load_cross_field_rules(mutate, expected: str) -> None:
     doc = raw()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 import pytest
@@ -68,6 +69,53 @@ def test_lb_select_adding_an_endpoint_moves_about_1_over_n(cls) -> None:
     moved_keys = [k for k in KEYS if before.pick(k) != after.pick(k)]
     to_new = sum(after.pick(k) == 4 for k in moved_keys) / len(moved_keys)
     assert to_new == 1.0 if cls is RingHash else to_new > 0.9, to_new
+
+
+def _owners(lb: RingHash, names: list[bytes]) -> list[bytes]:
+    return [names[lb.pick(k)] for k in KEYS]
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["equal", "weighted"])
+@pytest.mark.parametrize("n", range(1, 21))
+def test_lb_select_ring_hash_moves_only_keys_of_the_changed_endpoint(n: int,
+                                                                     weighted: bool) -> None:
+    """From n to n+1 endpoints and back (removing one in the middle as well): the keys
+    that move are exactly those going to the added endpoint or coming from the removed one,
+    about its share of the weight, and no key moves between endpoints present on both
+    sides."""
+    rng = random.Random(n * 2 + weighted)
+    names = [b"10.1.%d.%d:8080" % (i // 250, i % 250) for i in range(n + 1)]
+    weights = [rng.randint(1, 5) if weighted else 1 for _ in names]
+    small = _owners(RingHash(weights[:n], names[:n]), names)
+    big = _owners(RingHash(weights, names), names)
+    moved = [i for i in range(len(KEYS)) if small[i] != big[i]]
+    assert all(big[i] == names[n] for i in moved)  # adding: every moved key went to it
+    share = weights[n] / sum(weights)
+    assert abs(len(moved) / len(KEYS) - share) < 0.15 * share + 0.005, (len(moved), share)
+    # Removing an endpoint in the middle: only its keys move.
+    gone = n // 2
+    rest = [x for i, x in enumerate(names) if i != gone]
+    rest_w = [x for i, x in enumerate(weights) if i != gone]
+    without = _owners(RingHash(rest_w, rest), rest)
+    changed = [i for i in range(len(KEYS)) if without[i] != big[i]]
+    assert all(big[i] == names[gone] for i in changed)
+    assert len(changed) / len(KEYS) == pytest.approx(weights[gone] / sum(weights),
+                                                     rel=0.15, abs=0.005)
+
+
+def test_lb_select_ring_hash_weight_change_moves_only_that_endpoint() -> None:
+    names = NAMES[:4]
+    before = _owners(RingHash([1, 1, 1, 1], names), names)
+    after = _owners(RingHash([1, 3, 1, 1], names), names)
+    moved = [i for i in range(len(KEYS)) if before[i] != after[i]]
+    assert moved and all(after[i] == names[1] for i in moved)
+
+
+def test_lb_select_ring_hash_maximum_size_bounds_the_ring() -> None:
+    lb = RingHash([1000, 1000], NAMES[:2], 1024, 10000)
+    assert lb.ring_size <= 10000
+    share = Counter(lb.pick(k) for k in KEYS)[0] / len(KEYS)
+    assert 0.45 < share < 0.55
 
 
 def test_lb_select_ring_hash_minimum_size_and_weights() -> None:
