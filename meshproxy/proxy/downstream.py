@@ -49,7 +49,7 @@ from meshproxy.stats.sink import Sink
 from meshproxy.tracing.tracer import Active, Tracer
 from meshproxy.transport.reactor import Reactor
 from meshproxy.transport.sockio import PeerClosed, abort, close, recv_after_wait, recv_now, send_all
-from meshproxy.transport.tls_context import ServerTLS
+from meshproxy.transport.tls_context import SanRefused, ServerTLS
 from meshproxy.transport.tls_material import PeerIdentity
 from meshproxy.transport.tls_stream import TLSError, TLSStream
 from meshproxy.upstream.cluster_manager import ClusterManager
@@ -225,7 +225,15 @@ class DownstreamConnection:
         except (TLSError, trio.TooSlowError) as exc:
             ls = self.ctx.lstats
             ls.block.inc(ls.ssl_connection_error)
-            log.debug("TLS handshake with %s failed: %s", self.peer, exc)
+            refused = stream.ssl.get_app_data()
+            if isinstance(refused, SanRefused):
+                # A trusted, valid certificate of an identity this listener does not take:
+                # the operator's policy, worth a line in the log (the client got
+                # bad_certificate).
+                ls.block.inc(ls.ssl_fail_verify_san)
+                log.info("refused the client certificate of %s: %s", self.peer, refused)
+            else:
+                log.debug("TLS handshake with %s failed: %s", self.peer, exc)
             return False
         self.recv = stream.recv
         self.recv_wait = stream.recv_wait

@@ -64,6 +64,8 @@ LISTENER = (
     counter("ssl.connection_error", "TLS handshakes that failed or timed out"),
     counter("ssl.no_certificate",
             "mTLS handshakes completed without a client certificate (optional mode)"),
+    counter("ssl.fail_verify_san",
+            "client certificates refused by match_subject_alt_names (bad_certificate)"),
 )
 
 HTTP = (

@@ -23,6 +23,8 @@ from typing import Any
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ffi  # pyOpenSSL's cffi bindings (see _SanCheck)
+from OpenSSL._util import lib as _lib
 
 from meshproxy.transport.tls_material import (
     Bundle,
@@ -99,17 +101,51 @@ def _verified_identity(conn: SSL.Connection, by: str) -> PeerIdentity | None:
     return peer_identity(cert, by)
 
 
-def _san_check(expected: frozenset[str]) -> Any:
-    """A verify callback: OpenSSL's verdict for every certificate of the chain, and for the
-    client's own (depth 0) also one of the expected SANs."""
+class _SanCheck:
+    """The listener's verify callback when it lists match_subject_alt_names: OpenSSL's
+    verdict for every certificate of the chain, and for the client's own (depth 0) also one
+    of the expected SANs.
 
-    def verify(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int,
-               ok: int) -> bool:
-        if not ok or depth:
-            return bool(ok)
-        return bool(san_set(cert.to_cryptography()) & expected)
+    Why not pyOpenSSL's set_verify: a Python callback that says no leaves the store's error
+    at X509_V_OK, which OpenSSL turns into an `internal_error` alert, telling the client the
+    server broke. This callback is installed with SSL_CTX_set_verify through pyOpenSSL's own
+    cffi bindings (as tls_stream reads its BIOs), and refuses with X509_V_ERR_CERT_REJECTED,
+    which OpenSSL answers with `bad_certificate` (RFC 8446 6.2). The reason is kept on the
+    connection (its app data) for the log."""
 
-    return verify
+    def __init__(self, expected: frozenset[str]) -> None:
+        self.expected = expected
+        # Kept on the object: the C side holds only a pointer to it.
+        self.callback = _ffi.callback("int (*)(int, X509_STORE_CTX *)", self._verify,
+                                      onerror=self._failed)
+
+    def install(self, ctx: SSL.Context, mode: int) -> None:
+        _lib.SSL_CTX_set_verify(ctx._context, mode, self.callback)
+
+    def _verify(self, ok: int, store: Any) -> int:
+        if not ok or _lib.X509_STORE_CTX_get_error_depth(store) != 0:
+            return ok
+        x509 = _lib.X509_STORE_CTX_get_current_cert(store)
+        _lib.X509_up_ref(x509)
+        sans = san_set(crypto.X509._from_raw_x509_ptr(x509).to_cryptography())
+        if sans & self.expected:
+            return 1
+        _lib.X509_STORE_CTX_set_error(store, _lib.X509_V_ERR_CERT_REJECTED)
+        ssl = _lib.X509_STORE_CTX_get_ex_data(store, _lib.SSL_get_ex_data_X509_STORE_CTX_idx())
+        conn = SSL.Connection._reverse_mapping.get(ssl)
+        if conn is not None:
+            conn.set_app_data(SanRefused(f"client certificate SANs {sorted(sans)} match none "
+                                         f"of {sorted(self.expected)}"))
+        return 0
+
+    @staticmethod
+    def _failed(exc_type: Any, exc: Any, tb: Any) -> int:
+        return 0  # a callback that broke refuses (cffi: the value returned on an exception)
+
+
+class SanRefused(str):
+    """Why a client certificate was refused by match_subject_alt_names (a connection's app
+    data after its handshake failed)."""
 
 
 class ServerTLS:
@@ -141,6 +177,8 @@ class ServerTLS:
         self.wildcard: dict[bytes, SSL.Context] = {}
         # Our own SPIFFE ID per context: the `By` of x-forwarded-client-cert.
         self.own_id: dict[SSL.Context, str] = {}
+        # One callback for every context, alive as long as they are.
+        san_check = self.san_check = _SanCheck(frozenset(match_sans)) if match_sans else None
         for pair in certs:
             ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
             _policy(ctx)
@@ -154,7 +192,10 @@ class ServerTLS:
                 if require_client:
                     mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
                 # Without SANs to match, no callback: OpenSSL's own verification decides.
-                ctx.set_verify(mode, _san_check(frozenset(match_sans)) if match_sans else None)
+                if san_check is not None:
+                    san_check.install(ctx, mode)
+                else:
+                    ctx.set_verify(mode, None)
             self.contexts.append(ctx)
             self.own_id[ctx] = spiffe_id(leaf)
             for name in dns_names(leaf):

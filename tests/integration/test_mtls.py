@@ -136,6 +136,29 @@ def test_mtls_client_san_must_match_when_listed(origin, tmp_path, pki) -> None:
     assert r.returncode != 0
     assert [q.target for q in origin.requests] == [b"/x"]
     assert wait_for(lambda: stat(p, "listener.ingress.ssl.connection_error") == 1)
+    assert stat(p, "listener.ingress.ssl.fail_verify_san") == 1
+
+
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+def test_mtls_wrong_san_is_refused_with_bad_certificate(origin, tmp_path, pki,
+                                                        version: str) -> None:
+    """RFC 8446 6.2: the alert says what happened (bad_certificate, 42), not internal_error
+    (80) as OpenSSL sends when a verify callback refuses without an error; the log says
+    why."""
+    p = mtls_proxy(tmp_path, origin, pki, match_sans=[WEB])
+    ops = pki["ops"]
+    r = subprocess.run(
+        ["openssl", "s_client", version, "-connect", f"127.0.0.1:{p.port}",
+         "-servername", "localhost", "-CAfile", str(pki["dir"] / "ca.pem"),
+         "-cert", str(ops.chain), "-key", str(ops.key), "-ign_eof"],
+        input=b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", capture_output=True, timeout=15)
+    out = (r.stdout + r.stderr).decode(errors="replace")
+    assert "alert bad certificate" in out and "alert number 42" in out, out
+    assert "internal error" not in out
+    assert origin.requests == []
+    line = wait_for(lambda: [x for x in p.stderr().splitlines()
+                             if "refused the client certificate" in x])
+    assert OPS in line[0] and WEB in line[0]
 
 
 def test_mtls_client_options_need_a_trust_bundle(tmp_path) -> None:
