@@ -12,6 +12,11 @@ Edge-triggered rules (epoll(7)):
 - a task may only wait after a read returned EAGAIN, or when it knows nothing can be
   queued yet; an edge that arrives while nobody waits is remembered in `Channel.ready`
   and consumed by the next wait, so no wake-up is lost;
+- "knows nothing can be queued" is `Channel.drained and not Channel.hup`: the last read
+  returned less than it asked for (a short TCP read empties the receive queue, so whatever
+  arrives after it raises a new edge), and the peer has not shut down its side. A FIN
+  that came with the last bytes raised no edge of its own (it rode the data's, already
+  consumed by a wait), so once the reactor has seen EPOLLRDHUP every wait reads first;
 - a spurious wake-up is harmless: callers loop on EAGAIN.
 Only readability goes through the reactor. Writability is rare (a full send buffer) and
 uses trio's own `wait_writable`.
@@ -34,6 +39,8 @@ import trio
 from trio.lowlevel import Abort, current_task, reschedule, wait_task_rescheduled
 
 EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+# The peer shut down its side (FIN) or the connection failed: reads never block again.
+HANGUP = select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP
 # EPOLLERR and EPOLLHUP are always reported; either means a read will not block.
 READABLE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP
 # Events taken per epoll_wait; more are left for the next batch.
@@ -45,7 +52,8 @@ TICK = 0.05
 class Channel:
     """A socket registered with the reactor."""
 
-    __slots__ = ("sock", "fd", "reader", "ready", "deadline", "_channels", "_waits")
+    __slots__ = ("sock", "fd", "reader", "ready", "drained", "hup", "deadline", "_channels",
+                 "_waits")
 
     def __init__(self, sock: socket.socket, channels: dict[int, Channel],
                  waits: set[Channel]) -> None:
@@ -53,6 +61,11 @@ class Channel:
         self.fd = sock.fileno()
         self.reader: trio.lowlevel.Task | None = None
         self.ready = False
+        # Nothing read yet is in the receive queue without an edge to announce it: true for
+        # a new registration (epoll reports data already queued when the fd is added), and
+        # after every short read (sockio.recv_now keeps it).
+        self.drained = True
+        self.hup = False  # the peer shut down its sending side, or the socket failed
         self.deadline = 0.0
         self._channels = channels
         self._waits = waits
@@ -124,6 +137,8 @@ class Reactor:
                         ch = channels.get(fd)
                         if ch is None:
                             continue
+                        if ev & HANGUP:
+                            ch.hup = True
                         task = ch.reader
                         if task is not None:
                             ch.reader = None

@@ -5,7 +5,9 @@ socket whose readiness comes from the worker's reactor (transport.reactor) costs
 switch. These helpers keep the awaits and syscalls per request to the minimum:
 - `recv_after_wait` waits first: used where the peer has certainly not answered yet (an
   upstream right after the request was sent, a keep-alive client just answered), saving a
-  recv that would fail with EAGAIN;
+  recv that would fail with EAGAIN; but only when the channel knows that nothing unread is
+  queued (reactor.py's edge-triggered rules: the last read was short and no FIN was seen),
+  else it reads first;
 - `recv_now` tries the syscall first: used where data is likely already queued;
 - `send_all` tries the send first and waits only when the kernel buffer is full, which is
   also how backpressure reaches the other side: nothing more is read until it returns.
@@ -35,15 +37,20 @@ async def recv_now(ch: Channel, size: int = RECV_SIZE, deadline: float = 0.0) ->
     sock = ch.sock
     while True:
         try:
-            return sock.recv(size)
+            data = sock.recv(size)
         except BlockingIOError:
             await ch.wait_readable(deadline)
+            continue
         except (ConnectionResetError, ConnectionAbortedError, TimeoutError) as exc:
             raise PeerClosed(str(exc)) from None
+        # A short read emptied the receive queue; a full one may have left bytes behind.
+        ch.drained = len(data) < size
+        return data
 
 
 async def recv_after_wait(ch: Channel, size: int = RECV_SIZE, deadline: float = 0.0) -> bytes:
-    await ch.wait_readable(deadline)
+    if ch.drained and not ch.hup:
+        await ch.wait_readable(deadline)
     return await recv_now(ch, size, deadline)
 
 
