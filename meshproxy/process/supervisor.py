@@ -284,10 +284,9 @@ class Supervisor:
     def _reap(self, w: WorkerHandle, code: int, now: float) -> None:
         w.proc = None
         if w.control is not None:
-            try:
-                os.close(w.control.fileno())
-            except OSError:
-                pass
+            # Closed once, by its owner: the FdStream's holder (an os.close here too would
+            # close the fd twice, the second time perhaps the replacement worker's new pipe).
+            w.control.close()
             w.control = None
         w.last_exit = code
         self.segment.retire(w.index)  # keep its counters, drop its gauges, zero the slab
