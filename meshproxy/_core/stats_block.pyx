@@ -96,16 +96,29 @@ def sum_cells(buffer, Py_ssize_t slab_cells, list slabs, Py_ssize_t first, Py_ss
     return out
 
 
-def fold(buffer, Py_ssize_t slab_cells, Py_ssize_t src, Py_ssize_t dst, bytes gauge_mask):
+def fold(buffer, Py_ssize_t slab_cells, Py_ssize_t src, Py_ssize_t dst, bytes gauge_mask,
+         bytes ends_as=None):
     """Add slab `src` into slab `dst` except gauge cells (mask byte 1), then zero `src`.
 
     Used when a worker is replaced: its counters and histograms survive in the retired
-    slab, so totals never go backwards; its gauges die with its connections."""
+    slab, so totals never go backwards; its gauges die with its connections. `ends_as`
+    (int64 per cell, -1 for none) names, for a gauge of things in progress, the counter
+    that counts them as ended: a positive value there is added to that counter in `dst`."""
     cdef long long[::1] view = memoryview(buffer).cast("B").cast("q")
     cdef const unsigned char[::1] mask = gauge_mask
+    cdef const long long[::1] ends
     cdef Py_ssize_t k, a = src * slab_cells, b = dst * slab_cells
+    cdef long long target
     if mask.shape[0] != slab_cells:
         raise ValueError("mask does not match the slab")
+    if ends_as is not None:
+        ends = memoryview(ends_as).cast("q")
+        if ends.shape[0] != slab_cells:
+            raise ValueError("ends_as does not match the slab")
+        for k in range(slab_cells):
+            target = ends[k]
+            if mask[k] and target >= 0 and view[a + k] > 0:
+                view[b + target] += view[a + k]
     for k in range(slab_cells):
         if not mask[k]:
             view[b + k] += view[a + k]

@@ -34,6 +34,10 @@ class Stat:
     name: str
     kind: Kind
     help: str
+    # A gauge of things in progress: the counter of its scope that counts them as ended
+    # when their worker dies with them (its connections and requests are gone), so that
+    # totals balance: total = ended + in progress, whatever happened to the workers.
+    ends_as: str | None = None
 
     @property
     def cells(self) -> int:
@@ -44,8 +48,8 @@ def counter(name: str, help: str) -> Stat:
     return Stat(name, Kind.COUNTER, help)
 
 
-def gauge(name: str, help: str) -> Stat:
-    return Stat(name, Kind.GAUGE, help)
+def gauge(name: str, help: str, ends_as: str | None = None) -> Stat:
+    return Stat(name, Kind.GAUGE, help, ends_as)
 
 
 def histogram(name: str, help: str) -> Stat:
@@ -58,7 +62,7 @@ def _statuses(prefix: str, what: str) -> list[Stat]:
 
 LISTENER = (
     counter("downstream_cx_total", "connections accepted"),
-    gauge("downstream_cx_active", "connections open"),
+    gauge("downstream_cx_active", "connections open", ends_as="downstream_cx_destroy"),
     counter("downstream_cx_destroy", "connections closed"),
     counter("ssl.handshake", "TLS handshakes completed"),
     counter("ssl.connection_error", "TLS handshakes that failed or timed out"),
@@ -70,9 +74,11 @@ LISTENER = (
 
 HTTP = (
     counter("downstream_rq_total", "requests received"),
-    gauge("downstream_rq_active", "requests in progress"),
+    gauge("downstream_rq_active", "requests in progress", ends_as="downstream_rq_tx_reset"),
     *_statuses("downstream_rq", "responses"),
     counter("downstream_rq_rx_reset", "requests abandoned by the client"),
+    counter("downstream_rq_tx_reset",
+            "requests reset by the proxy: a worker died with them in progress"),
     counter("downstream_rq_timeout", "requests cut off by a downstream timeout (408)"),
     counter("downstream_cx_protocol_error", "connections closed on a malformed request"),
     counter("no_route", "requests with no matching route (404 NR)"),
@@ -89,7 +95,10 @@ HTTP = (
 
 CLUSTER = (
     counter("upstream_rq_total", "requests sent upstream"),
-    gauge("upstream_rq_active", "upstream requests in progress"),
+    gauge("upstream_rq_active", "upstream requests in progress",
+          ends_as="upstream_rq_tx_reset"),
+    counter("upstream_rq_tx_reset",
+            "upstream requests reset by the proxy: a worker died with them in progress"),
     *_statuses("upstream_rq", "upstream responses"),
     counter("upstream_rq_timeout", "upstream requests that hit the route timeout (504 UT)"),
     counter("upstream_rq_retry", "retries (and requests replayed after a stale pooled "
@@ -101,7 +110,8 @@ CLUSTER = (
     counter("upstream_rq_per_try_timeout", "attempts that hit the per-try timeout"),
     gauge("upstream_rq_retry_active", "retries in progress"),
     counter("upstream_cx_total", "upstream connections opened"),
-    gauge("upstream_cx_active", "upstream connections open"),
+    gauge("upstream_cx_active", "upstream connections open", ends_as="upstream_cx_destroy"),
+    counter("upstream_cx_destroy", "upstream connections closed"),
     counter("upstream_cx_connect_fail", "upstream connects refused or failed (UF)"),
     counter("upstream_cx_connect_timeout", "upstream connects that timed out (UF)"),
     counter("upstream_cx_destroy_remote_with_active_rq",
@@ -146,7 +156,7 @@ CLUSTER = (
 
 ENDPOINT = (
     counter("rq_total", "requests sent to this endpoint"),
-    gauge("rq_active", "requests in progress on this endpoint"),
+    gauge("rq_active", "requests in progress on this endpoint", ends_as="rq_error"),
     counter("rq_error", "requests that failed on this endpoint (5xx or reset)"),
     gauge("cx_active", "connections open to this endpoint"),
     gauge("ejected", "1 while the worker's outlier detection has ejected this endpoint"),
@@ -192,6 +202,9 @@ class Scope(Enum):
             at += s.cells
         self.offsets: dict[str, int] = offsets
         self.cells = at
+        for st in stats:
+            if st.ends_as is not None and st.ends_as not in offsets:
+                raise ValueError(f"{prefix}.{st.name}: ends_as {st.ends_as!r} is not declared")
 
 
 def offset(scope: Scope, name: str) -> int:

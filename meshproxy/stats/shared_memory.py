@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from array import array
 from dataclasses import dataclass, field
 
 from meshproxy._core.stats_block import StatsBlock, fold, set_bounds
@@ -50,13 +51,19 @@ class Layout:
             at += n * scope.cells
         self.slab_cells = at
         mask = bytearray(at)
+        ends = array("q", [-1]) * at
         for scope, _ in ORDER:
             for slot in range(self.count[scope]):
                 first = self.first(scope, slot)
                 for st in scope.stats:
                     if st.kind is Kind.GAUGE:
-                        mask[first + scope.offsets[st.name]] = 1
+                        cell = first + scope.offsets[st.name]
+                        mask[cell] = 1
+                        if st.ends_as is not None:
+                            ends[cell] = first + scope.offsets[st.ends_as]
         self.gauge_mask = bytes(mask)
+        # Per cell: the counter a gauge's value is added to when its worker dies (-1: none).
+        self.ends_as = ends.tobytes()
 
     def first(self, scope: Scope, slot: int) -> int:
         return self.base[scope] + slot * scope.cells
@@ -115,6 +122,9 @@ class Segment:
         return StatsBlock(self.buf, slab * cells, cells)
 
     def retire(self, slab: int) -> None:
-        """A worker is gone: keep its counters and histograms, drop its gauges, and leave
-        the slab zeroed for its replacement."""
-        fold(self.buf, self.layout.slab_cells, slab, self.retired, self.layout.gauge_mask)
+        """A worker is gone: keep its counters and histograms, count what it had in
+        progress as ended (connections destroyed, requests reset: each gauge's `ends_as`),
+        drop its gauges, and leave the slab zeroed for its replacement. Totals balance:
+        downstream_cx_total == downstream_cx_destroy + downstream_cx_active."""
+        fold(self.buf, self.layout.slab_cells, slab, self.retired, self.layout.gauge_mask,
+             self.layout.ends_as)

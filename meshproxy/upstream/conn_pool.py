@@ -60,6 +60,7 @@ class UpstreamConn:
         ep.open -= 1
         cs, es = ep.cstats, ep.stats
         cs.block.add(cs.upstream_cx_active, -1)
+        cs.block.inc(cs.upstream_cx_destroy)
         es.block.add(es.cx_active, -1)
         ep.changed()
         ep.notify()  # a connection slot is free

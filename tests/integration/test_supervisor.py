@@ -352,3 +352,81 @@ def test_supervisor_killed_workers_do_not_outlive_it(origin, tmp_path) -> None:
 
     wait_for(gone, timeout=5)
     p.stop()
+
+
+def all_stats(p: Proxy) -> dict[str, int]:
+    body = json.loads(admin(p, "/stats?format=json")[1])
+    return {s["name"]: s["value"] for s in body["stats"] if isinstance(s.get("value"), int)}
+
+
+def test_supervisor_kill9_counters_still_balance(origin_factory, tmp_path) -> None:
+    """What a worker killed with kill -9 had in progress is accounted: its connections as
+    destroyed, its requests as reset (downstream_rq_tx_reset, upstream_rq_tx_reset), so
+    that totals balance afterwards."""
+    def slow(req, sock):
+        time.sleep(0.2)
+        return ok_response(b"slow")
+
+    o = origin_factory(slow)
+    p = start(tmp_path, o)
+    n, stop = 12, threading.Event()
+    conns = [socket.create_connection(("127.0.0.1", p.port), timeout=5) for _ in range(n)]
+
+    def hammer(c: socket.socket) -> None:
+        while not stop.is_set():
+            try:
+                get(p.port, keep=c)
+            except (OSError, h11.RemoteProtocolError):
+                return
+
+    threads = [threading.Thread(target=hammer, args=(c,)) for c in conns]
+    for t in threads:
+        t.start()
+    time.sleep(0.7)
+    victim = workers(p)[0]
+    assert victim["connections"] > 0
+    os.kill(victim["pid"], signal.SIGKILL)
+    wait_for(lambda: any(w["index"] == victim["index"] and w["pid"] not in (None, victim["pid"])
+                         for w in workers(p)), timeout=5)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    for c in conns:
+        c.close()
+
+    def balanced() -> dict[str, int] | None:
+        s = all_stats(p)
+        ok = (s["listener.ingress.downstream_cx_active"] == 0
+              and s["http.ingress.downstream_rq_active"] == 0
+              and s["cluster.web.upstream_rq_active"] == 0)
+        return s if ok else None
+
+    s = wait_for(balanced, timeout=10)
+    assert s["listener.ingress.downstream_cx_total"] == s["listener.ingress.downstream_cx_destroy"]
+    assert s["http.ingress.downstream_rq_tx_reset"] >= 1  # the victim's requests in flight
+    answered = sum(s[f"http.ingress.downstream_rq_{c}xx"] for c in range(1, 6))
+    assert s["http.ingress.downstream_rq_total"] == (
+        answered + s["http.ingress.downstream_rq_rx_reset"]
+        + s["http.ingress.downstream_rq_tx_reset"])
+    assert s["cluster.web.upstream_rq_tx_reset"] >= 1
+    upstream = sum(s[f"cluster.web.upstream_rq_{c}xx"] for c in range(1, 6))
+    assert s["cluster.web.upstream_rq_total"] == upstream + s["cluster.web.upstream_rq_tx_reset"]
+    assert s["cluster.web.upstream_cx_total"] == (s["cluster.web.upstream_cx_destroy"]
+                                                  + s["cluster.web.upstream_cx_active"])
+    p.stop()
+
+
+def test_supervisor_log_of_start_kill9_and_drain_holds_no_traceback(origin, tmp_path) -> None:
+    p = start(tmp_path, origin)
+    assert get(p.port) == 200
+    victim = workers(p)[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    wait_for(lambda: any(w["index"] == victim["index"] and w["pid"] not in (None, victim["pid"])
+                         and w["state"] == "serving" for w in workers(p)), timeout=5)
+    assert [get(p.port) for _ in range(4)] == [200] * 4
+    p.proc.send_signal(signal.SIGTERM)
+    assert p.proc.wait(15) == 0
+    log = p.stderr()
+    assert "worker 0 exited with signal 9" in log or "worker 1 exited with signal 9" in log
+    for bad in ("Traceback", "Exception ignored", "Bad file descriptor", "Error"):
+        assert bad not in log, log
