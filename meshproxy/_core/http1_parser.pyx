@@ -479,6 +479,64 @@ cdef enum:
     ST_DONE = 5
 
 
+cdef inline Py_ssize_t _bws(const unsigned char *p, Py_ssize_t i, Py_ssize_t n):
+    while i < n and (p[i] == 32 or p[i] == 9):
+        i += 1
+    return i
+
+
+cdef int _chunk_ext(const unsigned char *p, Py_ssize_t i, Py_ssize_t n, int status) except -1:
+    """Chunk extensions, exactly as RFC 9112 7.1.1 has them (they carry no meaning for a
+    proxy, but a peer that reads them more loosely than the next hop is how chunked bodies
+    get smuggled, so anything else is refused):
+        chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )
+        chunk-ext-name = token; chunk-ext-val = token / quoted-string
+    """
+    cdef Py_ssize_t a
+    cdef bint first = True
+    while True:
+        i = _bws(p, i, n)
+        if i == n:
+            if first:  # BWS belongs to an extension: "5 " alone is no chunk-size line
+                raise ParseError(status, "invalid chunk size")
+            return 0
+        if p[i] != 59:  # ';'
+            raise ParseError(status, "invalid chunk size" if first else
+                             "invalid chunk extension")
+        first = False
+        i = _bws(p, i + 1, n)
+        a = i
+        while i < n and TCHAR[p[i]]:
+            i += 1
+        if i == a:
+            raise ParseError(status, "invalid chunk extension")
+        i = _bws(p, i, n)
+        if i == n or p[i] != 61:  # '='
+            continue
+        i = _bws(p, i + 1, n)
+        if i < n and p[i] == 34:  # quoted-string (RFC 9110 5.6.4)
+            i += 1
+            while True:
+                if i == n:
+                    raise ParseError(status, "invalid chunk extension")
+                if p[i] == 34:
+                    i += 1
+                    break
+                if p[i] == 92:  # quoted-pair: "\" ( HTAB / SP / VCHAR / obs-text )
+                    i += 1
+                    if i == n or not VALUE_OK[p[i]]:
+                        raise ParseError(status, "invalid chunk extension")
+                elif not VALUE_OK[p[i]]:
+                    raise ParseError(status, "invalid chunk extension")
+                i += 1
+        else:
+            a = i
+            while i < n and TCHAR[p[i]]:
+                i += 1
+            if i == a:
+                raise ParseError(status, "invalid chunk extension")
+
+
 cdef class ChunkedDecoder:
     """Incremental chunked decoder (RFC 9112 section 7.1).
 
@@ -578,16 +636,8 @@ cdef class ChunkedDecoder:
             i += 1
         if i == 0:
             raise ParseError(self.error_status, "invalid chunk size")
-        # Extensions: BWS ";" ... ; only visible characters, SP and HTAB are allowed.
         if i < n:
-            while i < n and (p[i] == 32 or p[i] == 9):
-                i += 1
-            if i == n or p[i] != 59:
-                raise ParseError(self.error_status, "invalid chunk size")
-            while i < n:
-                if not VALUE_OK[p[i]]:
-                    raise ParseError(self.error_status, "invalid chunk extension")
-                i += 1
+            _chunk_ext(p, i, n, self.error_status)
         if size == 0:
             self.state = ST_TRAILER
         else:
