@@ -1,0 +1,29 @@
+"""A short coverage-guided fuzz run of the compiled HTTP/1.1 parser in every test run
+(about 10 s per target), so that a regression of the smuggling class shows in CI. The long
+campaigns are run by hand (README, "Fuzzing"); what they find goes to tests/corpus/."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("target", ["request", "response", "chunked"])
+def test_fuzz_http1_short_run_finds_nothing(tmp_path: Path, target: str) -> None:
+    env = dict(os.environ, MESHPROXY_FUZZ_TARGET=target)
+    r = subprocess.run(
+        [sys.executable, "-m", "tests.fuzz.fuzz_http1", "-max_total_time=10",
+         "-max_len=4096", "-print_final_stats=1", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    runs = int(re.search(r"stat::number_of_executed_units:\s+(\d+)", out).group(1))
+    assert runs > 10_000, out[-2000:]  # it really ran, instrumented and seeded
+    assert re.search(r"INFO: Loaded 1 modules\s+\(\d+ inline 8-bit counters\)", out), out[:2000]
