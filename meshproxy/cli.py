@@ -12,7 +12,6 @@ import logging
 import os
 import sys
 
-from meshproxy.config.compile import compile_config
 from meshproxy.config.load import ConfigError, load_file
 
 EXIT_CONFIG = 2
@@ -52,9 +51,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
             max_connections=args.max_connections, drain_timeout=args.drain_timeout,
             admin_address=args.admin_address, log_level=args.log_level,
             access_log=args.access_log, stats=not args.no_stats))
-        # Compiling catches what only the compiled form can (it is what workers will do).
-        compile_config(sup.config, access_log_override=args.access_log,
-                       material=sup.material.files)
     except ConfigError as exc:
         _print_config_errors(exc)
         return EXIT_CONFIG

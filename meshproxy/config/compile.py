@@ -14,6 +14,7 @@ from typing import Literal
 from meshproxy._core.route_table import HeaderMatcher, Route, RouteTable, VirtualHost
 from meshproxy.config import schema
 from meshproxy.config.durations import parse_duration
+from meshproxy.config.wire import wire_bytes
 from meshproxy.filters.authz import Authorizer, compile_policies, wildcard_regex
 from meshproxy.filters.local_ratelimit import (
     LocalRateLimiter,
@@ -261,17 +262,13 @@ def _tracing(t: schema.Tracing | None) -> TracingSpec | None:
                        parse_duration(t.flush_interval), parse_duration(t.export_timeout))
 
 
-def _enc(s: str) -> bytes:
-    return s.encode("latin-1") if s.isascii() else s.encode("utf-8")
-
-
 def _matcher(m: schema.QueryParameterMatch, lower: bool) -> HeaderMatcher:
-    name = _enc(m.name)
+    name = wire_bytes(m.name)
     kinds: tuple[MatcherKind, ...] = ("exact", "prefix", "suffix", "regex")
     for kind in kinds:
         value = getattr(m, kind)
         if value is not None:
-            return HeaderMatcher(name, kind, _enc(value), m.invert, lower)
+            return HeaderMatcher(name, kind, wire_bytes(value), m.invert, lower)
     # load.check() has made sure exactly one of present: true / absent: true is set.
     return HeaderMatcher(name, "present" if m.present else "absent", b"", m.invert, lower)
 
@@ -279,14 +276,14 @@ def _matcher(m: schema.QueryParameterMatch, lower: bool) -> HeaderMatcher:
 def _ops(vh: schema.VirtualHost, route: schema.Route) -> HeaderOps:
     def merge(adds: list[schema.HeaderValue], removes: list[str], base: frozenset[bytes]
               ) -> tuple[frozenset[bytes], tuple[tuple[bytes, bytes], ...]]:
-        skip = set(base) | {_enc(n.lower()) for n in removes}
+        skip = set(base) | {wire_bytes(n.lower()) for n in removes}
         out: list[tuple[bytes, bytes]] = []
         for hv in adds:
-            name = _enc(hv.name.lower())
+            name = wire_bytes(hv.name.lower())
             if not hv.append:
                 skip.add(name)
                 out = [p for p in out if p[0] != name]
-            out.append((name, _enc(hv.value)))
+            out.append((name, wire_bytes(hv.value)))
         return frozenset(skip), tuple(out)
 
     rq_skip, rq_add = merge(vh.request_headers_to_add + route.request_headers_to_add,
@@ -300,7 +297,7 @@ def _ops(vh: schema.VirtualHost, route: schema.Route) -> HeaderOps:
 
 def _action(vh: schema.VirtualHost, r: schema.Route, filters: RouteFilters | None) -> object:
     ops = _ops(vh, r)
-    prefix = _enc(r.match.prefix) if r.match.prefix is not None else None
+    prefix = wire_bytes(r.match.prefix) if r.match.prefix is not None else None
     if r.route is not None:
         a = r.route
         if a.cluster is not None:
@@ -316,25 +313,25 @@ def _action(vh: schema.VirtualHost, r: schema.Route, filters: RouteFilters | Non
             clusters, total = tuple(weighted), acc
         return ClusterAction(
             clusters, total, prefix,
-            _enc(a.prefix_rewrite) if a.prefix_rewrite is not None else None,
-            _enc(a.host_rewrite) if a.host_rewrite is not None else None,
+            wire_bytes(a.prefix_rewrite) if a.prefix_rewrite is not None else None,
+            wire_bytes(a.host_rewrite) if a.host_rewrite is not None else None,
             parse_duration(a.timeout), ops, _retry(a.retry_policy),
-            tuple(("header", _enc(h.header.lower())) if h.header is not None
-                  else ("cookie", _enc(h.cookie)) if h.cookie is not None
+            tuple(("header", wire_bytes(h.header.lower())) if h.header is not None
+                  else ("cookie", wire_bytes(h.cookie)) if h.cookie is not None
                   else ("source_ip", b"") for h in a.hash_policy), filters)
     if r.redirect is not None:
         d = r.redirect
         return RedirectAction(
-            _enc(d.scheme_redirect) if d.scheme_redirect else None,
-            _enc(d.host_redirect) if d.host_redirect else None,
+            wire_bytes(d.scheme_redirect) if d.scheme_redirect else None,
+            wire_bytes(d.host_redirect) if d.host_redirect else None,
             d.port_redirect,
-            _enc(d.path_redirect) if d.path_redirect is not None else None,
+            wire_bytes(d.path_redirect) if d.path_redirect is not None else None,
             prefix,
-            _enc(d.prefix_rewrite) if d.prefix_rewrite is not None else None,
+            wire_bytes(d.prefix_rewrite) if d.prefix_rewrite is not None else None,
             d.response_code, d.strip_query, ops, filters)
     assert r.direct_response is not None
     dr = r.direct_response
-    return DirectAction(dr.status, dr.body.encode("utf-8"), _enc(dr.content_type), ops,
+    return DirectAction(dr.status, dr.body.encode("utf-8"), wire_bytes(dr.content_type), ops,
                         filters)
 
 
@@ -383,13 +380,13 @@ def _route(vh: schema.VirtualHost, r: schema.Route, filters: RouteFilters | None
         kind, path = "path", m.path
     else:
         kind, path = "regex", m.regex or ""
-    methods = [_enc(x.upper()) for x in m.methods] if m.methods else None
+    methods = [wire_bytes(x.upper()) for x in m.methods] if m.methods else None
     headers = [_matcher(h, True) for h in m.headers]
     if m.source_principals is not None:
         headers.append(HeaderMatcher(PRINCIPAL_HEADER, "regex",
-                                     _enc(wildcard_regex(m.source_principals,
+                                     wire_bytes(wildcard_regex(m.source_principals,
                                                          strip_scheme=True))))
-    return Route(kind, _enc(path), methods, headers,
+    return Route(kind, wire_bytes(path), methods, headers,
                  [_matcher(q, False) for q in m.query_parameters],
                  _action(vh, r, filters), m.case_sensitive, r.name)
 
@@ -494,7 +491,7 @@ def rate_limit_specs(lst: schema.Listener, vh: schema.VirtualHost, k: int, r: sc
     key, header = "", b""
     if rl.key is not None:
         if rl.key.header is not None:
-            key, header = "header", _enc(rl.key.header.lower())
+            key, header = "header", wire_bytes(rl.key.header.lower())
         elif rl.key.source_principal:
             key = "source_principal"
         else:

@@ -24,6 +24,7 @@ import yaml
 from meshproxy.config import schema
 from meshproxy.config.check_filters import check_policies, check_rate_limit
 from meshproxy.config.durations import parse_duration
+from meshproxy.config.wire import wire_bytes
 
 
 class ConfigError(Exception):
@@ -172,7 +173,7 @@ def _check_regex(pattern: str | None, path: str, errors: list[str]) -> None:
     if pattern is None:
         return
     try:
-        re.compile(pattern)
+        re.compile(wire_bytes(pattern))  # as the route table compiles it (config.wire)
     except re.error as exc:
         errors.append(f"{path}: invalid regex: {exc}")
 

@@ -35,7 +35,7 @@ import msgspec
 import trio
 
 from meshproxy.config import schema
-from meshproxy.config.compile import rate_limit_tables
+from meshproxy.config.compile import compile_config, rate_limit_tables
 from meshproxy.config.load import ConfigError, load_file
 from meshproxy.process import cert_watch
 from meshproxy.process.bucket_memory import BucketMemory
@@ -143,6 +143,11 @@ class Supervisor:
         endpoints = [endpoint_key(c.name, f"{e.address}:{e.port}")
                      for c in config.clusters for e in c.endpoints]
         if not errors:
+            # Compiled here first, exactly as every worker will compile it: a snapshot that
+            # does not compile is refused here, never sent (it would crash-loop every worker).
+            errors = self._compiles(msgspec.structs.replace(config, listeners=listeners),
+                                    material.files)
+        if not errors:
             errors = self.slots.assign([lst.name for lst in config.listeners],
                                        [c.name for c in config.clusters], endpoints, self.cap)
         if not errors:
@@ -161,6 +166,17 @@ class Supervisor:
                                    dict(self.slots.listeners), dict(self.slots.clusters),
                                    dict(self.slots.endpoints), len(self.workers),
                                    material.files, dict(self.buckets.slots))
+        return []
+
+    def _compiles(self, config: schema.Config, files: dict[str, bytes]) -> list[str]:
+        try:
+            compile_config(config, self.version + 1, self.opts.access_log, len(self.workers),
+                           files)
+        except ConfigError as exc:
+            return exc.errors
+        except Exception as exc:  # a defect of the checks: refused, and said what it was
+            log.exception("config version %d does not compile", self.version + 1)
+            return [f"(config): does not compile: {type(exc).__name__}: {exc}"]
         return []
 
     def _in_use(self) -> set[tuple[str, str, int]]:

@@ -150,3 +150,13 @@ def test_config_load_run_refuses_invalid_config_before_binding(tmp_path: Path) -
     assert proc.returncode == 2
     assert "clusters[0].endpoints[0].port: expected int, got str" in err
     assert "listener" not in err.split("invalid config")[0]  # nothing was bound first
+
+
+def test_config_load_regex_checked_as_the_route_table_compiles_it() -> None:
+    """A str-only escape (\\N{...}) compiles as a str pattern but not as the bytes the
+    route table matches: refused with its path, never found by a worker compiling it."""
+    doc = raw()
+    doc["listeners"][0]["virtual_hosts"][0]["routes"][0]["match"] = {"regex": r"/\N{DIGIT ONE}"}
+    errs = errors_of(doc)
+    assert any(e.startswith("listeners[0].virtual_hosts[0].routes[0].match.regex: invalid regex")
+               for e in errs), errs
