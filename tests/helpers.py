@@ -334,3 +334,61 @@ def make_pki(directory: Path, name_sets: list[list[str]]) -> tuple[Path, list[tu
         cert.private_key_pem.write_to_path(str(key))
         out.append((str(chain), str(key)))
     return ca_path, out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Etcd:
+    """A real single-member etcd (Debian's etcd-server) on free loopback ports, its data in
+    `directory`. Fast Raft timers (10 ms heartbeat, 100 ms election) so it elects itself
+    at once and grants 1 s leases (etcd's minimum TTL follows the election timeout)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.client, self.peer = free_port(), free_port()
+        self.url = f"etcd://127.0.0.1:{self.client}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Etcd:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        client, peer = f"http://127.0.0.1:{self.client}", f"http://127.0.0.1:{self.peer}"
+        self.proc = subprocess.Popen(
+            ["etcd", "--name", "test", "--data-dir", str(self.dir / "data"),
+             "--listen-client-urls", client, "--advertise-client-urls", client,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"test={peer}", "--heartbeat-interval", "10",
+             "--election-timeout", "100"],
+            stdout=subprocess.DEVNULL, stderr=open(self.dir / "etcd.log", "ab"))  # noqa: SIM115
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.client), timeout=1) as s:
+                    body = b'{"key":"AA=="}'
+                    s.sendall(b"POST /v3/kv/range HTTP/1.1\r\nHost: x\r\nContent-Length: %d"
+                              b"\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+                    if s.recv(64).startswith(b"HTTP/1.1 200"):
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"etcd did not start: {(self.dir / 'etcd.log').read_text()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def down(self, seconds: float) -> None:
+        """Stopped for `seconds`, then started again on the same data and ports."""
+        self.stop()
+        time.sleep(seconds)
+        self.start()

@@ -1,11 +1,12 @@
 """The Store interface's behaviour, one suite for every implementation (control/store/):
 revisions, compare-and-swap, watches from a revision, compaction, leases, persistence.
-Each test runs against a real store (SQLite files in the test's directory)."""
+Each test runs against a real store: a SQLite file in the test's directory, and a real etcd
+(Debian's etcd-server) started for the test on free loopback ports."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, aclosing
 from pathlib import Path
 from typing import Any
@@ -14,16 +15,33 @@ import pytest
 import trio
 
 from meshproxy.control.store import Compacted, Conflict, Event, LeaseExpired, store_path
+from meshproxy.control.store.etcd import EtcdStore
 from meshproxy.control.store.sqlite import SQLiteStore
+from tests.helpers import Etcd
 
-Opener = Callable[..., AbstractAsyncContextManager[Any]]
+
+class Opener:
+    """Opens the store under test; `down(seconds)` keeps its server down that long (the
+    SQLite store is its own server: it is down between two opens)."""
+
+    def __init__(self, open_: Callable[..., AbstractAsyncContextManager[Any]],
+                 down: Callable[[float], None] = time.sleep) -> None:
+        self.open, self.down = open_, down
+
+    def __call__(self, **kwargs: Any) -> AbstractAsyncContextManager[Any]:
+        return self.open(**kwargs)
 
 
-@pytest.fixture(params=["sqlite"])
-def opener(request, tmp_path: Path) -> Opener:
-    def open_sqlite(**kwargs: Any) -> AbstractAsyncContextManager[Any]:
-        return SQLiteStore.open(tmp_path / "cp.db", **kwargs)
-    return {"sqlite": open_sqlite}[request.param]
+@pytest.fixture(params=["sqlite", "etcd"])
+def opener(request, tmp_path: Path) -> Iterator[Opener]:
+    if request.param == "sqlite":
+        yield Opener(lambda **kw: SQLiteStore.open(tmp_path / "cp.db", **kw))
+        return
+    etcd = Etcd(tmp_path / "etcd").start()
+    try:
+        yield Opener(lambda **kw: EtcdStore.open(etcd.url, **kw), etcd.down)
+    finally:
+        etcd.stop()
 
 
 def run(opener: Opener, test: Callable[[Any], Awaitable[None]], **kwargs: Any) -> None:
@@ -156,7 +174,7 @@ def test_store_watch_from_a_compacted_revision_is_refused(opener) -> None:
 
 def test_store_lease_lapses_and_its_keys_go(opener) -> None:
     async def t(store) -> None:
-        kept, lapsing = await store.grant(0.6), await store.grant(0.6)
+        kept, lapsing = await store.grant(1.0), await store.grant(1.0)  # etcd: whole seconds
         assert kept and lapsing and kept != lapsing
         await store.put("/reg/kept", b"k", lease=kept)
         await store.put("/reg/lapsing", b"l", lease=lapsing)
@@ -173,11 +191,12 @@ def test_store_lease_lapses_and_its_keys_go(opener) -> None:
 
         async with trio.open_nursery() as n:
             n.start_soon(follow)
-            for _ in range(6):  # heartbeats every 0.2 s keep one of them
+            for _ in range(10):  # heartbeats every 0.2 s keep one of them
                 await trio.sleep(0.2)
                 await store.keep_alive(kept)
         assert [(e.kind, e.key) for e in deleted] == [("delete", "/reg/lapsing")]
-        assert 0.6 <= gone_after < 0.6 + 0.4, gone_after  # its TTL, plus the lease tick
+        # Its TTL, plus the store's expiry tick (SQLite 0.1 s; etcd's lessor about 0.5 s).
+        assert 1.0 <= gone_after < 1.0 + 0.8, gone_after
         assert (await store.get("/reg/kept")).value == b"k"
         assert await store.get("/reg/lapsing") is None
         with pytest.raises(LeaseExpired):
@@ -206,7 +225,7 @@ def test_store_persists_and_renews_leases_across_a_restart(opener) -> None:
         assert await store.put("/cfg/next", b"n") == state["rev"] + 1
 
     run(opener, first)
-    time.sleep(1.2)
+    opener.down(1.2)
     run(opener, second)
 
 

@@ -25,6 +25,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+# Revisions of history every store keeps for watches: a watcher that falls further behind
+# lists again. At 10 changes a second (a busy registry) that is almost three hours, a few
+# tens of MB.
+HISTORY = 100_000
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:

@@ -36,13 +36,17 @@ from typing import Any, TypeVar
 
 import trio
 
-from meshproxy.control.store.base import Compacted, Conflict, Entry, Event, LeaseExpired
+from meshproxy.control.store.base import (
+    HISTORY,
+    Compacted,
+    Conflict,
+    Entry,
+    Event,
+    LeaseExpired,
+)
 
 T = TypeVar("T")
 
-# Changes kept for watches: a watcher that falls further behind lists again. At 10 changes a
-# second (a busy registry) that is almost three hours of history, in a few tens of MB.
-HISTORY = 100_000
 # Lease resolution: a lapsed lease's keys are gone within this (registrations must turn
 # unhealthy within TTL + 1 s, so a tenth of a second is ample).
 LEASE_TICK = 0.1
