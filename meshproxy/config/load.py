@@ -71,7 +71,9 @@ def _optional_struct(tp: Any) -> type[msgspec.Struct] | None:
 
 
 def _list_item_struct(tp: Any) -> type[msgspec.Struct] | None:
-    """S for `list[S]` or `list[S] | None`."""
+    """S for `list[S]`, `list[S] | None`, or either with constraints (Annotated)."""
+    if typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) != 1:
@@ -114,6 +116,12 @@ def walk(value: Any, cls: type[msgspec.Struct], path: str, errors: list[str]) ->
         if struct is not None:
             walk(v, struct, sub, errors)
         elif item is not None and isinstance(v, list):
+            if typing.get_origin(f.type) is typing.Annotated:
+                # The list's own constraints (a minimum length), then each item's fields.
+                try:
+                    msgspec.convert(v, typing.Annotated[list[Any], *typing.get_args(f.type)[1:]])
+                except msgspec.ValidationError as exc:
+                    errors.append(_reword(exc, sub))
             for i, element in enumerate(v):
                 walk(element, item, f"{sub}[{i}]", errors)
         else:
@@ -196,22 +204,45 @@ def _check_domain(domain: str, path: str, errors: list[str]) -> None:
 _MATCHER_KINDS = ("exact", "prefix", "suffix", "regex", "present", "absent")
 
 
+def check_match(match: schema.RouteMatch, path: str, errors: list[str]) -> None:
+    """The rules of one RouteMatch (also the control plane's Route resources')."""
+    _exactly_one(match, ("prefix", "path", "regex"), path, errors)
+    if match.source_principals is not None and not match.source_principals:
+        errors.append(f"{path}.source_principals: must not be empty")
+    _check_regex(match.regex, f"{path}.regex", errors)
+    groups: tuple[tuple[str, list[schema.QueryParameterMatch]], ...] = (
+        ("headers", list(match.headers)), ("query_parameters", match.query_parameters))
+    for kind, matchers in groups:
+        for k, hm in enumerate(matchers):
+            mp = f"{path}.{kind}[{k}]"
+            _exactly_one(hm, _MATCHER_KINDS, mp, errors)
+            _check_regex(hm.regex, f"{mp}.regex", errors)
+
+
+def check_retry_policy(rp: schema.RetryPolicy | None, path: str, errors: list[str]) -> None:
+    if rp is None:
+        return
+    for cond in (c.strip() for c in rp.retry_on.split(",")):
+        if cond not in schema.RETRY_ON:
+            errors.append(f"{path}.retry_on: unknown condition {cond!r} "
+                          f"(known: {', '.join(schema.RETRY_ON)})")
+    _check_duration(rp.per_try_timeout, f"{path}.per_try_timeout", errors)
+    _check_duration(rp.retry_back_off.base_interval,
+                    f"{path}.retry_back_off.base_interval", errors)
+    if rp.retry_back_off.max_interval is not None:
+        _check_duration(rp.retry_back_off.max_interval,
+                        f"{path}.retry_back_off.max_interval", errors)
+
+
+def check_duration(value: str | float, path: str, errors: list[str]) -> None:
+    _check_duration(value, path, errors)
+
+
 def _check_route(route: schema.Route, path: str, clusters: set[str], errors: list[str]) -> None:
-    _exactly_one(route.match, ("prefix", "path", "regex"), f"{path}.match", errors)
+    check_match(route.match, f"{path}.match", errors)
     if route.authorization_policies is not None:
         check_policies(route.authorization_policies, f"{path}.authorization_policies", errors)
     check_rate_limit(route.local_rate_limit, f"{path}.local_rate_limit", errors)
-    if route.match.source_principals is not None and not route.match.source_principals:
-        errors.append(f"{path}.match.source_principals: must not be empty")
-    _check_regex(route.match.regex, f"{path}.match.regex", errors)
-    groups: tuple[tuple[str, list[schema.QueryParameterMatch]], ...] = (
-        ("headers", list(route.match.headers)),
-        ("query_parameters", route.match.query_parameters))
-    for kind, matchers in groups:
-        for k, hm in enumerate(matchers):
-            mp = f"{path}.match.{kind}[{k}]"
-            _exactly_one(hm, _MATCHER_KINDS, mp, errors)
-            _check_regex(hm.regex, f"{mp}.regex", errors)
     _exactly_one(route, ("route", "redirect", "direct_response"), path, errors)
     action = route.route
     if action is not None:
@@ -235,19 +266,7 @@ def _check_route(route: schema.Route, path: str, clusters: set[str], errors: lis
             if sum(given) != 1:
                 errors.append(f"{ap}.hash_policy[{k}]: exactly one of header, cookie, "
                               "source_ip is required")
-        rp = action.retry_policy
-        if rp is not None:
-            pp = f"{ap}.retry_policy"
-            for cond in (c.strip() for c in rp.retry_on.split(",")):
-                if cond not in schema.RETRY_ON:
-                    errors.append(f"{pp}.retry_on: unknown condition {cond!r} "
-                                  f"(known: {', '.join(schema.RETRY_ON)})")
-            _check_duration(rp.per_try_timeout, f"{pp}.per_try_timeout", errors)
-            _check_duration(rp.retry_back_off.base_interval,
-                            f"{pp}.retry_back_off.base_interval", errors)
-            if rp.retry_back_off.max_interval is not None:
-                _check_duration(rp.retry_back_off.max_interval,
-                                f"{pp}.retry_back_off.max_interval", errors)
+        check_retry_policy(action.retry_policy, f"{ap}.retry_policy", errors)
     if route.redirect is not None and route.redirect.prefix_rewrite is not None:
         if route.redirect.path_redirect is not None:
             errors.append(f"{path}.redirect: path_redirect and prefix_rewrite exclude each other")
