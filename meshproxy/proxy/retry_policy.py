@@ -109,11 +109,16 @@ def parse_deadline_ms(value: bytes) -> float | None:
 
 
 def format_grpc_timeout(seconds: float) -> bytes:
-    """The remaining budget in the coarsest unit that keeps it within 8 digits."""
+    """The remaining budget in the finest unit that keeps it within the 8 digits the gRPC
+    spec allows (TimeoutValue = 1*8DIGIT); a client's 99999999H stays 99999999H."""
     ms = max(0, int(seconds * 1000))
     if ms < 100_000_000:
         return b"%dm" % ms
-    return b"%dS" % int(seconds)
+    for unit, size in ((b"S", 1), (b"M", 60), (b"H", 3600)):
+        n = int(seconds // size)
+        if n < 100_000_000:
+            return b"%d%s" % (n, unit)
+    return b"99999999H"
 
 
 def format_deadline_ms(seconds: float) -> bytes:

@@ -79,6 +79,12 @@ def test_retry_policy_deadline_header_and_formats() -> None:
     assert parse_deadline_ms(b"-5") is None and parse_deadline_ms(b"1e3") is None
     assert format_grpc_timeout(0.25) == b"250m"
     assert format_grpc_timeout(200000.0) == b"200000S"
+    # Never more than 8 digits (gRPC's TimeoutValue), whatever the client allowed.
+    assert format_grpc_timeout(99999999 * 3600.0) == b"99999999H"
+    assert format_grpc_timeout(3e9) == b"50000000M"
+    for seconds in (1e5, 1e8, 6e9, 3.6e11, 1e20):
+        value = format_grpc_timeout(seconds)
+        assert len(value) <= 9 and value[:-1].isdigit()
     assert parse_grpc_timeout(format_grpc_timeout(1.5)) == pytest.approx(1.5)
 
 
