@@ -1,0 +1,214 @@
+"""Resources -> one proxy's data-plane config (a schema.Config, the same Structs and checks
+as a config file), sans-IO: the mesh's state and the proxy's identity in, the config and
+what could not be honoured out.
+
+What a sidecar gets (its outbound side; inbound arrives with interception, issue 15):
+- one outbound listener (`ProxyNode.outbound_address:outbound_port`) with a virtual host
+  per service in the proxy's scope, reached by the names a client uses: `name`,
+  `name.namespace`, `name.namespace.svc`, `name.namespace.svc.cluster.local` (compared
+  without the port; a service answers on its first port unless a destination names one);
+- the virtual host's routes are the service's Route resource (Istio's VirtualService,
+  hosts resolved in the Route's namespace): each rule becomes one data-plane route per
+  match (matches are OR'd; none matches every request), in order, with the rule's
+  weighted destinations, rewrites, timeout, retries and header mutations; a service
+  without a Route gets one route to all its endpoints;
+- a cluster per (service, port, subset) that a route can reach, named as Istio names them
+  (`outbound|<port>|<subset>|<name>.<namespace>`), with the service's DestinationPolicy
+  (load balancing, connect timeout, circuit breakers and retry budget, outlier detection;
+  its hash policy goes on the routes, where the data plane keeps it) and as endpoints the
+  Workloads of the service whose labels include the subset's.
+Make before break: a route is emitted only with clusters that are emitted with it. A
+destination whose subset no DestinationPolicy defines is dropped with a warning, and a rule
+left without destinations answers 503 itself (Istio's NC: no cluster), never traffic meant
+for a subset going to another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from meshproxy.config import schema
+from meshproxy.control.resources import (
+    Destination,
+    DestinationPolicySpec,
+    Resource,
+    RouteRule,
+    RouteSpec,
+    ServiceSpec,
+    WeightedDestination,
+    WorkloadSpec,
+)
+
+OUTBOUND = "outbound"
+CLUSTER_DOMAIN = "svc.cluster.local"
+
+
+@dataclass(frozen=True)
+class ProxyNode:
+    """Who the config is for."""
+
+    id: str
+    namespace: str = "default"
+    outbound_address: str = "127.0.0.1"
+    outbound_port: int = 15001
+    # Services ("namespace/name") the proxy calls; None: every service (prefetch all).
+    scope: frozenset[str] | None = None
+
+
+@dataclass
+class Translation:
+    config: schema.Config
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Mesh:
+    services: dict[str, Resource]           # "ns/name"
+    workloads: dict[str, list[WorkloadSpec]]  # "ns/service" -> instances
+    routes: dict[str, RouteSpec]            # "ns/service" -> the Route for it
+    policies: dict[str, DestinationPolicySpec]  # "ns/service"
+
+
+def _index(resources: Iterable[Resource], warnings: list[str]) -> _Mesh:
+    services: dict[str, Resource] = {}
+    workloads: dict[str, list[WorkloadSpec]] = {}
+    routes: dict[str, RouteSpec] = {}
+    route_owner: dict[str, str] = {}
+    policies: dict[str, DestinationPolicySpec] = {}
+    for r in sorted(resources, key=lambda r: (r.kind, r.metadata.namespace, r.metadata.name)):
+        ns = r.metadata.namespace
+        if r.kind == "Service":
+            services[f"{ns}/{r.metadata.name}"] = r
+        elif r.kind == "Workload":
+            workloads.setdefault(f"{ns}/{r.spec.service}", []).append(r.spec)
+        elif r.kind == "DestinationPolicy":
+            policies[f"{ns}/{r.spec.service}"] = r.spec
+        elif r.kind == "Route":
+            for host in r.spec.hosts:
+                key = _service_key(host, ns)
+                if key in routes:  # Istio merges nothing either: the first one wins
+                    warnings.append(f"Route {ns}/{r.metadata.name}: host {host!r} is "
+                                    f"already routed by Route {route_owner[key]}; ignored")
+                    continue
+                routes[key] = r.spec
+                route_owner[key] = f"{ns}/{r.metadata.name}"
+    return _Mesh(services, workloads, routes, policies)
+
+
+def _service_key(host: str, namespace: str) -> str:
+    """A host as a client names it, resolved in `namespace` -> "ns/name"."""
+    parts = host.lower().split(".")
+    if len(parts) == 1:
+        return f"{namespace}/{parts[0]}"
+    return f"{parts[1]}/{parts[0]}"
+
+
+def cluster_name(service_key: str, port: int, subset: str | None) -> str:
+    ns, name = service_key.split("/", 1)
+    return f"outbound|{port}|{subset or ''}|{name}.{ns}"
+
+
+class _Builder:
+    def __init__(self, mesh: _Mesh, warnings: list[str]) -> None:
+        self.mesh = mesh
+        self.warnings = warnings
+        self.clusters: dict[str, schema.Cluster] = {}
+
+    def port_of(self, key: str, wanted: int | None) -> int | None:
+        svc = self.mesh.services.get(key)
+        if svc is None:
+            return None
+        spec: ServiceSpec = svc.spec
+        if wanted is None:
+            return spec.ports[0].port
+        return wanted if any(p.port == wanted for p in spec.ports) else None
+
+    def cluster(self, key: str, port: int, subset: str | None) -> str | None:
+        """The name of the cluster for (service, port, subset), built on first use; None
+        when the subset does not exist."""
+        name = cluster_name(key, port, subset)
+        if name in self.clusters:
+            return name
+        policy = self.mesh.policies.get(key)
+        labels: dict[str, str] = {}
+        if subset is not None:
+            found = [s for s in (policy.subsets if policy else []) if s.name == subset]
+            if not found:
+                return None
+            labels = found[0].labels
+        endpoints = [schema.Endpoint(address=w.address, port=w.port, weight=w.weight,
+                                     locality=w.locality)
+                     for w in self.mesh.workloads.get(key, [])
+                     if all(w.labels.get(k) == v for k, v in labels.items())]
+        extra: dict = {}
+        if policy is not None:
+            extra = {"lb_policy": policy.lb_policy, "connect_timeout": policy.connect_timeout,
+                     "circuit_breakers": policy.circuit_breakers,
+                     "outlier_detection": policy.outlier_detection}
+        self.clusters[name] = schema.Cluster(name=name, endpoints=endpoints, **extra)
+        return name
+
+    def action(self, key: str, rule: RouteRule, where: str) -> schema.RouteAction | None:
+        weighted = []
+        for k, d in enumerate(rule.destinations):
+            dest_key = _service_key(d.destination.service, key.split("/", 1)[0])
+            port = self.port_of(dest_key, d.destination.port)
+            name = None if port is None else self.cluster(dest_key, port, d.destination.subset)
+            if name is None:
+                what = (f"port {d.destination.port}" if port is None and dest_key in
+                        self.mesh.services else f"subset {d.destination.subset!r}"
+                        if port is not None else "service")
+                self.warnings.append(f"{where}.destinations[{k}]: {dest_key} has no such "
+                                     f"{what}; dropped")
+                continue
+            weighted.append(schema.WeightedCluster(name=name, weight=d.weight))
+        if not weighted or sum(w.weight for w in weighted) == 0:
+            return None
+        policy = self.mesh.policies.get(key)
+        return schema.RouteAction(
+            weighted_clusters=weighted, prefix_rewrite=rule.prefix_rewrite,
+            host_rewrite=rule.host_rewrite, timeout=rule.timeout, retry_policy=rule.retries,
+            hash_policy=list(policy.hash_policy) if policy else [])
+
+    def virtual_host(self, key: str) -> schema.VirtualHost | None:
+        ns, name = key.split("/", 1)
+        port = self.port_of(key, None)
+        if port is None:
+            return None
+        spec = self.mesh.routes.get(key)
+        rules = spec.rules if spec is not None else [
+            RouteRule(destinations=[WeightedDestination(destination=Destination(service=name))])]
+        routes: list[schema.Route] = []
+        for i, rule in enumerate(rules):
+            where = f"Route for {key}: rules[{i}]"
+            action = self.action(key, rule, where)
+            matches = rule.match or [schema.RouteMatch(prefix="/")]
+            refused = None if action is not None else schema.DirectResponse(
+                status=503, body=f"no cluster for {where}\n")
+            for m in matches:
+                routes.append(schema.Route(
+                    match=m, name=rule.name, route=action, direct_response=refused,
+                    request_headers_to_add=rule.request_headers_to_add,
+                    request_headers_to_remove=rule.request_headers_to_remove,
+                    response_headers_to_add=rule.response_headers_to_add,
+                    response_headers_to_remove=rule.response_headers_to_remove))
+        domains = [name, f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.{CLUSTER_DOMAIN}"]
+        return schema.VirtualHost(name=key, domains=domains, routes=routes)
+
+
+def translate(resources: Iterable[Resource], node: ProxyNode) -> Translation:
+    warnings: list[str] = []
+    mesh = _index(resources, warnings)
+    builder = _Builder(mesh, warnings)
+    keys = sorted(mesh.services) if node.scope is None else sorted(
+        k for k in node.scope if k in mesh.services)
+    if node.scope is not None:
+        for k in sorted(node.scope - set(mesh.services)):
+            warnings.append(f"scope: no service {k}")
+    vhosts = [vh for vh in (builder.virtual_host(k) for k in keys) if vh is not None]
+    listener = schema.Listener(name=OUTBOUND, address=node.outbound_address,
+                               port=node.outbound_port, virtual_hosts=vhosts)
+    config = schema.Config(listeners=[listener],
+                           clusters=[builder.clusters[n] for n in sorted(builder.clusters)])
+    return Translation(config, warnings)
