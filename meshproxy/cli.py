@@ -3,6 +3,7 @@
   meshproxy run --config F [--workers 1] [--access-log PATH|off] [--log-level L]
   meshproxy validate --config F
   meshproxy demo [--port P] [--check]
+  meshproxy control --token-file F [--store URL] [--api-address HOST:PORT]
 """
 
 from __future__ import annotations
@@ -81,6 +82,35 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.port, args.origin_port, check=args.check)
 
 
+def _cmd_control(args: argparse.Namespace) -> int:
+    import trio
+
+    from meshproxy.control.main import run_control
+    from meshproxy.control.store import store_path
+
+    try:
+        token = open(args.token_file, encoding="utf-8").read().strip()  # noqa: SIM115
+    except OSError as exc:
+        print(f"meshproxy control: --token-file {args.token_file}: {exc.strerror}",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    if not token:
+        print(f"meshproxy control: --token-file {args.token_file} is empty", file=sys.stderr)
+        return EXIT_CONFIG
+    host, _, port = args.api_address.rpartition(":")
+    try:
+        if not args.store.startswith("etcd://"):
+            store_path(args.store)
+        trio.run(run_control, args.store, host or "127.0.0.1", int(port), token)
+    except ValueError as exc:
+        print(f"meshproxy control: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"meshproxy control: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshproxy", description="meshproxy data plane")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--check", action="store_true",
                       help="exit after the first proxied response (0 when it was a 200)")
     demo.set_defaults(func=_cmd_demo, log_level="info")
+
+    control = sub.add_parser("control", help="run the control plane (store and operator API)")
+    control.add_argument("--store", default="sqlite://meshproxy-cp.db",
+                         help="sqlite:///PATH (embedded, the default: meshproxy-cp.db here) "
+                              "or etcd://HOST:PORT")
+    control.add_argument("--api-address", default="127.0.0.1:15080", metavar="HOST:PORT",
+                         help="operator API address (default 127.0.0.1:15080)")
+    control.add_argument("--token-file", required=True,
+                         help="file holding the bearer token operators must present")
+    control.add_argument("--log-level", default=os.environ.get("MESHPROXY_LOG_LEVEL", "info"),
+                         choices=["debug", "info", "warning", "error"], help="default: info")
+    control.set_defaults(func=_cmd_control)
     return parser
 
 

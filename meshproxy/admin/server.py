@@ -39,7 +39,7 @@ from meshproxy.stats.render import (
     render_text,
 )
 from meshproxy.stats.sink import endpoint_key
-from meshproxy.transport.h11_io import next_event
+from meshproxy.transport.h11_io import next_event, respond
 
 if TYPE_CHECKING:
     from meshproxy.process.supervisor import Supervisor
@@ -99,12 +99,8 @@ class AdminServer:
                     if status == 405:
                         allowed = self.routes[urlsplit(req.target.decode()).path]
                         headers.append(("allow", ", ".join(sorted(allowed))))
-                    data = conn.send(h11.Response(status_code=status, headers=headers))
-                    data += conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage())
-                    await stream.send_all(data)
-                    if conn.our_state is h11.MUST_CLOSE:
+                    if not await respond(conn, stream, status, headers, payload):
                         return
-                    conn.start_next_cycle()
         except (trio.BrokenResourceError, h11.ProtocolError):
             return
         finally:

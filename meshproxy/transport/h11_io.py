@@ -16,3 +16,16 @@ async def next_event(conn: h11.Connection, stream: trio.abc.Stream) -> Any:
         if ev is not h11.NEED_DATA:
             return ev
         conn.receive_data(bytes(await stream.receive_some(65536)))
+
+
+async def respond(conn: h11.Connection, stream: trio.abc.Stream, status: int,
+                  headers: list[tuple[str, str]], payload: bytes) -> bool:
+    """Send one whole response (head, body, end) in one write; True when the connection
+    can take another request (then h11 is ready for it)."""
+    data = conn.send(h11.Response(status_code=status, headers=headers))
+    data += conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage())
+    await stream.send_all(data)
+    if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+        return False
+    conn.start_next_cycle()
+    return True
