@@ -186,7 +186,7 @@ def _check_regex(pattern: str | None, path: str, errors: list[str]) -> None:
         errors.append(f"{path}: invalid regex: {exc}")
 
 
-def _check_duration(value: str | float, path: str, errors: list[str]) -> None:
+def check_duration(value: str | float, path: str, errors: list[str]) -> None:
     try:
         parse_duration(value)
     except ValueError as exc:
@@ -219,6 +219,12 @@ def check_match(match: schema.RouteMatch, path: str, errors: list[str]) -> None:
             _check_regex(hm.regex, f"{mp}.regex", errors)
 
 
+def check_outlier(od: schema.OutlierDetection | None, path: str, errors: list[str]) -> None:
+    if od is not None:
+        for fname in ("interval", "base_ejection_time", "max_ejection_time"):
+            check_duration(getattr(od, fname), f"{path}.{fname}", errors)
+
+
 def check_retry_policy(rp: schema.RetryPolicy | None, path: str, errors: list[str]) -> None:
     if rp is None:
         return
@@ -226,16 +232,12 @@ def check_retry_policy(rp: schema.RetryPolicy | None, path: str, errors: list[st
         if cond not in schema.RETRY_ON:
             errors.append(f"{path}.retry_on: unknown condition {cond!r} "
                           f"(known: {', '.join(schema.RETRY_ON)})")
-    _check_duration(rp.per_try_timeout, f"{path}.per_try_timeout", errors)
-    _check_duration(rp.retry_back_off.base_interval,
+    check_duration(rp.per_try_timeout, f"{path}.per_try_timeout", errors)
+    check_duration(rp.retry_back_off.base_interval,
                     f"{path}.retry_back_off.base_interval", errors)
     if rp.retry_back_off.max_interval is not None:
-        _check_duration(rp.retry_back_off.max_interval,
+        check_duration(rp.retry_back_off.max_interval,
                         f"{path}.retry_back_off.max_interval", errors)
-
-
-def check_duration(value: str | float, path: str, errors: list[str]) -> None:
-    _check_duration(value, path, errors)
 
 
 def _check_route(route: schema.Route, path: str, clusters: set[str], errors: list[str]) -> None:
@@ -248,7 +250,7 @@ def _check_route(route: schema.Route, path: str, clusters: set[str], errors: lis
     if action is not None:
         ap = f"{path}.route"
         _exactly_one(action, ("cluster", "weighted_clusters"), ap, errors)
-        _check_duration(action.timeout, f"{ap}.timeout", errors)
+        check_duration(action.timeout, f"{ap}.timeout", errors)
         if action.cluster is not None and action.cluster not in clusters:
             errors.append(f"{ap}.cluster: unknown cluster {action.cluster!r}")
         if action.weighted_clusters is not None:
@@ -294,10 +296,10 @@ def check(config: schema.Config) -> list[str]:
         if c.name in clusters:
             errors.append(f"{p}.name: duplicate cluster name {c.name!r}")
         clusters.add(c.name)
-        _check_duration(c.connect_timeout, f"{p}.connect_timeout", errors)
-        _check_duration(c.idle_timeout, f"{p}.idle_timeout", errors)
-        _check_duration(c.peak_ewma_decay, f"{p}.peak_ewma_decay", errors)
-        _check_duration(c.max_connection_duration, f"{p}.max_connection_duration", errors)
+        check_duration(c.connect_timeout, f"{p}.connect_timeout", errors)
+        check_duration(c.idle_timeout, f"{p}.idle_timeout", errors)
+        check_duration(c.peak_ewma_decay, f"{p}.peak_ewma_decay", errors)
+        check_duration(c.max_connection_duration, f"{p}.max_connection_duration", errors)
         if c.minimum_ring_size > c.maximum_ring_size:
             errors.append(f"{p}.maximum_ring_size: must be at least minimum_ring_size "
                           f"({c.minimum_ring_size}), got {c.maximum_ring_size}")
@@ -305,15 +307,12 @@ def check(config: schema.Config) -> list[str]:
             errors.append(f"{p}.maglev_table_size: must be a prime, got {c.maglev_table_size}")
         if c.health_check is not None:
             for fname in ("interval", "timeout", "interval_jitter"):
-                _check_duration(getattr(c.health_check, fname), f"{p}.health_check.{fname}",
+                check_duration(getattr(c.health_check, fname), f"{p}.health_check.{fname}",
                                 errors)
-        od = c.outlier_detection
-        if od is not None:
-            for fname in ("interval", "base_ejection_time", "max_ejection_time"):
-                _check_duration(getattr(od, fname), f"{p}.outlier_detection.{fname}", errors)
+        check_outlier(c.outlier_detection, f"{p}.outlier_detection", errors)
         budget = c.circuit_breakers.retry_budget
         if budget is not None and budget.window is not None:
-            _check_duration(budget.window, f"{p}.circuit_breakers.retry_budget.window", errors)
+            check_duration(budget.window, f"{p}.circuit_breakers.retry_budget.window", errors)
         if c.tls is not None and (c.tls.certificate_chain is None) != (c.tls.private_key is None):
             errors.append(f"{p}.tls: certificate_chain and private_key go together")
         if c.tls is not None and c.tls.crl is not None and c.tls.trusted_ca is None:
@@ -321,8 +320,8 @@ def check(config: schema.Config) -> list[str]:
     if not config.listeners:
         errors.append("listeners: at least one listener is required")
     if config.tracing is not None:
-        _check_duration(config.tracing.flush_interval, "tracing.flush_interval", errors)
-        _check_duration(config.tracing.export_timeout, "tracing.export_timeout", errors)
+        check_duration(config.tracing.flush_interval, "tracing.flush_interval", errors)
+        check_duration(config.tracing.export_timeout, "tracing.export_timeout", errors)
     names: set[str] = set()
     binds: set[tuple[str, int]] = set()
     for i, lst in enumerate(config.listeners):
@@ -333,11 +332,11 @@ def check(config: schema.Config) -> list[str]:
         if lst.port and (lst.address, lst.port) in binds:
             errors.append(f"{p}.port: {lst.address}:{lst.port} is used by another listener")
         binds.add((lst.address, lst.port))
-        _check_duration(lst.request_headers_timeout, f"{p}.request_headers_timeout", errors)
-        _check_duration(lst.idle_timeout, f"{p}.idle_timeout", errors)
-        _check_duration(lst.max_connection_duration, f"{p}.max_connection_duration", errors)
+        check_duration(lst.request_headers_timeout, f"{p}.request_headers_timeout", errors)
+        check_duration(lst.idle_timeout, f"{p}.idle_timeout", errors)
+        check_duration(lst.max_connection_duration, f"{p}.max_connection_duration", errors)
         if lst.tls is not None:
-            _check_duration(lst.tls.handshake_timeout, f"{p}.tls.handshake_timeout", errors)
+            check_duration(lst.tls.handshake_timeout, f"{p}.tls.handshake_timeout", errors)
             if lst.tls.trusted_ca is None:
                 for fname in ("require_client_certificate", "match_subject_alt_names", "crl"):
                     if getattr(lst.tls, fname):

@@ -31,7 +31,14 @@ from msgspec import Meta
 
 from meshproxy.config import schema
 from meshproxy.config.check_filters import check_policies, check_rate_limit
-from meshproxy.config.load import ConfigError, check_duration, check_match, check_retry_policy, walk
+from meshproxy.config.load import (
+    ConfigError,
+    check_duration,
+    check_match,
+    check_outlier,
+    check_retry_policy,
+    walk,
+)
 from meshproxy.config.schema import Base, Duration, HeaderName, NonEmptyStr, Port
 
 API_VERSION = "mesh/v1"
@@ -250,10 +257,7 @@ def _check(kind: str, meta: Metadata, spec: Any, errors: list[str]) -> None:
                 errors.append(f"spec.subsets[{i}].name: duplicate subset {sub.name!r}")
             seen.add(sub.name)
         check_duration(spec.connect_timeout, "spec.connect_timeout", errors)
-        od = spec.outlier_detection
-        if od is not None:
-            for fname in ("interval", "base_ejection_time", "max_ejection_time"):
-                check_duration(getattr(od, fname), f"spec.outlier_detection.{fname}", errors)
+        check_outlier(spec.outlier_detection, "spec.outlier_detection", errors)
         for k, hp in enumerate(spec.hash_policy):
             if [hp.header is not None, hp.cookie is not None, hp.source_ip].count(True) != 1:
                 errors.append(f"spec.hash_policy[{k}]: exactly one of header, cookie, "

@@ -156,9 +156,12 @@ class _Builder:
             port = self.port_of(dest_key, d.destination.port)
             name = None if port is None else self.cluster(dest_key, port, d.destination.subset)
             if name is None:
-                what = (f"port {d.destination.port}" if port is None and dest_key in
-                        self.mesh.services else f"subset {d.destination.subset!r}"
-                        if port is not None else "service")
+                if dest_key not in self.mesh.services:
+                    what = "service"
+                elif port is None:
+                    what = f"port {d.destination.port}"
+                else:
+                    what = f"subset {d.destination.subset!r}"
                 self.warnings.append(f"{where}.destinations[{k}]: {dest_key} has no such "
                                      f"{what}; dropped")
                 continue
