@@ -1,6 +1,7 @@
 """Command line: argument parsing only; the work is done by the modules it calls.
 
   meshproxy run --config F [--workers 1] [--access-log PATH|off] [--log-level L]
+  meshproxy run --control-plane URL --token-file F [--service S --workload-port N] ...
   meshproxy validate --config F
   meshproxy demo [--port P] [--check]
   meshproxy control --token-file F [--store URL] [--api-address HOST:PORT]
@@ -12,7 +13,9 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
 
+from meshproxy.config import schema
 from meshproxy.config.load import ConfigError, load_file
 
 EXIT_CONFIG = 2
@@ -40,18 +43,83 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sidecar(args: argparse.Namespace, workers: int) -> tuple[schema.Config, Any]:
+    """The initial config and the discovery client of `run --control-plane`: the persisted
+    last good config (served stale until the control plane confirms it) or an empty
+    outbound listener."""
+    from pathlib import Path
+
+    from meshproxy.control.messages import Hello
+    from meshproxy.control.translate import OUTBOUND
+    from meshproxy.process.discovery_client import DiscoveryClient, load_persisted
+
+    token = _read_token(args.token_file, "--token-file") if args.token_file else ""
+    if not token:
+        raise ValueError("--control-plane needs --token-file (the proxy token)")
+    labels = {}
+    for item in args.label:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise ValueError(f"--label {item!r}: expected KEY=VALUE")
+        labels[k] = v
+    if args.service is not None and args.workload_port is None:
+        raise ValueError("--service needs --workload-port (the port the workload serves on)")
+    node = args.node or f"{args.service or 'proxy'}-{os.getpid()}"
+    path = Path(args.state_dir) / f"{node}.last-good"
+    persisted = load_persisted(path)
+    if persisted is not None:
+        version, config = persisted
+        logging.getLogger("meshproxy").info(
+            "serving the persisted config version %s from %s (stale until the control "
+            "plane confirms it)", version, path)
+    else:
+        version = ""
+        config = schema.Config(listeners=[schema.Listener(
+            name=OUTBOUND, address=args.outbound_address, port=args.outbound_port,
+            virtual_hosts=[])])
+    base, _, cap = args.control_plane_backoff.partition(":")
+    hello = Hello(node=node, namespace=args.namespace, service=args.service,
+                  address=args.workload_address, port=args.workload_port, labels=labels,
+                  service_account=args.service_account, lease_ttl=args.lease_ttl,
+                  outbound_address=args.outbound_address, outbound_port=args.outbound_port,
+                  prefetch=None if args.calls is None else [
+                      c for c in args.calls.split(",") if c],
+                  version=version, workers=workers)
+    client = DiscoveryClient(args.control_plane, token, hello, _never, _never, path,
+                             (float(base), float(cap or base)))
+    return config, client
+
+
+async def _never(*_: Any) -> Any:
+    raise AssertionError("bound to the supervisor before use")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import trio
 
     from meshproxy.process.supervisor import Options, Supervisor
+    from meshproxy.stats.shared_memory import Capacity
 
+    opts = Options(
+        workers=args.workers, cpu_affinity=args.cpu_affinity,
+        max_connections=args.max_connections, drain_timeout=args.drain_timeout,
+        admin_address=args.admin_address, log_level=args.log_level,
+        access_log=args.access_log, stats=not args.no_stats,
+        capacity=Capacity(args.max_listeners, args.max_clusters, args.max_endpoints))
     try:
-        config = load_file(args.config)
-        sup = Supervisor(args.config, config, Options(
-            workers=args.workers, cpu_affinity=args.cpu_affinity,
-            max_connections=args.max_connections, drain_timeout=args.drain_timeout,
-            admin_address=args.admin_address, log_level=args.log_level,
-            access_log=args.access_log, stats=not args.no_stats))
+        if args.control_plane:
+            try:
+                config, client = _sidecar(args, args.workers)
+            except ValueError as exc:
+                print(f"meshproxy run: {exc}", file=sys.stderr)
+                return EXIT_CONFIG
+            sup = Supervisor(None, config, opts, client)
+            client.adopt, client.applied = sup.adopt, sup.applied
+        elif args.config:
+            sup = Supervisor(args.config, load_file(args.config), opts)
+        else:
+            print("meshproxy run: give --config FILE or --control-plane URL", file=sys.stderr)
+            return EXIT_CONFIG
     except ConfigError as exc:
         _print_config_errors(exc)
         return EXIT_CONFIG
@@ -82,26 +150,46 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.port, args.origin_port, check=args.check)
 
 
+def _read_token(path: str, what: str) -> str:
+    try:
+        token = open(path, encoding="utf-8").read().strip()  # noqa: SIM115
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: {exc.strerror}") from None
+    if not token:
+        raise ValueError(f"{what} {path} is empty")
+    return token
+
+
+def _address(text: str, what: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    try:
+        return host or "127.0.0.1", int(port)
+    except ValueError:
+        raise ValueError(f"{what}: {text!r} is not HOST:PORT") from None
+
+
 def _cmd_control(args: argparse.Namespace) -> int:
     import trio
 
-    from meshproxy.control.main import run_control
+    from meshproxy.control.main import ControlOptions, run_control
     from meshproxy.control.store import store_path
 
     try:
-        token = open(args.token_file, encoding="utf-8").read().strip()  # noqa: SIM115
-    except OSError as exc:
-        print(f"meshproxy control: --token-file {args.token_file}: {exc.strerror}",
-              file=sys.stderr)
-        return EXIT_CONFIG
-    if not token:
-        print(f"meshproxy control: --token-file {args.token_file} is empty", file=sys.stderr)
-        return EXIT_CONFIG
-    host, _, port = args.api_address.rpartition(":")
-    try:
+        token = _read_token(args.token_file, "--token-file")
+        proxy_token = (_read_token(args.proxy_token_file, "--proxy-token-file")
+                       if args.proxy_token_file else None)
+        opts = ControlOptions(
+            args.store, _address(args.api_address, "--api-address"), token, proxy_token,
+            None if args.admin_address == "off" else _address(args.admin_address,
+                                                              "--admin-address"),
+            args.self_preservation_threshold)
         if not args.store.startswith("etcd://"):
             store_path(args.store)
-        trio.run(run_control, args.store, host or "127.0.0.1", int(port), token)
+    except ValueError as exc:
+        print(f"meshproxy control: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        trio.run(run_control, opts)
     except ValueError as exc:
         print(f"meshproxy control: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -116,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="serve a config")
-    run.add_argument("--config", "-c", required=True, help="YAML or JSON config file")
+    run.add_argument("--config", "-c", help="YAML or JSON config file")
     run.add_argument("--workers", type=_positive, default=os.cpu_count() or 1,
                      help="worker processes, each with its own event loop and SO_REUSEPORT "
                           "sockets (default: the number of CPUs)")
@@ -138,6 +226,43 @@ def build_parser() -> argparse.ArgumentParser:
                           "measuring what stats cost")
     run.add_argument("--log-level", default=os.environ.get("MESHPROXY_LOG_LEVEL", "info"),
                      choices=["debug", "info", "warning", "error"], help="default: info")
+    run.add_argument("--max-listeners", type=_positive, default=64, metavar="N",
+                     help="stats slots for listeners (default 64)")
+    run.add_argument("--max-clusters", type=_positive, default=1024, metavar="N",
+                     help="stats slots for clusters (default 1024)")
+    run.add_argument("--max-endpoints", type=_positive, default=8192, metavar="N",
+                     help="stats slots for endpoints; a departed endpoint's slot is reused "
+                          "60 s after it left (default 8192)")
+    cp = run.add_argument_group(
+        "control plane", "take the config from `meshproxy control` instead of a file")
+    cp.add_argument("--control-plane", metavar="URL",
+                    help="the control plane's API, http://HOST:PORT")
+    cp.add_argument("--token-file", help="file holding the proxy token")
+    cp.add_argument("--node", help="this proxy's id (default: SERVICE-PID)")
+    cp.add_argument("--namespace", default="default", help="default: default")
+    cp.add_argument("--service", help="register the workload as an instance of this service")
+    cp.add_argument("--workload-port", type=int, metavar="N",
+                    help="the port the workload serves on (registered)")
+    cp.add_argument("--workload-address", default="127.0.0.1",
+                    help="the workload's address (registered; default 127.0.0.1)")
+    cp.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                    help="a label of the workload, e.g. version=v2 or zone=a (repeatable)")
+    cp.add_argument("--service-account", default="default")
+    cp.add_argument("--lease-ttl", type=float, default=10.0, metavar="SECONDS",
+                    help="the registration's lease; heartbeats every TTL/3 (default 10)")
+    cp.add_argument("--outbound-address", default="127.0.0.1",
+                    help="where the outbound listener listens (default 127.0.0.1)")
+    cp.add_argument("--outbound-port", type=int, default=15001,
+                    help="the outbound listener's port (default 15001)")
+    cp.add_argument("--calls", metavar="SVC[,SVC...]",
+                    help="services to receive before any request names them "
+                         "(name or name.namespace); default: every service")
+    cp.add_argument("--state-dir", default="meshproxy-state",
+                    help="where the last good config is kept, mode 0600 (default "
+                         "./meshproxy-state)")
+    cp.add_argument("--control-plane-backoff", default="1:30", metavar="BASE:CAP",
+                    help="reconnect back-off in seconds, jittered exponential "
+                         "(default 1:30)")
     run.set_defaults(func=_cmd_run)
 
     validate = sub.add_parser("validate", help="check a config, print every error, exit 2 if any")
@@ -159,6 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="operator API address (default 127.0.0.1:15080)")
     control.add_argument("--token-file", required=True,
                          help="file holding the bearer token operators must present")
+    control.add_argument("--proxy-token-file", default=None,
+                         help="file holding the token proxies present on their discovery "
+                              "stream (default: the operators' token)")
+    control.add_argument("--admin-address", default="127.0.0.1:15014", metavar="HOST:PORT",
+                         help="admin port with /metrics and /ready (default "
+                              "127.0.0.1:15014; 'off' disables it)")
+    control.add_argument("--self-preservation-threshold", type=float, default=0.15,
+                         metavar="SHARE",
+                         help="evict no lapsed registration while more than this share of "
+                              "them (and at least two) lapsed at once (default 0.15; 0 "
+                              "disables self-preservation)")
     control.add_argument("--log-level", default=os.environ.get("MESHPROXY_LOG_LEVEL", "info"),
                          choices=["debug", "info", "warning", "error"], help="default: info")
     control.set_defaults(func=_cmd_control)

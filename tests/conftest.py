@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import Origin, Proxy
+from tests.mesh import ControlPlane, Sidecar, stop_all
 
 
 @pytest.fixture(autouse=True)
@@ -13,10 +14,12 @@ def _stop_proxies_of_the_test():
     """A test that fails half-way must not leave a proxy running (and serving, probing
     health, holding ports) into the tests after it. Module-scoped proxies are kept."""
     before = len(Proxy.started)
+    before_cp, before_sc = len(ControlPlane.started), len(Sidecar.started)
     yield
     for p in Proxy.started[before:]:
         if not getattr(p, "module_scoped", False):
             p.stop()
+    stop_all(before_cp, before_sc)
 
 
 @pytest.fixture

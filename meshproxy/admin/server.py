@@ -30,8 +30,10 @@ import msgspec
 import trio
 
 from meshproxy.process.cert_watch import certs_report
-from meshproxy.stats.names import Scope, offset
+from meshproxy.stats.names import CONTROL_PLANE, Scope, offset
 from meshproxy.stats.render import (
+    PROM_PREFIX,
+    Sample,
     collect,
     endpoint_stats,
     render_json,
@@ -39,7 +41,7 @@ from meshproxy.stats.render import (
     render_text,
 )
 from meshproxy.stats.sink import endpoint_key
-from meshproxy.transport.h11_io import next_event, respond
+from meshproxy.transport.h11_io import next_event, respond, serve_tcp
 
 if TYPE_CHECKING:
     from meshproxy.process.supervisor import Supervisor
@@ -80,10 +82,7 @@ class AdminServer:
     async def serve(self, host: str, port: int, *,
                     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
                     ) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        bound = listeners[0].socket.getsockname()[:2]
-        task_status.started((bound[0], bound[1]))
-        await trio.serve_listeners(self._handle, listeners)
+        await serve_tcp(self._handle, host, port, task_status)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)
@@ -150,7 +149,16 @@ class AdminServer:
             "concurrency": len(sup.workers),
             "worker_restarts": sum(w.restarts for w in sup.workers),
         }
-        return collect(sup.segment, sup.slots, self._live_slabs(), server)
+        samples = collect(sup.segment, sup.slots, self._live_slabs(), server)
+        if sup.discovery is not None:
+            st = sup.discovery.state
+            values = {"connected_state": int(st.connected), "stale": int(st.stale),
+                      "update_success": st.update_success,
+                      "update_rejected": st.update_rejected}
+            samples += [Sample(f"control_plane.{s.name}", s.kind,
+                               f"{PROM_PREFIX}control_plane_{s.name}", {}, values[s.name])
+                        for s in CONTROL_PLANE]
+        return samples
 
     async def stats(self, q: dict[str, list[str]]) -> Reply:
         samples = self._samples()
@@ -199,7 +207,10 @@ class AdminServer:
         return 200, TEXT, ("\n".join(lines) + "\n").encode()
 
     async def config_dump(self, q: dict[str, list[str]]) -> Reply:
-        return _json({"version": self.sup.version, "config": self.sup.config})
+        out: dict[str, object] = {"version": self.sup.version, "config": self.sup.config}
+        if self.sup.discovery is not None:
+            out["control_plane"] = self.sup.discovery.state.dump()
+        return _json(out)
 
     async def certs(self, q: dict[str, list[str]]) -> Reply:
         """Envoy's /certs: the TLS material in service, with SPIFFE IDs, serials and days

@@ -10,6 +10,11 @@ routes, destinationpolicies, authorizationpolicies, ratelimits):
                                                       metadata.resourceVersion, only if the
                                                       stored one is still that (else 409)
     DELETE /apis/mesh/v1/namespaces/NS/KIND/NAME[?resourceVersion=N]
+    GET    /v1/proxy-status                           every proxy's push status
+    GET    /v1/registry                               registrations, self-preservation
+    GET    /v1/discovery  (Upgrade: meshproxy-discovery/1)  a proxy's push stream
+                                                      (control/messages.py), with the
+                                                      proxy token
 A resource's resourceVersion is the store revision of its last change. Every request needs
 `Authorization: Bearer <token>` (401 otherwise, compared in constant time). A resource is
 checked (control/resources.py) before it is stored: 400 with every error and its field
@@ -22,7 +27,7 @@ import hmac
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -30,9 +35,13 @@ import msgspec
 import trio
 
 from meshproxy.config.load import ConfigError
+from meshproxy.control import messages
 from meshproxy.control.resources import SPECS, Resource, decode, resource_key
 from meshproxy.control.store import Conflict, Store
-from meshproxy.transport.h11_io import next_event, respond
+
+if TYPE_CHECKING:
+    from meshproxy.control.replica import Replica
+from meshproxy.transport.h11_io import next_event, respond, serve_tcp
 
 log = logging.getLogger("meshproxy.control.api")
 
@@ -63,11 +72,14 @@ def _error(status: int, message: str, errors: list[str] | None = None,
 
 
 class OperatorAPI:
-    def __init__(self, store: Store, token: str) -> None:
+    def __init__(self, store: Store, token: str, replica: Replica | None = None,
+                 proxy_token: str | None = None) -> None:
         if not token:
             raise ValueError("the operator API needs a token")
         self.store = store
+        self.replica = replica
         self._token = f"Bearer {token}".encode()
+        self._proxy_token = f"Bearer {proxy_token or token}".encode()
 
     # ---------------------------------------------------------------- deciding
 
@@ -78,6 +90,12 @@ class OperatorAPI:
             return _error(401, "missing or wrong bearer token",
                           headers=(("www-authenticate", 'Bearer realm="meshproxy"'),))
         url = urlsplit(target)
+        if url.path in ("/v1/proxy-status", "/v1/registry") and method == "GET":
+            if self.replica is None:
+                return _error(404, "this API serves no replica")
+            if url.path == "/v1/registry":
+                return Reply(200, self.replica.registry_view())
+            return Reply(200, {"proxies": await self.replica.proxy_status()})
         if not url.path.startswith(PREFIX):
             return _error(404, f"no such path {url.path}")
         parts = url.path[len(PREFIX):].strip("/").split("/")
@@ -196,9 +214,7 @@ class OperatorAPI:
     async def serve(self, host: str, port: int, *,
                     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
                     ) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        task_status.started(listeners[0].socket.getsockname()[:2])
-        await trio.serve_listeners(self._connection, listeners)
+        await serve_tcp(self._connection, host, port, task_status)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)
@@ -210,6 +226,9 @@ class OperatorAPI:
                 if request is None:
                     return
                 method, target, headers, body = request
+                if target == messages.PATH and self.replica is not None:
+                    await self._discovery(conn, stream, method, headers)
+                    return
                 if body is None:
                     reply = _error(413, f"the body exceeds {MAX_BODY} bytes")
                 else:
@@ -227,6 +246,29 @@ class OperatorAPI:
             return
         finally:
             await stream.aclose()
+
+    async def _discovery(self, conn: h11.Connection, stream: trio.SocketStream, method: str,
+                         headers: list[tuple[bytes, bytes]]) -> None:
+        """A proxy's push stream: authenticated, switched to the discovery protocol, then
+        the push server's until it closes."""
+        assert self.replica is not None
+        hdr = dict(headers)
+        auth = hdr.get(b"authorization", b"")
+        if not hmac.compare_digest(auth, self._proxy_token):
+            reply = _error(401, "missing or wrong bearer token")
+        elif method != "GET" or hdr.get(b"upgrade", b"").decode() != messages.UPGRADE:
+            reply = _error(426, f"{messages.PATH} needs Upgrade: {messages.UPGRADE}")
+        else:
+            await stream.send_all(conn.send(h11.InformationalResponse(
+                status_code=101, headers=[("upgrade", messages.UPGRADE),
+                                          ("connection", "upgrade")])))
+            leftover, _closed = conn.trailing_data
+            await self.replica.push.serve(stream, bytes(leftover), self.replica.id)
+            return
+        data = json.dumps(reply.body).encode()
+        await respond(conn, stream, reply.status, [("content-type", "application/json"),
+                                                   ("content-length", str(len(data))),
+                                                   ("connection", "close")], data)
 
     @staticmethod
     async def _read(stream: trio.SocketStream, conn: h11.Connection

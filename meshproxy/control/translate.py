@@ -60,43 +60,105 @@ class ProxyNode:
 class Translation:
     config: schema.Config
     warnings: list[str] = field(default_factory=list)
+    deps: set[str] = field(default_factory=set)  # "ns/name" of every service it used
 
 
-@dataclass(frozen=True)
-class _Mesh:
-    services: dict[str, Resource]           # "ns/name"
-    workloads: dict[str, list[WorkloadSpec]]  # "ns/service" -> instances
-    routes: dict[str, RouteSpec]            # "ns/service" -> the Route for it
-    policies: dict[str, DestinationPolicySpec]  # "ns/service"
+class MeshIndex:
+    """The mesh's resources indexed by service ("ns/name"), kept up to date one resource at
+    a time (the control plane applies each watched change), so that translating one
+    proxy's config costs its scope, not the mesh."""
 
+    def __init__(self) -> None:
+        self.services: dict[str, Resource] = {}
+        self._workloads: dict[str, dict[str, WorkloadSpec]] = {}  # svc -> id -> spec
+        self._routes: dict[str, dict[str, RouteSpec]] = {}  # svc -> "ns/route" -> spec
+        self.policies: dict[str, DestinationPolicySpec] = {}
+        self._policy_owner: dict[str, str] = {}
 
-def _index(resources: Iterable[Resource], warnings: list[str]) -> _Mesh:
-    services: dict[str, Resource] = {}
-    workloads: dict[str, list[WorkloadSpec]] = {}
-    routes: dict[str, RouteSpec] = {}
-    route_owner: dict[str, str] = {}
-    policies: dict[str, DestinationPolicySpec] = {}
-    for r in sorted(resources, key=lambda r: (r.kind, r.metadata.namespace, r.metadata.name)):
+    def put(self, r: Resource) -> set[str]:
+        """Add `r` (a replaced resource is removed first); the services it touches."""
         ns = r.metadata.namespace
         if r.kind == "Service":
-            services[f"{ns}/{r.metadata.name}"] = r
-        elif r.kind == "Workload":
-            workloads.setdefault(f"{ns}/{r.spec.service}", []).append(r.spec)
-        elif r.kind == "DestinationPolicy":
-            policies[f"{ns}/{r.spec.service}"] = r.spec
-        elif r.kind == "Route":
-            for host in r.spec.hosts:
-                key = _service_key(host, ns)
-                if key in routes:  # Istio merges nothing either: the first one wins
-                    warnings.append(f"Route {ns}/{r.metadata.name}: host {host!r} is "
-                                    f"already routed by Route {route_owner[key]}; ignored")
-                    continue
-                routes[key] = r.spec
-                route_owner[key] = f"{ns}/{r.metadata.name}"
-    return _Mesh(services, workloads, routes, policies)
+            key = f"{ns}/{r.metadata.name}"
+            self.services[key] = r
+            return {key}
+        if r.kind == "Workload":
+            return {self.put_workload(f"Workload/{ns}/{r.metadata.name}", ns, r.spec)}
+        if r.kind == "DestinationPolicy":
+            key = f"{ns}/{r.spec.service}"
+            self.policies[key] = r.spec
+            self._policy_owner[key] = f"{ns}/{r.metadata.name}"
+            return {key}
+        if r.kind == "Route":
+            keys = {service_key(h, ns) for h in r.spec.hosts}
+            for key in keys:
+                self._routes.setdefault(key, {})[f"{ns}/{r.metadata.name}"] = r.spec
+            return keys
+        return set()  # policies of the inbound side: issue 15
+
+    def remove(self, r: Resource) -> set[str]:
+        ns = r.metadata.namespace
+        if r.kind == "Service":
+            key = f"{ns}/{r.metadata.name}"
+            self.services.pop(key, None)
+            return {key}
+        if r.kind == "Workload":
+            return {self.remove_workload(f"Workload/{ns}/{r.metadata.name}", ns,
+                                         r.spec.service)}
+        if r.kind == "DestinationPolicy":
+            key = f"{ns}/{r.spec.service}"
+            if self._policy_owner.get(key) == f"{ns}/{r.metadata.name}":
+                del self.policies[key], self._policy_owner[key]
+            return {key}
+        if r.kind == "Route":
+            keys = {service_key(h, ns) for h in r.spec.hosts}
+            for key in keys:
+                routes = self._routes.get(key, {})
+                routes.pop(f"{ns}/{r.metadata.name}", None)
+                if not routes:
+                    self._routes.pop(key, None)
+            return keys
+        return set()
+
+    def put_workload(self, ident: str, ns: str, spec: WorkloadSpec) -> str:
+        key = f"{ns}/{spec.service}"
+        self._workloads.setdefault(key, {})[ident] = spec
+        return key
+
+    def remove_workload(self, ident: str, ns: str, service: str) -> str:
+        key = f"{ns}/{service}"
+        found = self._workloads.get(key)
+        if found is not None:
+            found.pop(ident, None)
+            if not found:
+                del self._workloads[key]
+        return key
+
+    def workloads(self, key: str) -> list[WorkloadSpec]:
+        found = self._workloads.get(key)
+        return [found[i] for i in sorted(found)] if found else []
+
+    def route(self, key: str, warnings: list[str]) -> RouteSpec | None:
+        """The Route for a service: the first by namespace/name (Istio merges nothing
+        either); the others are said in the warnings."""
+        found = self._routes.get(key)
+        if not found:
+            return None
+        owners = sorted(found)
+        for other in owners[1:]:
+            warnings.append(f"Route {other}: a host is already routed by Route {owners[0]} "
+                            f"({key}); ignored")
+        return found[owners[0]]
 
 
-def _service_key(host: str, namespace: str) -> str:
+def index(resources: Iterable[Resource]) -> MeshIndex:
+    mesh = MeshIndex()
+    for r in resources:
+        mesh.put(r)
+    return mesh
+
+
+def service_key(host: str, namespace: str) -> str:
     """A host as a client names it, resolved in `namespace` -> "ns/name"."""
     parts = host.lower().split(".")
     if len(parts) == 1:
@@ -110,7 +172,7 @@ def cluster_name(service_key: str, port: int, subset: str | None) -> str:
 
 
 class _Builder:
-    def __init__(self, mesh: _Mesh, warnings: list[str]) -> None:
+    def __init__(self, mesh: MeshIndex, warnings: list[str]) -> None:
         self.mesh = mesh
         self.warnings = warnings
         self.clusters: dict[str, schema.Cluster] = {}
@@ -139,7 +201,7 @@ class _Builder:
             labels = found[0].labels
         endpoints = [schema.Endpoint(address=w.address, port=w.port, weight=w.weight,
                                      locality=w.locality)
-                     for w in self.mesh.workloads.get(key, [])
+                     for w in self.mesh.workloads(key)
                      if all(w.labels.get(k) == v for k, v in labels.items())]
         extra: dict = {}
         if policy is not None:
@@ -152,7 +214,7 @@ class _Builder:
     def action(self, key: str, rule: RouteRule, where: str) -> schema.RouteAction | None:
         weighted = []
         for k, d in enumerate(rule.destinations):
-            dest_key = _service_key(d.destination.service, key.split("/", 1)[0])
+            dest_key = service_key(d.destination.service, key.split("/", 1)[0])
             port = self.port_of(dest_key, d.destination.port)
             name = None if port is None else self.cluster(dest_key, port, d.destination.subset)
             if name is None:
@@ -179,7 +241,7 @@ class _Builder:
         port = self.port_of(key, None)
         if port is None:
             return None
-        spec = self.mesh.routes.get(key)
+        spec = self.mesh.route(key, self.warnings)
         rules = spec.rules if spec is not None else [
             RouteRule(destinations=[WeightedDestination(destination=Destination(service=name))])]
         routes: list[schema.Route] = []
@@ -200,13 +262,15 @@ class _Builder:
         return schema.VirtualHost(name=key, domains=domains, routes=routes)
 
 
-def translate(resources: Iterable[Resource], node: ProxyNode) -> Translation:
+def translate(resources: Iterable[Resource] | MeshIndex, node: ProxyNode) -> Translation:
+    """One proxy's config. `resources` may be a MeshIndex the caller keeps up to date."""
     warnings: list[str] = []
-    mesh = _index(resources, warnings)
+    mesh = resources if isinstance(resources, MeshIndex) else index(resources)
     builder = _Builder(mesh, warnings)
-    keys = sorted(mesh.services) if node.scope is None else sorted(
-        k for k in node.scope if k in mesh.services)
-    if node.scope is not None:
+    if node.scope is None:
+        keys = sorted(mesh.services)
+    else:
+        keys = sorted(k for k in node.scope if k in mesh.services)
         for k in sorted(node.scope - set(mesh.services)):
             warnings.append(f"scope: no service {k}")
     vhosts = [vh for vh in (builder.virtual_host(k) for k in keys) if vh is not None]
@@ -214,4 +278,13 @@ def translate(resources: Iterable[Resource], node: ProxyNode) -> Translation:
                                port=node.outbound_port, virtual_hosts=vhosts)
     config = schema.Config(listeners=[listener],
                            clusters=[builder.clusters[n] for n in sorted(builder.clusters)])
-    return Translation(config, warnings)
+    # Every service the config depends on: its scope and the services its routes reach.
+    deps = set(keys) | {_cluster_service(n) for n in builder.clusters}
+    return Translation(config, warnings, deps)
+
+
+def _cluster_service(name: str) -> str:
+    """`outbound|port|subset|name.ns` -> "ns/name"."""
+    host = name.rsplit("|", 1)[1]
+    svc, ns = host.split(".", 1)
+    return f"{ns}/{svc}"

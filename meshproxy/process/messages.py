@@ -8,14 +8,13 @@ same names at the same offsets.
 
 from __future__ import annotations
 
-import struct
-
 import msgspec
 
 from meshproxy.config import schema
+from meshproxy.protocol.frames import FrameReader as Frames
+from meshproxy.protocol.frames import frame
 
 MAX_FRAME = 64 * 1024 * 1024  # a config larger than this is a mistake, not a mesh
-_LEN = struct.Struct(">I")
 
 
 class SnapshotMsg(msgspec.Struct, tag="snapshot", frozen=True):
@@ -38,30 +37,12 @@ class DrainMsg(msgspec.Struct, tag="drain", frozen=True):
 
 Message = SnapshotMsg | DrainMsg
 
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Message)
-
-
 def encode(msg: Message) -> bytes:
-    body = _encoder.encode(msg)
-    return _LEN.pack(len(body)) + body
+    return frame(msg)
 
 
-class FrameReader:
+class FrameReader(Frames):
     """Sans-IO: feed bytes, take whole messages."""
 
     def __init__(self) -> None:
-        self._buf = b""
-
-    def feed(self, data: bytes) -> list[Message]:
-        self._buf += data
-        out = []
-        while len(self._buf) >= 4:
-            (n,) = _LEN.unpack_from(self._buf)
-            if n > MAX_FRAME:
-                raise ValueError(f"control frame of {n} bytes")
-            if len(self._buf) < 4 + n:
-                break
-            out.append(_decoder.decode(self._buf[4:4 + n]))
-            self._buf = self._buf[4 + n:]
-        return out
+        super().__init__(Message, MAX_FRAME, "control")

@@ -15,7 +15,11 @@ own trio loop and its own SO_REUSEPORT socket on every listener. The supervisor:
   logged, and the running config stays; a valid one goes to every worker, which swaps it
   in without closing a connection;
 - on SIGTERM, SIGINT or POST /quitquitquit, tells every worker to drain and exits 0 when
-  they are done (or after the drain timeout).
+  they are done (or after the drain timeout);
+- with a control plane (process/discovery_client.py) instead of a config file, takes each
+  pushed config through the same checks (`adopt`), and says when every worker serves it
+  (`applied`); on shutdown it deregisters its workload first, so that callers stop sending
+  before the listeners close.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
@@ -39,6 +43,7 @@ from meshproxy.config.compile import compile_config, rate_limit_tables
 from meshproxy.config.load import ConfigError, load_file
 from meshproxy.process import cert_watch
 from meshproxy.process.bucket_memory import BucketMemory
+from meshproxy.process.discovery_client import DiscoveryClient
 from meshproxy.process.messages import DrainMsg, SnapshotMsg, encode
 from meshproxy.stats.names import Scope, offset
 from meshproxy.stats.shared_memory import Capacity, Layout, Segment, Slots
@@ -51,6 +56,7 @@ log = logging.getLogger("meshproxy.supervisor")
 CRASH_WINDOW = 5.0
 MAX_BACKOFF = 30.0
 _LIVE = offset(Scope.WORKER, "live")
+_CONFIG_VERSION = offset(Scope.WORKER, "config_version")
 # How often worker processes are checked; a dead one is replaced within this (plus its
 # start-up time, about 0.3 s).
 POLL_INTERVAL = 0.1
@@ -66,6 +72,7 @@ class Options:
     log_level: str = "info"
     access_log: str | None = None
     stats: bool = True
+    capacity: Capacity = field(default_factory=Capacity)
 
 
 class WorkerHandle:
@@ -82,10 +89,12 @@ class WorkerHandle:
 
 
 class Supervisor:
-    def __init__(self, config_path: str | Path, config: schema.Config, opts: Options) -> None:
-        self.config_path = Path(config_path)
+    def __init__(self, config_path: str | Path | None, config: schema.Config, opts: Options,
+                 discovery: DiscoveryClient | None = None) -> None:
+        self.config_path = Path(config_path) if config_path is not None else None
+        self.discovery = discovery
         self.opts = opts
-        self.cap = Capacity()
+        self.cap = opts.capacity
         self.segment = Segment(Layout(self.cap), opts.workers + 1)
         self.slots = Slots()
         self.buckets = BucketMemory()
@@ -104,7 +113,7 @@ class Supervisor:
         self.material = cert_watch.Material()
         errors = self._prepare(config)
         if errors:
-            raise ConfigError(errors, str(config_path))
+            raise ConfigError(errors, str(config_path or "persisted config"))
 
     # ---------------------------------------------------------------- config
 
@@ -148,8 +157,11 @@ class Supervisor:
             errors = self._compiles(msgspec.structs.replace(config, listeners=listeners),
                                     material.files)
         if not errors:
+            for scope, slot in self.slots.release(time.monotonic()):
+                self.segment.zero(scope, slot)
             errors = self.slots.assign([lst.name for lst in config.listeners],
-                                       [c.name for c in config.clusters], endpoints, self.cap)
+                                       [c.name for c in config.clusters], endpoints, self.cap,
+                                       time.monotonic())
         if not errors:
             errors = self.buckets.assign(rate_limit_tables(config))
         if errors:
@@ -186,6 +198,10 @@ class Supervisor:
 
     async def reload(self) -> tuple[int, list[str]]:
         """Read the config file again; (version, []) when adopted, (version, errors) not."""
+        if self.config_path is None:
+            errors = ["no config file to reload: the control plane pushes this proxy's config"]
+            self._log_refused(errors)
+            return self.version, errors
         try:
             config = load_file(self.config_path)
         except ConfigError as exc:
@@ -206,6 +222,26 @@ class Supervisor:
         log.info("adopted config version %d from %s", self.version, self.config_path)
         await self._publish()
         return self.version, []
+
+    async def adopt(self, config: schema.Config) -> list[str]:
+        """A config from the control plane: checked and compiled here, then sent to every
+        worker; its errors (nothing changes) otherwise."""
+        errors = self._prepare(config)
+        if errors:
+            return errors
+        log.info("adopted config version %d from the control plane", self.version)
+        await self._publish()
+        return []
+
+    async def applied(self) -> None:
+        """Until every running worker serves the latest version (each writes the version it
+        swapped in to its stats slab); a worker in crash back-off is not waited for, its
+        replacement starts with the latest snapshot."""
+        want = self.version
+        cell = self.segment.layout.first(Scope.WORKER, 0) + _CONFIG_VERSION
+        while not all(w.proc is None or self.segment.block(w.index).get(cell) >= want
+                      for w in self.workers):
+            await trio.sleep(0.005)
 
     async def _publish(self) -> None:
         """The snapshot `_prepare` adopted goes to every worker, and the health checker
@@ -341,6 +377,8 @@ class Supervisor:
         self._stop.set()
 
     async def _shutdown(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.deregister()
         self.stopping = True
         self.draining = True
         self.health.stop()
@@ -373,6 +411,8 @@ class Supervisor:
                 nursery.start_soon(self._monitor)
                 nursery.start_soon(self._signals, sigs)
                 nursery.start_soon(self._watch_certificates)
+                if self.discovery is not None:
+                    nursery.start_soon(self.discovery.run)
                 self._nursery = nursery
                 self.health.apply(self.config, nursery, self.material.files)
                 with trio.move_on_after(30):

@@ -173,6 +173,17 @@ WORKER = (
 )
 
 
+# The supervisor's own, not in shared memory: its discovery client's state (Envoy's
+# control_plane.connected_state, and its xDS update_success / update_rejected).
+CONTROL_PLANE = (
+    gauge("connected_state", "1 while the discovery stream to the control plane is up"),
+    gauge("stale", "1 while the config in service is not confirmed by the control plane "
+                   "(disconnected, or the persisted config of a previous run)"),
+    counter("update_success", "pushes every worker applied (then ACKed)"),
+    counter("update_rejected", "pushes refused (NACKed); the config in service stayed"),
+)
+
+
 TRACING = (
     counter("spans_sampled", "requests whose span was recorded"),
     counter("spans_sent", "spans the collector accepted"),

@@ -7,9 +7,15 @@ histograms of replaced workers so that totals never go backwards. Capacities are
 the segment is made (pages never touched cost no memory); a config that needs more slots
 than there are is refused with a clear error, like any other invalid config.
 
-Slots are assigned by the supervisor, by name, and never reused within a process lifetime:
-a cluster added by a reload gets a fresh slot, one removed keeps its slot and its history.
-The assignment travels to the workers inside each snapshot.
+Slots are assigned by the supervisor, by name; the assignment travels to the workers inside
+each snapshot. A name that stays keeps its slot (and its history) across reloads. The slot
+of a name that leaves (an endpoint gone from the registry, a cluster removed) is parked
+for REUSE_AFTER, long enough for every request still running on an older snapshot to end
+and stop writing there, then zeroed in every slab and given to a new name: endpoint churn
+from a registry never exhausts the segment, and a reused slot never shows its previous
+owner's numbers. (A departed endpoint's requests stay counted in its cluster's own
+counters; a departed cluster's stats leave /stats with it, as Envoy's do.) The capacities
+are `meshproxy run` flags; a config that needs more slots than are free is refused.
 """
 
 from __future__ import annotations
@@ -69,6 +75,14 @@ class Layout:
         return self.base[scope] + slot * scope.cells
 
 
+# Seconds a departed name's slot waits before it is reused: requests that started on an
+# older snapshot may still write there (a long download, a slow upstream) until they end.
+REUSE_AFTER = 60.0
+
+KINDS = (("listeners", (Scope.LISTENER, Scope.HTTP)), ("clusters", (Scope.CLUSTER,)),
+         ("endpoints", (Scope.ENDPOINT,)))
+
+
 @dataclass
 class Slots:
     """name -> slot, per scope kind (LISTENER and HTTP share the listener's slot)."""
@@ -76,27 +90,57 @@ class Slots:
     listeners: dict[str, int] = field(default_factory=dict)
     clusters: dict[str, int] = field(default_factory=dict)
     endpoints: dict[str, int] = field(default_factory=dict)  # "cluster/host:port"
+    # Per kind: slots never used yet start at `fresh`; `free` were used and zeroed;
+    # `parked` (departed_at, slot) wait REUSE_AFTER.
+    fresh: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("listeners", "clusters", "endpoints"), 0))
+    free: dict[str, list[int]] = field(default_factory=lambda: {k: [] for k, _ in KINDS})
+    parked: dict[str, list[tuple[float, int]]] = field(
+        default_factory=lambda: {k: [] for k, _ in KINDS})
+
+    def release(self, now: float) -> list[tuple[Scope, int]]:
+        """Parked slots whose wait is over become free; the (scope, slot) cells the caller
+        must zero in every slab before they are assigned again."""
+        out = []
+        for kind, scopes in KINDS:
+            ready = [slot for at, slot in self.parked[kind] if now - at >= REUSE_AFTER]
+            if ready:
+                self.parked[kind] = [(at, s) for at, s in self.parked[kind]
+                                     if now - at < REUSE_AFTER]
+                self.free[kind] += ready
+                out += [(scope, slot) for slot in ready for scope in scopes]
+        return out
 
     def assign(self, listeners: list[str], clusters: list[str], endpoints: list[str],
-               cap: Capacity) -> list[str]:
-        """Give new names slots; returns errors when a capacity would be exceeded (nothing
-        is assigned then)."""
+               cap: Capacity, now: float = 0.0) -> list[str]:
+        """Give new names slots and park the slots of names that left; returns errors when
+        a capacity would be exceeded (nothing is assigned then)."""
         errors = []
-        for what, table, names, limit in (("listeners", self.listeners, listeners, cap.listeners),
-                                          ("clusters", self.clusters, clusters, cap.clusters),
-                                          ("endpoints", self.endpoints, endpoints, cap.endpoints)):
-            new = [n for n in dict.fromkeys(names) if n not in table]
-            if len(table) + len(new) > limit:
-                errors.append(f"{what}: the stats segment has room for {limit} {what} "
-                              f"over the process lifetime, this config needs "
-                              f"{len(table) + len(new)}")
+        plans = []
+        for kind, names, limit in (("listeners", listeners, cap.listeners),
+                                   ("clusters", clusters, cap.clusters),
+                                   ("endpoints", endpoints, cap.endpoints)):
+            table: dict[str, int] = getattr(self, kind)
+            wanted = dict.fromkeys(names)
+            new = [n for n in wanted if n not in table]
+            available = len(self.free[kind]) + limit - self.fresh[kind]
+            if len(new) > available:
+                held = len(table) + len(self.parked[kind])
+                errors.append(f"{kind}: the stats segment has room for {limit} {kind} "
+                              f"({held} in use or released less than {REUSE_AFTER:.0f} s "
+                              f"ago), this config needs {len(new)} more")
+            plans.append((kind, table, wanted, new))
         if errors:
             return errors
-        for table, names in ((self.listeners, listeners), (self.clusters, clusters),
-                             (self.endpoints, endpoints)):
-            for n in names:
-                if n not in table:
-                    table[n] = len(table)
+        for kind, table, wanted, new in plans:
+            for name in [n for n in table if n not in wanted]:
+                self.parked[kind].append((now, table.pop(name)))
+            for name in new:
+                if self.free[kind]:
+                    table[name] = self.free[kind].pop()
+                else:
+                    table[name] = self.fresh[kind]
+                    self.fresh[kind] += 1
         return []
 
 
@@ -120,6 +164,15 @@ class Segment:
     def block(self, slab: int) -> StatsBlock:
         cells = self.layout.slab_cells
         return StatsBlock(self.buf, slab * cells, cells)
+
+    def zero(self, scope: Scope, slot: int) -> None:
+        """A slot about to be reused starts from nothing in every slab."""
+        first = self.layout.first(scope, slot) * 8
+        n = scope.cells * 8
+        cells = self.layout.slab_cells * 8
+        for slab in range(self.slabs):
+            at = slab * cells + first
+            self.buf[at:at + n] = bytes(n)
 
     def retire(self, slab: int) -> None:
         """A worker is gone: keep its counters and histograms, count what it had in

@@ -3,6 +3,7 @@ export): never on the data path, which has its own compiled parser."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h11
@@ -29,3 +30,13 @@ async def respond(conn: h11.Connection, stream: trio.abc.Stream, status: int,
         return False
     conn.start_next_cycle()
     return True
+
+
+async def serve_tcp(handler: Callable[[trio.SocketStream], Awaitable[None]], host: str,
+                    port: int, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
+    """Serve `handler` per connection on host:port; started() with the bound address (a
+    port of 0 gets a free one)."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[:2]
+    task_status.started((bound[0], bound[1]))
+    await trio.serve_listeners(handler, listeners)

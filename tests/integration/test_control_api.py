@@ -4,60 +4,31 @@ path) and a stale resourceVersion (409); stores, lists, replaces and deletes."""
 
 from __future__ import annotations
 
-import json
-import re
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, Etcd, stop_process
+from tests.helpers import ROOT, Etcd
+from tests.mesh import ControlPlane, call
 from tests.unit.test_control_resources import EXAMPLES
-
-TOKEN = "s3cret-operator-token"
 
 
 @pytest.fixture(params=["sqlite", "etcd"])
 def control(request, tmp_path: Path):
     etcd = None
+    store = None
     if request.param == "etcd":
         etcd = Etcd(tmp_path / "etcd").start()
         store = etcd.url
-    else:
-        store = f"sqlite:///{tmp_path / 'cp.db'}"
-    (tmp_path / "token").write_text(TOKEN + "\n")
-    log = tmp_path / "control.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meshproxy", "control", "--store", store,
-         "--api-address", "127.0.0.1:0", "--token-file", str(tmp_path / "token")],
-        cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=open(log, "wb"))  # noqa: SIM115
-    deadline = time.monotonic() + 15
-    while not (m := re.search(r"operator API on [^ ]+:(\d+)", log.read_text())):
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
+    cp = ControlPlane(tmp_path / "cp", store)
     try:
-        yield f"http://127.0.0.1:{m.group(1)}"
+        yield cp.url
     finally:
-        stop_process(proc)
+        cp.stop()
         if etcd is not None:
             etcd.stop()
-
-
-def call(base: str, method: str, path: str, body: dict | None = None,
-         token: str | None = TOKEN) -> tuple[int, dict]:
-    req = urllib.request.Request(base + path, method=method,
-                                 data=json.dumps(body).encode() if body is not None else None)
-    if token is not None:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def route_doc() -> dict:
