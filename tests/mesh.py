@@ -215,3 +215,58 @@ def stop_all(before_cp: int, before_sc: int) -> None:
         sc.stop()
     for cp in ControlPlane.started[before_cp:]:
         cp.stop()
+
+
+def workload(name: str, svc: str, port: int, ns: str = "default", **labels: str) -> dict:
+    return {"apiVersion": "mesh/v1", "kind": "Workload",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"service": svc, "address": "127.0.0.1", "port": port,
+                     "labels": labels}}
+
+
+class Load:
+    """Requests one after another on keep-alive connections to a sidecar's outbound
+    listener, in a thread, until stopped; every status (and failure) is kept."""
+
+    def __init__(self, port: int, host: str, path: str = "/") -> None:
+        import threading
+
+        self.port, self.host, self.path = port, host, path
+        self.statuses: list[int] = []
+        self.failures: list[str] = []
+        self.bodies: dict[bytes, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import http.client
+
+        conn = None
+        while not self._stop.is_set():
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", self.path, headers={"Host": self.host})
+                r = conn.getresponse()
+                body = r.read()
+                self.statuses.append(r.status)
+                if r.status != 200:
+                    self.failures.append(f"{r.status} {r.getheader('x-response-flags')} "
+                                         f"{body[:100]!r}")
+                else:
+                    self.bodies[body] = self.bodies.get(body, 0) + 1
+                if r.getheader("connection", "").lower() == "close":
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException) as exc:
+                self.failures.append(f"{type(exc).__name__}: {exc}")
+                if conn is not None:
+                    conn.close()
+                conn = None
+                time.sleep(0.01)
+
+    def stop(self) -> Load:
+        self._stop.set()
+        self._thread.join(10)
+        return self

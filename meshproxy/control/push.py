@@ -91,7 +91,8 @@ class Subscription:
                 "in_flight": self.in_flight, "acked_at": self.acked_at,
                 "nack_version": self.nack_version, "nack_errors": self.nack_errors,
                 "connected_at": self.connected_at, "last_seen": self.last_seen,
-                "convergence": self.convergence, "workers": self.hello.workers}
+                "convergence": self.convergence, "workers": self.hello.workers,
+                "lease_ttl": self.hello.lease_ttl}
 
 
 class Hooks:

@@ -334,8 +334,11 @@ def _fields(r: reg.Registration) -> dict[str, Any]:
 
 
 def _state(rec: dict[str, Any], replica_alive: bool) -> str:
-    """Istio's proxy-status words, plus DISCONNECTED and NACKED."""
-    if not rec["connected"] or not replica_alive:
+    """Istio's proxy-status words, plus DISCONNECTED and NACKED. A connected proxy's record
+    is rewritten at every heartbeat: one not seen for a lease TTL is gone, whatever its
+    replica (perhaps killed before it could say so) last wrote."""
+    silent = time.time() - rec["last_seen"] > max(rec.get("lease_ttl", 10.0), 1.0) + 1.0
+    if not rec["connected"] or not replica_alive or silent:
         return "DISCONNECTED"
     if rec["nack_version"] and rec["nack_version"] == rec["sent_version"]:
         return "NACKED"
