@@ -1,0 +1,1 @@
+"""meshctl: the operators' command line over the control plane's API."""
