@@ -145,6 +145,10 @@ def _positive(text: str) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.mesh:
+        from meshproxy.demo_mesh import run_mesh_demo
+
+        return run_mesh_demo(args.api_port, args.port, check=args.check)
     from meshproxy.demo import run_demo
 
     return run_demo(args.port, args.origin_port, check=args.check)
@@ -272,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run a bundled origin behind the proxy and call it")
     demo.add_argument("--port", type=int, default=10000, help="proxy port (default 10000)")
     demo.add_argument("--origin-port", type=int, default=8080, help="origin port (default 8080)")
+    demo.add_argument("--mesh", action="store_true",
+                      help="a whole mesh instead: control plane, two versions of a service "
+                           "with their sidecars, a client sidecar (--port is its outbound "
+                           "listener)")
+    demo.add_argument("--api-port", type=int, default=15080,
+                      help="with --mesh: the control plane's API port (default 15080)")
     demo.add_argument("--check", action="store_true",
                       help="exit after the first proxied response (0 when it was a 200)")
     demo.set_defaults(func=_cmd_demo, log_level="info")

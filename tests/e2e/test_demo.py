@@ -27,3 +27,23 @@ def test_demo_check_shows_proxied_response() -> None:
 def test_demo_console_script_installed() -> None:
     r = subprocess.run(["meshproxy", "--help"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "run" in r.stdout and "validate" in r.stdout
+
+
+def test_demo_mesh_check_shows_the_split_the_retries_and_proxy_status() -> None:
+    r = subprocess.run([sys.executable, "-m", "meshproxy", "demo", "--mesh", "--check",
+                        "--port", str(_free_port()), "--api-port", str(_free_port())],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "applied Route default/reviews" in out
+    shares = {line.split(":")[0].strip(): float(line.split("(")[1].rstrip("%)"))
+              for line in out.splitlines() if line.startswith(("  v1:", "  v2:"))}
+    assert set(shares) == {"v1", "v2"} and 5.0 <= shares["v2"] <= 15.0, shares
+    assert "the client saw 0 failures" in out
+    saved = int(out.split("the route's retries saved ")[1].split()[0])
+    assert saved > 0
+    rows = out.split("$ meshctl proxy-status")[1].strip().splitlines()
+    assert rows[0].split()[:3] == ["NAME", "SERVICE", "STATUS"]
+    assert sorted(row.split()[0] for row in rows[1:]) == ["client", "reviews-v1",
+                                                          "reviews-v2"]
+    assert all(row.split()[2] == "SYNCED" for row in rows[1:])
