@@ -50,6 +50,10 @@ class _Origin:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # One write per response (head and body), no Nagle: otherwise every keep-alive
+            # response waits out the peer's delayed ACK (40 ms).
+            wbufsize = 65536
+            disable_nagle_algorithm = True
 
             def do_GET(self) -> None:
                 with origin._lock:
@@ -106,7 +110,7 @@ def run_mesh_demo(api_port: int, client_port: int, check: bool = False) -> int:
               "operator API on")
         print(f"control plane: {cp_url} (store and logs in {work})")
         common = ["run", "--control-plane", cp_url, "--token-file", str(work / "token"),
-                  "--workers", "1", "--state-dir", str(work / "state")]
+                  "--workers", "1", "--state-dir", str(work / "state"), "--drain-timeout", "2"]
         for origin in (v1, v2):
             node = f"reviews-{origin.version}"
             start(node, [*common, "--node", node, "--service", "reviews", "--workload-port",
