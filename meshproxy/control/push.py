@@ -2,10 +2,10 @@
 `meshctl proxy-status` shows (DESIGN.md section 7; the messages are control/messages.py).
 
 Rules:
-- changes are debounced for the whole replica: a change starts a window that ends after
-  DEBOUNCE_AFTER of quiet or DEBOUNCE_MAX after it opened (istiod's PILOT_DEBOUNCE_AFTER
-  100 ms and PILOT_DEBOUNCE_MAX 10 s); then every subscription whose config depends on a
-  changed service is marked dirty;
+- changes are debounced per service: a service's changes go out after DEBOUNCE_AFTER of
+  quiet on it or DEBOUNCE_MAX after its first (istiod's PILOT_DEBOUNCE_AFTER 100 ms and
+  PILOT_DEBOUNCE_MAX 10 s); then every subscription whose config depends on it is marked
+  dirty;
 - a subscription has at most one push in flight; a dirty one is translated again when its
   answer arrives, so changes coalesce per proxy and the latest wins; translations and sends
   run at most MAX_CONCURRENT_PUSHES at a time (istiod's PILOT_PUSH_THROTTLE is 100);
@@ -123,9 +123,7 @@ class PushServer:
         self.hooks = hooks
         self.subscriptions: dict[str, Subscription] = {}
         self._limiter = trio.CapacityLimiter(max_concurrent)
-        self._pending: set[str] = set()
-        self._pending_since: float | None = None
-        self._last_change = 0.0
+        self._pending: dict[str, tuple[float, float]] = {}  # svc -> (first, last) change
         self._changed = trio.Event()
 
     # ---------------------------------------------------------------- changes
@@ -135,34 +133,46 @@ class PushServer:
         if not services:
             return
         now = trio.current_time()
-        if self._pending_since is None:
-            self._pending_since = now
-        self._last_change = now
-        self._pending |= services
+        for svc in services:
+            first, _ = self._pending.get(svc, (now, now))
+            self._pending[svc] = (first, now)
         self._changed.set()
 
     async def debounce(self) -> None:
+        """Per service: its changes wait for DEBOUNCE_AFTER of quiet (of that service) or
+        DEBOUNCE_MAX after its first, then go to the subscriptions that depend on it. Per
+        service rather than for the whole replica (istiod's): a steady stream of changes
+        elsewhere in the mesh (10 a second is no quiet at all) never holds a proxy's push
+        up to the cap. A new change never makes the earliest due time earlier (its own is
+        DEBOUNCE_AFTER away, every other's at most that), so one sleep suffices."""
         while True:
-            await self._changed.wait()
-            assert self._pending_since is not None
-            while True:
-                now = trio.current_time()
-                quiet_at = self._last_change + DEBOUNCE_AFTER
-                cap_at = self._pending_since + DEBOUNCE_MAX
-                if now >= quiet_at or now >= cap_at:
-                    break
-                await trio.sleep_until(min(quiet_at, cap_at))
-            changed, since = self._pending, self._pending_since
-            self._pending, self._pending_since = set(), None
-            self._changed = trio.Event()
-            self.metrics.debounce.observe(trio.current_time() - since)
-            everything = EVERYTHING in changed
-            for sub in self.subscriptions.values():
-                if everything or sub.node.scope is None or sub.deps & changed:
-                    sub.dirty = True
-                    if sub.changed_since is None:
-                        sub.changed_since = since
-                    sub.poke()
+            if not self._pending:
+                await self._changed.wait()
+                self._changed = trio.Event()
+                continue
+            due = min(min(last + DEBOUNCE_AFTER, first + DEBOUNCE_MAX)
+                      for first, last in self._pending.values())
+            await trio.sleep_until(due)
+            now = trio.current_time()
+            ready = {svc: first for svc, (first, last) in self._pending.items()
+                     if now >= min(last + DEBOUNCE_AFTER, first + DEBOUNCE_MAX)}
+            for svc in ready:
+                del self._pending[svc]
+            for first in ready.values():
+                self.metrics.debounce.observe(now - first)
+            if ready:
+                self._flush(ready)
+
+    def _flush(self, ready: dict[str, float]) -> None:
+        everything = EVERYTHING in ready
+        changed = set(ready)
+        since = min(ready.values())
+        for sub in self.subscriptions.values():
+            if everything or sub.node.scope is None or sub.deps & changed:
+                sub.dirty = True
+                if sub.changed_since is None:
+                    sub.changed_since = since
+                sub.poke()
 
     # ---------------------------------------------------------------- one proxy
 
