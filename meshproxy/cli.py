@@ -82,9 +82,9 @@ def _sidecar(args: argparse.Namespace, workers: int) -> tuple[schema.Config, Any
                   address=args.workload_address, port=args.workload_port, labels=labels,
                   service_account=args.service_account, lease_ttl=args.lease_ttl,
                   outbound_address=args.outbound_address, outbound_port=args.outbound_port,
-                  prefetch=None if args.calls is None else [
-                      c for c in args.calls.split(",") if c],
-                  version=version, workers=workers)
+                  prefetch=None if args.calls == "*" else [
+                      c for c in (args.calls or "").split(",") if c],
+                  on_demand=args.calls != "*", version=version, workers=workers)
     client = DiscoveryClient(args.control_plane, token, hello, _never, _never, path,
                              (float(base), float(cap or base)))
     return config, client
@@ -259,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--outbound-port", type=int, default=15001,
                     help="the outbound listener's port (default 15001)")
     cp.add_argument("--calls", metavar="SVC[,SVC...]",
-                    help="services to receive before any request names them "
-                         "(name or name.namespace); default: every service")
+                    help="services to receive before any request names them (name or "
+                         "name.namespace); the others are asked for when a request names "
+                         "them (on demand, the default); '*': every service, up front")
     cp.add_argument("--state-dir", default="meshproxy-state",
                     help="where the last good config is kept, mode 0600 (default "
                          "./meshproxy-state)")

@@ -120,7 +120,8 @@ def run_mesh_demo(api_port: int, client_port: int, check: bool = False) -> int:
             print(f"sidecar {node}: registered reviews {origin.version} on "
                   f"127.0.0.1:{origin.port}")
         client_admin = _free_port()
-        start("client", [*common, "--node", "client", "--outbound-port", str(client_port),
+        start("client", [*common, "--node", "client", "--calls", "reviews",
+                         "--outbound-port", str(client_port),
                          "--admin-address", f"127.0.0.1:{client_admin}"],
               "serving config version")
         print(f"sidecar client: outbound listener on 127.0.0.1:{client_port}, admin on "

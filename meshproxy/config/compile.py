@@ -228,6 +228,7 @@ class ListenerSpec:
     # The listener's authorization policies: also decide requests that match no route
     # (a caller the policies deny learns nothing about which paths exist: 403, not 404).
     authz: Authorizer | None = None
+    on_demand_timeout: float = 0.0  # seconds; 0: a missing authority is 404 NR at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,7 +458,8 @@ def compile_config(config: schema.Config, version: int = 1,
             _access_log(lst.access_log or config.access_log, access_log_override),
             parse_duration(lst.max_connection_duration), listener_tls(lst.tls, material),
             any(r.match.source_principals is not None
-                for vh in lst.virtual_hosts for r in vh.routes), listener_authz))
+                for vh in lst.virtual_hosts for r in vh.routes), listener_authz,
+            parse_duration(lst.on_demand_timeout)))
     clusters = {
         c.name: ClusterSpec(
             c.name, tuple((e.address, e.port, e.weight) for e in c.endpoints),

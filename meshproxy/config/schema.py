@@ -447,6 +447,10 @@ class Listener(Base, frozen=True):
     tls: ListenerTLS | None = None
     # Checked for every request of the listener, after routing (a route may replace them).
     authorization_policies: list[AuthorizationPolicy] = []
+    # A sidecar's outbound listener under a control plane: a request for an authority no
+    # virtual host serves asks the control plane for it and waits up to this long for the
+    # config that serves it (Envoy's on-demand VHDS/ODCDS), then 404 NR. 0: off.
+    on_demand_timeout: Duration = 0
 
 
 class TracingCollector(Base, frozen=True):

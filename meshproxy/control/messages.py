@@ -61,6 +61,9 @@ class Hello(msgspec.Struct, tag="hello", frozen=True, forbid_unknown_fields=True
     # Services ("name" or "name.namespace") to have before any request asks for them;
     # None: every service in the mesh.
     prefetch: list[str] | None = None
+    # Ask for the other services when a request names them (Subscribe), holding the
+    # request meanwhile; False: a service outside `prefetch` is 404 NR.
+    on_demand: bool = False
     version: str = ""  # the config version the proxy serves now ("" for none)
     workers: int = 1
 

@@ -18,6 +18,7 @@ Rules:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import time
@@ -56,6 +57,11 @@ HELLO_TIMEOUT = 10.0
 READ_TIMEOUT_TTLS = 1.5
 # Any change at all: every subscription depends on it (inbound policies, for now).
 EVERYTHING = "*"
+# How long an on-demand request waits for the config that serves it (Envoy's on-demand
+# default is 5 s too), and how many services one proxy may ask for: a client sending made-up
+# Host headers cannot make its proxy's config (and its pushes) grow without bound.
+ON_DEMAND_TIMEOUT = 5.0
+MAX_SCOPE = 1024
 
 
 @dataclass(eq=False)
@@ -193,7 +199,9 @@ class PushServer:
         hello: Hello = pending.pop(0)
         now = time.time()
         node = ProxyNode(hello.node, hello.namespace, hello.outbound_address,
-                         hello.outbound_port, scope_of(hello))
+                         hello.outbound_port, scope_of(hello),
+                         ON_DEMAND_TIMEOUT if hello.on_demand and hello.prefetch is not None
+                         else 0.0)
         sub = Subscription(hello, node, stream, now, hello.version, last_seen=now)
         old = self.subscriptions.get(hello.node)
         if old is not None:  # the proxy reconnected here before the old stream broke
@@ -263,10 +271,15 @@ class PushServer:
             await self.hooks.heartbeat(sub)
         elif isinstance(msg, Subscribe):
             wanted = frozenset(service_key(s, sub.hello.namespace) for s in msg.services)
-            if sub.node.scope is not None and not wanted <= sub.node.scope:
-                sub.node = ProxyNode(sub.node.id, sub.node.namespace,
-                                     sub.node.outbound_address, sub.node.outbound_port,
-                                     sub.node.scope | wanted)
+            scope = sub.node.scope
+            if sub.node.on_demand_timeout and scope is not None and not wanted <= scope:
+                room = max(0, MAX_SCOPE - len(scope))
+                added = sorted(wanted - scope)[:room]
+                if not added:
+                    log.warning("proxy %s asked for more than %d services; refused",
+                                sub.hello.node, MAX_SCOPE)
+                    return
+                sub.node = dataclasses.replace(sub.node, scope=scope | frozenset(added))
                 sub.dirty = True
                 if sub.changed_since is None:
                     sub.changed_since = trio.current_time()

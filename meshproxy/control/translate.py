@@ -54,6 +54,9 @@ class ProxyNode:
     outbound_port: int = 15001
     # Services ("namespace/name") the proxy calls; None: every service (prefetch all).
     scope: frozenset[str] | None = None
+    # The outbound listener asks for services outside its scope (and holds the request
+    # this long): on-demand discovery.
+    on_demand_timeout: float = 0.0
 
 
 @dataclass
@@ -275,11 +278,14 @@ def translate(resources: Iterable[Resource] | MeshIndex, node: ProxyNode) -> Tra
             warnings.append(f"scope: no service {k}")
     vhosts = [vh for vh in (builder.virtual_host(k) for k in keys) if vh is not None]
     listener = schema.Listener(name=OUTBOUND, address=node.outbound_address,
-                               port=node.outbound_port, virtual_hosts=vhosts)
+                               port=node.outbound_port, virtual_hosts=vhosts,
+                               on_demand_timeout=node.on_demand_timeout)
     config = schema.Config(listeners=[listener],
                            clusters=[builder.clusters[n] for n in sorted(builder.clusters)])
     # Every service the config depends on: its scope and the services its routes reach.
-    deps = set(keys) | {_cluster_service(n) for n in builder.clusters}
+    # (The whole scope: a service asked for that does not exist yet is pushed when it does.)
+    deps = set(keys if node.scope is None else node.scope) | {
+        _cluster_service(n) for n in builder.clusters}
     return Translation(config, warnings, deps)
 
 

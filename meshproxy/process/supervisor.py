@@ -43,6 +43,8 @@ from meshproxy.config.compile import compile_config, rate_limit_tables
 from meshproxy.config.load import ConfigError, load_file
 from meshproxy.process import cert_watch
 from meshproxy.process.bucket_memory import BucketMemory
+from meshproxy.process.demand_memory import POLL as POLL_DEMANDS
+from meshproxy.process.demand_memory import DemandMemory
 from meshproxy.process.discovery_client import DiscoveryClient
 from meshproxy.process.messages import DrainMsg, SnapshotMsg, encode
 from meshproxy.stats.names import Scope, offset
@@ -98,6 +100,7 @@ class Supervisor:
         self.segment = Segment(Layout(self.cap), opts.workers + 1)
         self.slots = Slots()
         self.buckets = BucketMemory()
+        self.demand = DemandMemory(opts.workers) if discovery is not None else None
         self.workers = [WorkerHandle(i) for i in range(opts.workers)]
         self.reserved: dict[tuple[str, str, int], socket.socket] = {}
         self.version = 0
@@ -243,6 +246,16 @@ class Supervisor:
                       for w in self.workers):
             await trio.sleep(0.005)
 
+    async def _demands(self) -> None:
+        """On-demand discovery: authorities workers found no route for are subscribed."""
+        assert self.demand is not None and self.discovery is not None
+        while True:
+            await trio.sleep(POLL_DEMANDS)
+            wanted = self.demand.read_new()
+            if wanted:
+                log.info("subscribing on demand to %s", ", ".join(sorted(wanted)))
+                await self.discovery.subscribe(wanted)
+
     async def _publish(self) -> None:
         """The snapshot `_prepare` adopted goes to every worker, and the health checker
         probes with its clusters and TLS material."""
@@ -295,7 +308,12 @@ class Supervisor:
             cmd += ["--cpu", str(w.index % ncpu)]
         if not self.opts.stats:
             cmd.append("--no-stats")
-        w.proc = subprocess.Popen(cmd, pass_fds=(r, self.segment.fd, self.buckets.fd))
+        fds = [r, self.segment.fd, self.buckets.fd]
+        if self.demand is not None:
+            self.demand.reset(w.index)
+            cmd += ["--demand-fd", str(self.demand.fd)]
+            fds.append(self.demand.fd)
+        w.proc = subprocess.Popen(cmd, pass_fds=fds)
         os.close(r)
         w.control = trio.lowlevel.FdStream(wfd)
         w.started_at = time.monotonic()
@@ -413,6 +431,7 @@ class Supervisor:
                 nursery.start_soon(self._watch_certificates)
                 if self.discovery is not None:
                     nursery.start_soon(self.discovery.run)
+                    nursery.start_soon(self._demands)
                 self._nursery = nursery
                 self.health.apply(self.config, nursery, self.material.files)
                 with trio.move_on_after(30):

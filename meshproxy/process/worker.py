@@ -138,6 +138,7 @@ class Worker:
                 logger.close()
         self.loggers = loggers
         self.stats.block.set(self.stats.config_version, snapshot.version)
+        self.state.swapped()  # requests held for a missing authority look again
         return bound
 
     def _apply_tracing(self, snapshot: Snapshot) -> None:

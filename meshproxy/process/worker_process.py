@@ -14,11 +14,13 @@ import logging
 import os
 import signal
 import sys
+from functools import partial
 
 import trio
 
 from meshproxy.config.compile import compile_config
 from meshproxy.process.bucket_memory import BucketMemory
+from meshproxy.process.demand_memory import DemandMemory
 from meshproxy.process.errors import leaves
 from meshproxy.process.messages import DrainMsg, FrameReader, SnapshotMsg
 from meshproxy.process.worker import Worker
@@ -54,6 +56,9 @@ async def _main(args: argparse.Namespace, segment: Segment) -> None:
                                    first.workers, first.material,
                                    buckets.memory(first.bucket_slots)),
                     sink, args.max_connections)
+    if args.demand_fd is not None:
+        demand = DemandMemory(first.workers, args.demand_fd)
+        worker.state.demand = partial(demand.note, args.index)
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(worker.run)
@@ -100,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--control-fd", type=int, required=True)
     ap.add_argument("--stats-fd", type=int, required=True)
     ap.add_argument("--buckets-fd", type=int, required=True)
+    ap.add_argument("--demand-fd", type=int, default=None)
     ap.add_argument("--slabs", type=int, required=True)
     ap.add_argument("--capacity", type=int, nargs=3, required=True)
     ap.add_argument("--cpu", type=int, default=None)

@@ -41,6 +41,7 @@ from meshproxy.config.compile import (
 )
 from meshproxy.filters.authz import Request as AuthzRequest
 from meshproxy.protocol import errors as flags
+from meshproxy.protocol.authority import service_authority
 from meshproxy.proxy.access_log import AccessLogger, Entry, format_time, text
 from meshproxy.proxy.local_reply import local_reply
 from meshproxy.proxy.phases import PH_HEAD, PH_IDLE, PH_REQ_BODY
@@ -73,13 +74,23 @@ class ListenerTLS:
 
 
 class WorkerState:
-    """What every listener of a worker shares: its stats scope and whether it drains."""
+    """What every listener of a worker shares: its stats scope, whether it drains, and for
+    on-demand discovery where to ask for a missing authority (`demand(authority)`) and
+    the event set when the next snapshot is in (`changed`, replaced at each)."""
 
-    __slots__ = ("stats", "draining")
+    __slots__ = ("stats", "draining", "demand", "changed", "asked")
 
     def __init__(self, stats: Any) -> None:
         self.stats = stats
         self.draining = False
+        self.demand: Any = None  # Callable[[bytes], None] | None
+        self.changed = trio.Event()
+        self.asked: set[bytes] = set()  # authorities asked for since the last snapshot
+
+    def swapped(self) -> None:
+        self.asked.clear()
+        self.changed.set()
+        self.changed = trio.Event()
 
 
 class ListenerContext:
@@ -375,6 +386,31 @@ class DownstreamConnection:
 
     # ------------------------------------------------------------------ routing
 
+    async def _on_demand(self, host: bytes, method: bytes, target: bytes,
+                         headers: list[tuple[bytes, bytes]]) -> tuple[ListenerSpec, Any]:
+        """No virtual host serves `host` yet: ask the control plane for it (through the
+        supervisor) and hold the request until a snapshot serves it, for at most the
+        listener's on_demand_timeout (then the caller answers 404 NR)."""
+        state = self.ctx.state
+        spec = self.ctx.spec
+        authority = service_authority(host)
+        if authority is None:
+            return spec, None
+        if authority not in state.asked:
+            state.asked.add(authority)
+            state.demand(authority)
+        with trio.move_on_after(spec.on_demand_timeout):
+            while True:
+                await state.changed.wait()
+                spec = self.ctx.spec
+                _vh, route = spec.route_table.route(host, method, target, headers)
+                if route is not None:
+                    return spec, route
+                if authority not in state.asked:  # asked again after that snapshot
+                    state.asked.add(authority)
+                    state.demand(authority)
+        return self.ctx.spec, None
+
     async def _dispatch(self, head: MessageHead, ex: Exchange) -> bool:
         target = head.target
         host = head.host or b""
@@ -394,6 +430,8 @@ class DownstreamConnection:
         if spec.match_principal and self.identity is not None:
             headers = headers + [(PRINCIPAL_HEADER, self.identity.principal)]
         _vh, route = spec.route_table.route(host, head.method, target, headers)
+        if route is None and spec.on_demand_timeout and self.ctx.state.demand is not None:
+            spec, route = await self._on_demand(host, head.method, target, headers)
         if route is None:
             if spec.authz is not None:
                 refusal = self._filter(RouteFilters(spec.authz, None), head, ex, host, target)

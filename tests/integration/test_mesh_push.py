@@ -72,7 +72,8 @@ def test_push_nack_keeps_the_last_good_config_with_no_failed_request(
     cp.apply(workload("web-a", "web", a.port))
     # Room for the two endpoints it has, not for more: a push with more is refused by the
     # proxy itself (its stats segment), after the control plane found it valid.
-    client = Sidecar(cp, tmp_path / "client", "client-0", "--max-endpoints", "2")
+    client = Sidecar(cp, tmp_path / "client", "client-0", "--max-endpoints", "2",
+                     "--calls", "web")
     wait_for(lambda: _synced(cp, "client-0"), 10)
     cp.apply(workload("web-b", "web", b.port))
     wait_for(lambda: len(_endpoints(client)) == 2, 5)
@@ -140,7 +141,8 @@ def test_push_route_flips_never_serve_a_missing_cluster(tmp_path: Path,
     cp = ControlPlane(tmp_path / "cp")
     _two_versions(cp, origin_factory)
     cp.apply(_route({"v1": 1}))
-    client = Sidecar(cp, tmp_path / "client", "client-0", workers=2)
+    client = Sidecar(cp, tmp_path / "client", "client-0", "--calls", "web",
+                     workers=2)
     wait_for(lambda: _synced(cp, "client-0"), 10)
     clusters = {c["name"] for c in client.admin("/config_dump")["config"]["clusters"]}
     assert "outbound|8080|v2|web.default" not in clusters  # never pushed so far
@@ -160,7 +162,8 @@ def test_push_splits_90_10_within_two_points(tmp_path: Path, origin_factory) -> 
     cp = ControlPlane(tmp_path / "cp")
     _two_versions(cp, origin_factory)
     cp.apply(_route({"v1": 90, "v2": 10}))
-    client = Sidecar(cp, tmp_path / "client", "client-0", workers=2)
+    client = Sidecar(cp, tmp_path / "client", "client-0", "--calls", "web",
+                     workers=2)
     wait_for(lambda: _synced(cp, "client-0"), 10)
     import http.client
 
@@ -184,7 +187,7 @@ def test_push_survives_the_control_plane_down_for_60_seconds(tmp_path: Path,
     backoff = ("--control-plane-backoff", "1:4")
     web = Sidecar(cp, tmp_path / "web", "web-0", *backoff, "--lease-ttl", "3",
                   service="web", workload_port=o.port)
-    client = Sidecar(cp, tmp_path / "client", "client-0", *backoff)
+    client = Sidecar(cp, tmp_path / "client", "client-0", *backoff, "--calls", "web")
     wait_for(lambda: _synced(cp, "web-0", "client-0"), 10)
     wait_for(lambda: client.get("web")[0] == 200, 5)
     load = Load(client.port, "web")
@@ -212,9 +215,10 @@ def test_push_restarted_proxy_serves_its_persisted_config_without_the_control_pl
     o = origin_factory()
     cp.apply(service("web", 8080))
     cp.apply(workload("web-0", "web", o.port))
-    client = Sidecar(cp, tmp_path / "client", "client-0")
-    wait_for(lambda: _synced(cp, "client-0"), 10)
-    version = cp.proxy_status()["client-0"]["version"]
+    client = Sidecar(cp, tmp_path / "client", "client-0", "--calls", "web")
+    wait_for(lambda: _endpoints(client) == {o.port} and _synced(cp, "client-0"), 10)
+    version = client.admin("/config_dump")["control_plane"]["version"]
+    wait_for(lambda: cp.proxy_status()["client-0"]["version"] == version, 5)
     saved = client.state_dir / "client-0.last-good"
     assert stat.S_IMODE(os.stat(saved).st_mode) == 0o600
     cp.kill()
@@ -246,7 +250,7 @@ def test_push_three_replicas_on_one_etcd(tmp_path: Path, origin_factory) -> None
         web = Sidecar(cps[0].url, tmp_path / "web", "web-0", "--control-plane-backoff",
                       "0.5:2", service="web", workload_port=o.port)
         client = Sidecar(f"{cps[1].url},{cps[2].url}", tmp_path / "client", "client-0",
-                         "--control-plane-backoff", "0.5:2")
+                         "--control-plane-backoff", "0.5:2", "--calls", "web")
         cps[2].apply(service("web", 8080))  # written through a third replica
         wait_for(lambda: client.get("web")[0] == 200, 10)
         ps = cps[0].proxy_status()
@@ -267,3 +271,33 @@ def test_push_three_replicas_on_one_etcd(tmp_path: Path, origin_factory) -> None
         assert web.proc.poll() is None
     finally:
         etcd.stop()
+
+
+def test_push_on_demand_asks_for_a_service_when_a_request_names_it(
+        tmp_path: Path, origin_factory) -> None:
+    cp = ControlPlane(tmp_path / "cp")
+    o = origin_factory()
+    cp.apply(service("web", 8080))
+    cp.apply(workload("web-0", "web", o.port))
+    client = Sidecar(cp, tmp_path / "client", "client-0")  # no --calls: on demand
+    wait_for(lambda: _synced(cp, "client-0"), 10)
+    assert client.admin("/config_dump")["config"]["clusters"] == []
+    # The first request is held until the config that serves it is in.
+    status, body, _ = client.get("web.default:8080")
+    assert status == 200 and b'"method": "GET"' in body
+    assert _endpoints(client) == {o.port}
+    assert "subscribing on demand to web.default" in client.text()
+    # Not service names: answered 404 at once, nothing asked for.
+    started = time.monotonic()
+    assert client.get("127.0.0.1")[0] == 404
+    assert time.monotonic() - started < 1.0
+    # A service that does not exist yet: held for the on-demand timeout, then 404 (NR);
+    # once it exists it is pushed without another request.
+    started = time.monotonic()
+    assert client.get("later", timeout=10)[0] == 404
+    assert 4.5 <= time.monotonic() - started < 8
+    o2 = origin_factory()
+    cp.apply(service("later", 8080))
+    cp.apply(workload("later-0", "later", o2.port))
+    wait_for(lambda: o2.port in _endpoints(client), 5)
+    assert client.get("later")[0] == 200

@@ -31,7 +31,7 @@ def _mesh(tmp_path: Path, origin_factory, n: int) -> tuple[ControlPlane, list, l
     cp.apply(service("web", 8080))
     webs = [Sidecar(cp, tmp_path / f"web{i}", f"web-{i}", "--lease-ttl", str(TTL),
                     service="web", workload_port=o.port) for i, o in enumerate(origins)]
-    client = Sidecar(cp, tmp_path / "client", "client-0", workers=2)
+    client = Sidecar(cp, tmp_path / "client", "client-0", "--calls", "web", workers=2)
     wait_for(lambda: _client_endpoints(client, "outbound|8080||web.default")
              == {o.port for o in origins}, 10)
     return cp, origins, webs, client
