@@ -24,6 +24,7 @@ own trio loop and its own SO_REUSEPORT socket on every listener. The supervisor:
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import signal
@@ -162,11 +163,16 @@ class Supervisor:
         if not errors:
             for scope, slot in self.slots.release(time.monotonic()):
                 self.segment.zero(scope, slot)
+            # Kept to be put back if the buckets refuse the config: the config in service
+            # still writes the slots this assignment would park.
+            before = copy.deepcopy(self.slots.__dict__)
             errors = self.slots.assign([lst.name for lst in config.listeners],
                                        [c.name for c in config.clusters], endpoints, self.cap,
                                        time.monotonic())
-        if not errors:
-            errors = self.buckets.assign(rate_limit_tables(config))
+            if not errors:
+                errors = self.buckets.assign(rate_limit_tables(config), time.monotonic())
+                if errors:
+                    self.slots.__dict__.update(before)
         if errors:
             for key in list(self.reserved):
                 if key not in keep and key not in self._in_use():

@@ -75,5 +75,20 @@ def test_bucket_memory_places_tables_once() -> None:
     assert mem.assign({"a": 10, "b": 20}) == []
     assert mem.slots == {"a": 0, "b": 10}
     assert mem.assign({"a": 10, "c": 30}) == [] and mem.slots["c"] == 30
+    assert "b" not in mem.slots  # parked: still in no one's way for REUSE_AFTER
     errors = mem.assign({"d": 90})
     assert errors and "room for 100 cells" in errors[0] and "d" not in mem.slots
+
+
+def test_bucket_memory_reuses_a_departed_table_after_the_wait() -> None:
+    from meshproxy.stats.shared_memory import REUSE_AFTER
+
+    mem = BucketMemory(cells=30)
+    assert mem.assign({"a": 10, "b": 20}, now=0.0) == []
+    mem.buf[mem.slots["b"] * 8:mem.slots["b"] * 8 + 8] = (7).to_bytes(8, "little")
+    first_b = mem.slots["b"]
+    assert mem.assign({"a": 10}, now=1.0) == []  # b leaves
+    assert mem.assign({"a": 10, "c": 20}, now=2.0)  # its cells are still parked
+    assert mem.assign({"a": 10, "c": 20}, now=1.0 + REUSE_AFTER) == []
+    assert mem.slots["c"] == first_b and mem.slots["a"] == 0
+    assert mem.buf[first_b * 8:first_b * 8 + 8] == bytes(8)  # zeroed before reuse
