@@ -64,6 +64,8 @@ def _sidecar(args: argparse.Namespace, workers: int) -> tuple[schema.Config, Any
         labels[k] = v
     if args.service is not None and args.workload_port is None:
         raise ValueError("--service needs --workload-port (the port the workload serves on)")
+    if args.inbound_port is not None and args.service is None:
+        raise ValueError("--inbound-port needs --service and --workload-port")
     node = args.node or f"{args.service or 'proxy'}-{os.getpid()}"
     path = Path(args.state_dir) / f"{node}.last-good"
     persisted = load_persisted(path)
@@ -81,6 +83,7 @@ def _sidecar(args: argparse.Namespace, workers: int) -> tuple[schema.Config, Any
     hello = Hello(node=node, namespace=args.namespace, service=args.service,
                   address=args.workload_address, port=args.workload_port, labels=labels,
                   service_account=args.service_account, lease_ttl=args.lease_ttl,
+                  inbound_port=args.inbound_port,
                   outbound_address=args.outbound_address, outbound_port=args.outbound_port,
                   prefetch=None if args.calls == "*" else [
                       c for c in (args.calls or "").split(",") if c],
@@ -252,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                     help="a label of the workload, e.g. version=v2 or zone=a (repeatable)")
     cp.add_argument("--service-account", default="default")
+    cp.add_argument("--inbound-port", type=int, metavar="N",
+                    help="an inbound listener on the workload address for its callers, "
+                         "with the authorization policies and rate limits that select it; "
+                         "registered instead of --workload-port")
     cp.add_argument("--lease-ttl", type=float, default=10.0, metavar="SECONDS",
                     help="the registration's lease; heartbeats every TTL/3 (default 10)")
     cp.add_argument("--outbound-address", default="127.0.0.1",

@@ -55,6 +55,9 @@ class Hello(msgspec.Struct, tag="hello", frozen=True, forbid_unknown_fields=True
     labels: dict[str, str] = {}
     service_account: str = "default"
     lease_ttl: float = 10.0
+    # The sidecar's inbound listener for the workload's callers (registered instead of
+    # `port`, so that the mesh reaches the workload through it); None: none.
+    inbound_port: int | None = None
     # Where the proxy's outbound listener listens (the config is built for it).
     outbound_address: str = "127.0.0.1"
     outbound_port: int = 15001

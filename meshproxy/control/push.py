@@ -44,6 +44,7 @@ from meshproxy.control.messages import (
     encode_config,
 )
 from meshproxy.control.metrics import Metrics
+from meshproxy.control.resources import WorkloadSpec
 from meshproxy.control.translate import MeshIndex, ProxyNode, service_key, translate
 
 log = logging.getLogger("meshproxy.control.push")
@@ -198,10 +199,15 @@ class PushServer:
             return
         hello: Hello = pending.pop(0)
         now = time.time()
+        workload = None
+        if hello.service is not None and hello.port is not None:
+            workload = WorkloadSpec(service=hello.service, address=hello.address,
+                                    port=hello.port, labels=dict(hello.labels),
+                                    service_account=hello.service_account)
         node = ProxyNode(hello.node, hello.namespace, hello.outbound_address,
                          hello.outbound_port, scope_of(hello),
                          ON_DEMAND_TIMEOUT if hello.on_demand and hello.prefetch is not None
-                         else 0.0)
+                         else 0.0, workload, hello.address, hello.inbound_port or 0)
         sub = Subscription(hello, node, stream, now, hello.version, last_seen=now)
         old = self.subscriptions.get(hello.node)
         if old is not None:  # the proxy reconnected here before the old stream broke

@@ -79,8 +79,10 @@ def registration_key(namespace: str, service: str, node: str) -> str:
 def from_hello(hello: Hello, now: float, replica: str) -> Registration | None:
     if hello.service is None or hello.port is None:
         return None
+    # Callers reach a workload with an inbound listener through it.
+    port = hello.inbound_port or hello.port
     return Registration(node=hello.node, namespace=hello.namespace, service=hello.service,
-                        address=hello.address, port=hello.port, labels=dict(hello.labels),
+                        address=hello.address, port=port, labels=dict(hello.labels),
                         service_account=hello.service_account, lease_ttl=hello.lease_ttl,
                         renewed=now, registered=now, replica=replica)
 

@@ -2,7 +2,7 @@
 as a config file), sans-IO: the mesh's state and the proxy's identity in, the config and
 what could not be honoured out.
 
-What a sidecar gets (its outbound side; inbound arrives with interception, issue 15):
+What a sidecar gets:
 - one outbound listener (`ProxyNode.outbound_address:outbound_port`) with a virtual host
   per service in the proxy's scope, reached by the names a client uses: `name`,
   `name.namespace`, `name.namespace.svc`, `name.namespace.svc.cluster.local` (compared
@@ -17,6 +17,13 @@ What a sidecar gets (its outbound side; inbound arrives with interception, issue
   (load balancing, connect timeout, circuit breakers and retry budget, outlier detection;
   its hash policy goes on the routes, where the data plane keeps it) and as endpoints the
   Workloads of the service whose labels include the subset's.
+- with a workload and an inbound port, an inbound listener on that port for its callers
+  (the workload registers the inbound port, so the mesh reaches it through its sidecar),
+  forwarding to the workload on loopback (`inbound|<port>||<name>.<namespace>`), with the
+  AuthorizationPolicies whose selector matches the workload's labels in its namespace
+  (Istio's: an empty selector matches every workload of the namespace) and the service's
+  RateLimit without a route_rule; a RateLimit naming a route rule limits that rule's routes
+  in every caller's outbound config instead.
 Make before break: a route is emitted only with clusters that are emitted with it. A
 destination whose subset no DestinationPolicy defines is dropped with a warning, and a rule
 left without destinations answers 503 itself (Istio's NC: no cluster), never traffic meant
@@ -30,8 +37,10 @@ from dataclasses import dataclass, field
 
 from meshproxy.config import schema
 from meshproxy.control.resources import (
+    AuthorizationPolicySpec,
     Destination,
     DestinationPolicySpec,
+    RateLimitSpec,
     Resource,
     RouteRule,
     RouteSpec,
@@ -41,6 +50,10 @@ from meshproxy.control.resources import (
 )
 
 OUTBOUND = "outbound"
+INBOUND = "inbound"
+# The dependency every inbound listener has: a policy changed somewhere (policies are few
+# and rarely change; every proxy with an inbound side looks again).
+POLICIES = "*policies"
 CLUSTER_DOMAIN = "svc.cluster.local"
 
 
@@ -57,6 +70,10 @@ class ProxyNode:
     # The outbound listener asks for services outside its scope (and holds the request
     # this long): on-demand discovery.
     on_demand_timeout: float = 0.0
+    # The workload this sidecar fronts, and where its inbound listener listens (0: none).
+    workload: WorkloadSpec | None = None
+    inbound_address: str = "127.0.0.1"
+    inbound_port: int = 0
 
 
 @dataclass
@@ -77,6 +94,8 @@ class MeshIndex:
         self._routes: dict[str, dict[str, RouteSpec]] = {}  # svc -> "ns/route" -> spec
         self.policies: dict[str, DestinationPolicySpec] = {}
         self._policy_owner: dict[str, str] = {}
+        self.authz: dict[str, dict[str, AuthorizationPolicySpec]] = {}  # ns -> name -> spec
+        self.limits: dict[str, dict[str, RateLimitSpec]] = {}  # "ns/svc" -> name -> spec
 
     def put(self, r: Resource) -> set[str]:
         """Add `r` (a replaced resource is removed first); the services it touches."""
@@ -97,7 +116,14 @@ class MeshIndex:
             for key in keys:
                 self._routes.setdefault(key, {})[f"{ns}/{r.metadata.name}"] = r.spec
             return keys
-        return set()  # policies of the inbound side: issue 15
+        if r.kind == "AuthorizationPolicy":
+            self.authz.setdefault(ns, {})[r.metadata.name] = r.spec
+            return {POLICIES}
+        if r.kind == "RateLimit":
+            key = f"{ns}/{r.spec.service}"
+            self.limits.setdefault(key, {})[r.metadata.name] = r.spec
+            return {key, POLICIES}
+        return set()
 
     def remove(self, r: Resource) -> set[str]:
         ns = r.metadata.namespace
@@ -121,6 +147,13 @@ class MeshIndex:
                 if not routes:
                     self._routes.pop(key, None)
             return keys
+        if r.kind == "AuthorizationPolicy":
+            self.authz.get(ns, {}).pop(r.metadata.name, None)
+            return {POLICIES}
+        if r.kind == "RateLimit":
+            key = f"{ns}/{r.spec.service}"
+            self.limits.get(key, {}).pop(r.metadata.name, None)
+            return {key, POLICIES}
         return set()
 
     def put_workload(self, ident: str, ns: str, spec: WorkloadSpec) -> str:
@@ -239,6 +272,35 @@ class _Builder:
             host_rewrite=rule.host_rewrite, timeout=rule.timeout, retry_policy=rule.retries,
             hash_policy=list(policy.hash_policy) if policy else [])
 
+    def rule_limit(self, key: str, rule: str | None) -> schema.LocalRateLimit | None:
+        if rule is None:
+            return None
+        found = [self.mesh.limits[key][n].limit for n in sorted(self.mesh.limits.get(key, {}))
+                 if self.mesh.limits[key][n].route_rule == rule]
+        return found[0] if found else None
+
+    def inbound(self, node: ProxyNode) -> tuple[schema.Listener, schema.Cluster]:
+        w = node.workload
+        assert w is not None
+        key = f"{node.namespace}/{w.service}"
+        name = f"inbound|{node.inbound_port}||{w.service}.{node.namespace}"
+        policies = [schema.AuthorizationPolicy(name=f"{node.namespace}/{n}", action=p.action,
+                                               rules=p.rules)
+                    for n, p in sorted(self.mesh.authz.get(node.namespace, {}).items())
+                    if all(w.labels.get(k) == v for k, v in p.selector.match_labels.items())]
+        limits = [self.mesh.limits[key][n].limit for n in sorted(self.mesh.limits.get(key, {}))
+                  if self.mesh.limits[key][n].route_rule is None]
+        vhost = schema.VirtualHost(
+            name=name, domains=["*"], local_rate_limit=limits[0] if limits else None,
+            routes=[schema.Route(match=schema.RouteMatch(prefix="/"),
+                                 route=schema.RouteAction(cluster=name))])
+        listener = schema.Listener(name=INBOUND, address=node.inbound_address,
+                                   port=node.inbound_port, virtual_hosts=[vhost],
+                                   authorization_policies=policies)
+        cluster = schema.Cluster(name=name, endpoints=[
+            schema.Endpoint(address="127.0.0.1", port=w.port)])
+        return listener, cluster
+
     def virtual_host(self, key: str) -> schema.VirtualHost | None:
         ns, name = key.split("/", 1)
         port = self.port_of(key, None)
@@ -254,9 +316,11 @@ class _Builder:
             matches = rule.match or [schema.RouteMatch(prefix="/")]
             refused = None if action is not None else schema.DirectResponse(
                 status=503, body=f"no cluster for {where}\n")
+            limit = self.rule_limit(key, rule.name)
             for m in matches:
                 routes.append(schema.Route(
                     match=m, name=rule.name, route=action, direct_response=refused,
+                    local_rate_limit=limit,
                     request_headers_to_add=rule.request_headers_to_add,
                     request_headers_to_remove=rule.request_headers_to_remove,
                     response_headers_to_add=rule.response_headers_to_add,
@@ -280,11 +344,18 @@ def translate(resources: Iterable[Resource] | MeshIndex, node: ProxyNode) -> Tra
     listener = schema.Listener(name=OUTBOUND, address=node.outbound_address,
                                port=node.outbound_port, virtual_hosts=vhosts,
                                on_demand_timeout=node.on_demand_timeout)
-    config = schema.Config(listeners=[listener],
-                           clusters=[builder.clusters[n] for n in sorted(builder.clusters)])
+    listeners = [listener]
+    clusters = [builder.clusters[n] for n in sorted(builder.clusters)]
+    extra: set[str] = set()
+    if node.workload is not None and node.inbound_port:
+        inbound, local = builder.inbound(node)
+        listeners.append(inbound)
+        clusters.append(local)
+        extra = {POLICIES, f"{node.namespace}/{node.workload.service}"}
+    config = schema.Config(listeners=listeners, clusters=clusters)
     # Every service the config depends on: its scope and the services its routes reach.
     # (The whole scope: a service asked for that does not exist yet is pushed when it does.)
-    deps = set(keys if node.scope is None else node.scope) | {
+    deps = set(keys if node.scope is None else node.scope) | extra | {
         _cluster_service(n) for n in builder.clusters}
     return Translation(config, warnings, deps)
 
