@@ -88,13 +88,9 @@ def _sidecar(args: argparse.Namespace, workers: int) -> tuple[schema.Config, Any
                   prefetch=None if args.calls == "*" else [
                       c for c in (args.calls or "").split(",") if c],
                   on_demand=args.calls != "*", version=version, workers=workers)
-    client = DiscoveryClient(args.control_plane, token, hello, _never, _never, path,
+    client = DiscoveryClient(args.control_plane, token, hello, path,
                              (float(base), float(cap or base)))
     return config, client
-
-
-async def _never(*_: Any) -> Any:
-    raise AssertionError("bound to the supervisor before use")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -117,7 +113,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 print(f"meshproxy run: {exc}", file=sys.stderr)
                 return EXIT_CONFIG
             sup = Supervisor(None, config, opts, client)
-            client.adopt, client.applied = sup.adopt, sup.applied
         elif args.config:
             sup = Supervisor(args.config, load_file(args.config), opts)
         else:

@@ -25,16 +25,18 @@ from meshproxy.process.errors import leaves
 from meshproxy.process.worker import serve
 
 
-class _OriginHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class JSONOrigin(http.server.BaseHTTPRequestHandler):
+    """The demos' origins: keep-alive HTTP/1.1, JSON answers, quiet."""
 
-    def do_GET(self) -> None:
-        body = json.dumps({
-            "origin": "meshproxy demo origin",
-            "path": self.path,
-            "headers": {k.lower(): v for k, v in self.headers.items()},
-        }, indent=2).encode() + b"\n"
-        self.send_response(200)
+    protocol_version = "HTTP/1.1"
+    # One write per response (head and body), no Nagle: otherwise every keep-alive
+    # response waits out the peer's delayed ACK (40 ms).
+    wbufsize = 65536
+    disable_nagle_algorithm = True
+
+    def send_json(self, status: int, doc: object) -> None:
+        body = json.dumps(doc, indent=2).encode() + b"\n"
+        self.send_response(status)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
         self.end_headers()
@@ -42,6 +44,15 @@ class _OriginHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+
+class _OriginHandler(JSONOrigin):
+    def do_GET(self) -> None:
+        self.send_json(200, {
+            "origin": "meshproxy demo origin",
+            "path": self.path,
+            "headers": {k.lower(): v for k, v in self.headers.items()},
+        })
 
 
 def _start_origin(port: int) -> http.server.ThreadingHTTPServer:

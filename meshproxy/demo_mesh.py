@@ -28,6 +28,7 @@ from pathlib import Path
 
 from meshproxy.control.resources import load_documents
 from meshproxy.ctl.client import Client
+from meshproxy.demo import JSONOrigin
 
 CALLS = 1000
 STARTUP = 30.0
@@ -48,28 +49,14 @@ class _Origin:
         self._lock = threading.Lock()
         origin = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            # One write per response (head and body), no Nagle: otherwise every keep-alive
-            # response waits out the peer's delayed ACK (40 ms).
-            wbufsize = 65536
-            disable_nagle_algorithm = True
-
+        class Handler(JSONOrigin):
             def do_GET(self) -> None:
                 with origin._lock:
                     origin.served += 1
                     fail = origin.fail_every and origin.served % origin.fail_every == 0
                     origin.failed += int(bool(fail))
-                body = json.dumps({"service": "reviews", "version": origin.version,
-                                   "path": self.path}).encode() + b"\n"
-                self.send_response(503 if fail else 200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
+                self.send_json(503 if fail else 200, {
+                    "service": "reviews", "version": origin.version, "path": self.path})
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = int(self.server.server_address[1])

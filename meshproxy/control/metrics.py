@@ -20,23 +20,11 @@ class Histogram:
     counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
     total: float = 0.0
     n: int = 0
-    samples: list[float] = field(default_factory=list)  # the last SAMPLES, for quantiles
-
-    SAMPLES = 10_000
 
     def observe(self, seconds: float) -> None:
         self.counts[bisect_left(BUCKETS, seconds)] += 1
         self.total += seconds
         self.n += 1
-        self.samples.append(seconds)
-        if len(self.samples) > self.SAMPLES:
-            del self.samples[:len(self.samples) - self.SAMPLES]
-
-    def quantile(self, q: float) -> float | None:
-        if not self.samples:
-            return None
-        ordered = sorted(self.samples)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 class Metrics:

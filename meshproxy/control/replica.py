@@ -20,6 +20,7 @@ import socket
 import time
 from typing import Any
 
+import msgspec
 import trio
 
 from meshproxy.config.load import ConfigError
@@ -227,9 +228,9 @@ class Replica(Hooks):
         if new is None:
             return
         if old is not None and state == "up":
-            new = reg.Registration(**{**_fields(new), "registered": old.registered})
+            new = msgspec.structs.replace(new, registered=old.registered)
         if state != "up":
-            new = reg.Registration(**{**_fields(new), "state": state})
+            new = msgspec.structs.replace(new, state=state)
         await self.store.put(key, reg.encode(new))
 
     # ---------------------------------------------------------------- hooks
@@ -327,10 +328,6 @@ class Replica(Hooks):
         return {"self_preservation": self.registry.preserving,
                 "self_preservation_since": self.registry.preserving_since or None,
                 "threshold": self.registry.threshold, "registrations": rows}
-
-
-def _fields(r: reg.Registration) -> dict[str, Any]:
-    return {f: getattr(r, f) for f in r.__struct_fields__}
 
 
 def _state(rec: dict[str, Any], replica_alive: bool) -> str:

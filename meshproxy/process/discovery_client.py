@@ -139,10 +139,8 @@ Applied = Callable[[], Awaitable[None]]
 
 
 class DiscoveryClient:
-    def __init__(self, url: str, token: str, hello: Hello, adopt: Adopt, applied: Applied,
-                 persist_path: Path | None, backoff: tuple[float, float] = (BACKOFF_BASE,
-                                                                           BACKOFF_CAP)
-                 ) -> None:
+    def __init__(self, url: str, token: str, hello: Hello, persist_path: Path | None,
+                 backoff: tuple[float, float] = (BACKOFF_BASE, BACKOFF_CAP)) -> None:
         self.targets: list[tuple[str, int]] = []
         for one in url.split(","):
             u = urlsplit(one.strip())
@@ -152,8 +150,9 @@ class DiscoveryClient:
         self._target = 0
         self.token = token
         self.hello = hello
-        self.adopt = adopt
-        self.applied = applied
+        # The supervisor's, bound when it takes this client (Supervisor.__init__).
+        self.adopt: Adopt | None = None
+        self.applied: Applied | None = None
         self.persist_path = persist_path
         self.base, self.cap = backoff
         self.state = ClientState(url, version=hello.version)
@@ -284,6 +283,7 @@ class DiscoveryClient:
             return exc.errors
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return [f"(push): undecodable config: {exc}"]
+        assert self.adopt is not None and self.applied is not None, "not bound"
         errors = await self.adopt(config)
         if errors:
             return errors

@@ -96,6 +96,8 @@ class Supervisor:
                  discovery: DiscoveryClient | None = None) -> None:
         self.config_path = Path(config_path) if config_path is not None else None
         self.discovery = discovery
+        if discovery is not None:  # its pushes go through the same checks as a reload
+            discovery.adopt, discovery.applied = self.adopt, self.applied
         self.opts = opts
         self.cap = opts.capacity
         self.segment = Segment(Layout(self.cap), opts.workers + 1)
