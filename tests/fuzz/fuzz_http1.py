@@ -107,6 +107,12 @@ class Targets:
     def __init__(self, mod) -> None:
         self.mod = mod
         self.parser = mod.HeadParser()
+        # The forwarded head is parsed back without the limits of a received one: the
+        # proxy adds fields (Host for an HTTP/1.0 request without one), so a request at the
+        # header-count or size limit is forwarded past it. That is the origin's limit to
+        # enforce (Envoy's too: it adds x-forwarded-for, x-request-id, ...); what is checked
+        # here is that the framing forwarded is the framing decided.
+        self.reparser = mod.HeadParser(1 << 20, 1 << 24, 1 << 16)
         # MESHPROXY_FUZZ_TARGET=request|response|chunked fixes the target (the first byte
         # of each input is then ignored), so each can be given its own number of runs.
         name = os.environ.get("MESHPROXY_FUZZ_TARGET")
@@ -148,7 +154,7 @@ class Targets:
         extra.append((b"host", head.host or b""))  # as the proxy: always one Host
         out = self.mod.serialize_head(head.method + b" " + head.target + b" HTTP/1.1",
                                       head.headers, FRAMING | {b"host"}, extra)
-        again = self.parser.parse_request(out)
+        again = self.reparser.parse_request(out)
         assert again is not None and again.end == len(out)
         assert (again.chunked, again.content_length) == (head.chunked, head.content_length)
         assert [h for h in again.headers if h[0] not in FRAMING] == \

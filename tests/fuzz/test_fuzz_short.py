@@ -23,7 +23,15 @@ def test_fuzz_http1_short_run_finds_nothing(tmp_path: Path, target: str) -> None
          "-max_len=4096", "-print_final_stats=1", str(tmp_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-4000:]
+    # atheris prints the Python traceback on stdout and libFuzzer its log on stderr: both
+    # tails, and the input that failed (written as crash-<sha1> where the run happened).
+    crash = re.search(r"Test unit written to (\S+)", r.stderr)
+    found = ""
+    if crash:
+        unit = ROOT / "build" / "fuzz" / crash.group(1)
+        found = f"\n--- failing input ---\n{unit.read_bytes()!r}" if unit.exists() else ""
+    assert r.returncode == 0, (r.stdout[-3000:] + "\n--- stderr ---\n" + r.stderr[-1500:]
+                               + found)
     runs = int(re.search(r"stat::number_of_executed_units:\s+(\d+)", out).group(1))
     assert runs > 10_000, out[-2000:]  # it really ran, instrumented and seeded
     assert re.search(r"INFO: Loaded 1 modules\s+\(\d+ inline 8-bit counters\)", out), out[:2000]
