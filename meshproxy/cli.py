@@ -51,11 +51,28 @@ def _sidecar(args: argparse.Namespace, workers: int) -> tuple[schema.Config, Any
 
     from meshproxy.control.messages import Hello
     from meshproxy.control.translate import OUTBOUND
-    from meshproxy.process.discovery_client import DiscoveryClient, load_persisted
+    from meshproxy.process.discovery_client import (
+        DiscoveryClient,
+        load_persisted,
+        needs_identity,
+    )
 
     token = _read_token(args.token_file, "--token-file") if args.token_file else ""
     if not token:
-        raise ValueError("--control-plane needs --token-file (the proxy token)")
+        raise ValueError("--control-plane needs --token-file (a join token or the proxy "
+                         "token)")
+    # A join token names its namespace and service account (unverified here: the control
+    # plane checks it; these are only defaults for what the proxy says it is).
+    claims = _token_claims(token)
+    namespace = args.namespace or claims.get("ns") or "default"
+    service_account = args.service_account or claims.get("sa") or "default"
+    ca_bundle = None
+    if args.ca_bundle:
+        try:
+            with open(args.ca_bundle, "rb") as f:
+                ca_bundle = f.read()
+        except OSError as exc:
+            raise ValueError(f"--ca-bundle {args.ca_bundle}: {exc.strerror}") from None
     labels = {}
     for item in args.label:
         k, sep, v = item.partition("=")
@@ -69,8 +86,17 @@ def _sidecar(args: argparse.Namespace, workers: int) -> tuple[schema.Config, Any
     node = args.node or f"{args.service or 'proxy'}-{os.getpid()}"
     path = Path(args.state_dir) / f"{node}.last-good"
     persisted = load_persisted(path)
+    trust = b""
+    if persisted is not None and needs_identity(persisted[1]):
+        # Its TLS needs the identity, whose key was never persisted: wait for the control
+        # plane rather than serve half of it.
+        logging.getLogger("meshproxy").warning(
+            "the persisted config %s needs the mesh identity, which is not persisted; "
+            "waiting for the control plane", path)
+        trust = persisted[2]
+        persisted = None
     if persisted is not None:
-        version, config = persisted
+        version, config, trust = persisted
         logging.getLogger("meshproxy").info(
             "serving the persisted config version %s from %s (stale until the control "
             "plane confirms it)", version, path)
@@ -80,17 +106,32 @@ def _sidecar(args: argparse.Namespace, workers: int) -> tuple[schema.Config, Any
             name=OUTBOUND, address=args.outbound_address, port=args.outbound_port,
             virtual_hosts=[])])
     base, _, cap = args.control_plane_backoff.partition(":")
-    hello = Hello(node=node, namespace=args.namespace, service=args.service,
+    hello = Hello(node=node, namespace=namespace, service=args.service,
                   address=args.workload_address, port=args.workload_port, labels=labels,
-                  service_account=args.service_account, lease_ttl=args.lease_ttl,
+                  service_account=service_account, lease_ttl=args.lease_ttl,
                   inbound_port=args.inbound_port,
                   outbound_address=args.outbound_address, outbound_port=args.outbound_port,
                   prefetch=None if args.calls == "*" else [
                       c for c in (args.calls or "").split(",") if c],
                   on_demand=args.calls != "*", version=version, workers=workers)
     client = DiscoveryClient(args.control_plane, token, hello, path,
-                             (float(base), float(cap or base)))
+                             (float(base), float(cap or base)), ca_bundle, trust,
+                             args.renewal_jitter)
     return config, client
+
+
+def _token_claims(token: str) -> dict[str, Any]:
+    import base64
+    import json
+
+    parts = token.split(".")
+    if len(parts) != 3:
+        return {}
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except ValueError:
+        return {}
+    return claims if isinstance(claims, dict) else {}
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -171,8 +212,12 @@ def _address(text: str, what: str) -> tuple[str, int]:
 
 
 def _cmd_control(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import trio
 
+    from meshproxy.config.durations import parse_duration
+    from meshproxy.control.ca import MAX_LEAF_TTL, CAError
     from meshproxy.control.main import ControlOptions, run_control
     from meshproxy.control.store import store_path
 
@@ -180,11 +225,25 @@ def _cmd_control(args: argparse.Namespace) -> int:
         token = _read_token(args.token_file, "--token-file")
         proxy_token = (_read_token(args.proxy_token_file, "--proxy-token-file")
                        if args.proxy_token_file else None)
+        if args.ca_dir == "off":
+            ca_dir = None
+        elif args.ca_dir:
+            ca_dir = Path(args.ca_dir)
+        elif args.store.startswith("etcd://"):
+            ca_dir = Path("meshproxy-ca")
+        else:  # beside the embedded store
+            ca_dir = store_path(args.store).parent / "meshproxy-ca"
+        leaf_ttl = parse_duration(args.workload_cert_ttl)
+        if not 0 < leaf_ttl <= MAX_LEAF_TTL:
+            raise ValueError(f"--workload-cert-ttl: must be in (0, {MAX_LEAF_TTL:.0f} s]")
         opts = ControlOptions(
             args.store, _address(args.api_address, "--api-address"), token, proxy_token,
             None if args.admin_address == "off" else _address(args.admin_address,
                                                               "--admin-address"),
-            args.self_preservation_threshold)
+            args.self_preservation_threshold, ca_dir, args.trust_domain, leaf_ttl,
+            None if args.discovery_address == "off" or ca_dir is None
+            else _address(args.discovery_address, "--discovery-address"),
+            ["localhost", *(n for n in args.serving_name if n)])
         if not args.store.startswith("etcd://"):
             store_path(args.store)
     except ValueError as exc:
@@ -192,7 +251,7 @@ def _cmd_control(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     try:
         trio.run(run_control, opts)
-    except ValueError as exc:
+    except (ValueError, CAError) as exc:
         print(f"meshproxy control: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except OSError as exc:
@@ -238,10 +297,20 @@ def build_parser() -> argparse.ArgumentParser:
     cp = run.add_argument_group(
         "control plane", "take the config from `meshproxy control` instead of a file")
     cp.add_argument("--control-plane", metavar="URL",
-                    help="the control plane's API, http://HOST:PORT")
-    cp.add_argument("--token-file", help="file holding the proxy token")
+                    help="the control plane: https://HOST:PORT (its TLS discovery port, "
+                         "with a join token: the proxy gets a mesh identity) or "
+                         "http://HOST:PORT (its API port, with the proxy token)")
+    cp.add_argument("--token-file", help="file holding the join token (meshctl token "
+                                         "create) or the proxy token")
+    cp.add_argument("--ca-bundle", metavar="FILE",
+                    help="PEM roots the control plane's certificate is verified against "
+                         "(https://; meshctl ca bundle prints them)")
+    cp.add_argument("--renewal-jitter", type=float, default=0.01, metavar="RATIO",
+                    help="renew the certificate at 50%% of its lifetime, moved by up to "
+                         "this share of it at random (default 0.01, istio-agent's)")
     cp.add_argument("--node", help="this proxy's id (default: SERVICE-PID)")
-    cp.add_argument("--namespace", default="default", help="default: default")
+    cp.add_argument("--namespace", default=None,
+                    help="default: the join token's, else default")
     cp.add_argument("--service", help="register the workload as an instance of this service")
     cp.add_argument("--workload-port", type=int, metavar="N",
                     help="the port the workload serves on (registered)")
@@ -249,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the workload's address (registered; default 127.0.0.1)")
     cp.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                     help="a label of the workload, e.g. version=v2 or zone=a (repeatable)")
-    cp.add_argument("--service-account", default="default")
+    cp.add_argument("--service-account", default=None,
+                    help="default: the join token's, else default")
     cp.add_argument("--inbound-port", type=int, metavar="N",
                     help="an inbound listener on the workload address for its callers, "
                          "with the authorization policies and rate limits that select it; "
@@ -308,6 +378,23 @@ def build_parser() -> argparse.ArgumentParser:
                          help="evict no lapsed registration while more than this share of "
                               "them (and at least two) lapsed at once (default 0.15; 0 "
                               "disables self-preservation)")
+    control.add_argument("--ca-dir", default=None, metavar="DIR|off",
+                         help="the CA's directory (istiod's plugged-in layout: ca-cert.pem, "
+                              "ca-key.pem, cert-chain.pem, root-cert.pem); a self-signed "
+                              "root is made there when it has none (default: meshproxy-ca "
+                              "beside the SQLite store, or here with etcd; off: no CA)")
+    control.add_argument("--trust-domain", default="cluster.local",
+                         help="the SPIFFE trust domain of issued identities (default "
+                              "cluster.local)")
+    control.add_argument("--workload-cert-ttl", default="24h", metavar="DURATION",
+                         help="lifetime of workload certificates (default 24h, istiod's)")
+    control.add_argument("--discovery-address", default="127.0.0.1:15012",
+                         metavar="HOST:PORT",
+                         help="the TLS discovery port, where proxies join with a join token "
+                              "and get identities (default 127.0.0.1:15012; off: none)")
+    control.add_argument("--serving-name", action="append", default=[], metavar="NAME",
+                         help="another DNS name or IP address for the control plane's "
+                              "serving certificate (repeatable)")
     control.add_argument("--log-level", default=os.environ.get("MESHPROXY_LOG_LEVEL", "info"),
                          choices=["debug", "info", "warning", "error"], help="default: info")
     control.set_defaults(func=_cmd_control)

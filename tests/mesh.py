@@ -66,6 +66,8 @@ class ControlPlane:
         (tmp / "proxy-token").write_text(PROXY_TOKEN + "\n")
         self.args = args
         self.api_port = free_port()
+        self.tls_port = free_port()
+        self.ca_dir = tmp / "ca"
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -76,7 +78,8 @@ class ControlPlane:
             [sys.executable, "-m", "meshproxy", "control", "--store", self.store,
              "--api-address", f"127.0.0.1:{self.api_port}", "--admin-address",
              "127.0.0.1:0", "--token-file", str(self.tmp / "token"), "--proxy-token-file",
-             str(self.tmp / "proxy-token"), *self.args],
+             str(self.tmp / "proxy-token"), "--discovery-address",
+             f"127.0.0.1:{self.tls_port}", "--ca-dir", str(self.ca_dir), *self.args],
             cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"),  # noqa: SIM115
             env=_env())
         deadline = time.monotonic() + 15
@@ -90,6 +93,26 @@ class ControlPlane:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def secure_url(self) -> str:
+        """The TLS discovery port, where proxies join with a join token."""
+        return f"https://127.0.0.1:{self.tls_port}"
+
+    def bundle(self) -> Path:
+        """The trust bundle (what `meshctl ca bundle` prints), in a file."""
+        status, body = self.call("GET", "/v1/ca")
+        assert status == 200, body
+        path = self.tmp / "ca-bundle.pem"
+        path.write_text(body["bundle_pem"])
+        return path
+
+    def join_token(self, namespace: str = "default", service_account: str = "default",
+                   ttl: float = 3600) -> str:
+        status, body = self.call("POST", "/v1/tokens", {
+            "namespace": namespace, "service_account": service_account, "ttl": ttl})
+        assert status == 201, body
+        return str(body["token"])
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -147,12 +170,19 @@ class Sidecar:
 
     def __init__(self, cp: ControlPlane | str, tmp: Path, node: str, *args: str,
                  service: str | None = None, workload_port: int | None = None,
-                 workers: int = 1, wait: bool = True) -> None:
+                 workers: int = 1, wait: bool = True, join: str | None = None,
+                 via: str | None = None) -> None:
+        """`join`: a join token; the sidecar then joins on the TLS port with the control
+        plane's bundle and gets a mesh identity."""
         Sidecar.started.append(self)
         self.cp_url = cp if isinstance(cp, str) else cp.url
         tmp.mkdir(parents=True, exist_ok=True)
-        self.token_file = tmp / "proxy-token"
-        self.token_file.write_text(PROXY_TOKEN + "\n")
+        self.token_file = tmp / f"token-{node}"
+        self.token_file.write_text((join or PROXY_TOKEN) + "\n")
+        if join is not None:
+            assert isinstance(cp, ControlPlane)
+            self.cp_url = via or cp.secure_url
+            args = ("--ca-bundle", str(cp.bundle()), *args)
         self.tmp, self.node, self.args = tmp, node, args
         self.service, self.workload_port, self.workers = service, workload_port, workers
         self.port, self.admin_port = free_port(), free_port()

@@ -197,6 +197,7 @@ class TLSSpec:
     match_sans: tuple[str, ...] = ()
     crl: Bundle | None = None  # revocation lists (PEM), same shape as a bundle
     crl_leaf_only: bool = False
+    accept_plaintext: bool = False  # PERMISSIVE: a first byte other than 0x16 is plaintext
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,7 +421,7 @@ def listener_tls(t: schema.ListenerTLS | None, material: Mapping[str, bytes]
                    tuple(a.encode() for a in t.alpn), parse_duration(t.handshake_timeout),
                    _bundle(t.trusted_ca, material), t.require_client_certificate,
                    tuple(t.match_subject_alt_names), _bundle(t.crl, material),
-                   t.only_verify_leaf_cert_crl)
+                   t.only_verify_leaf_cert_crl, t.accept_plaintext)
 
 
 def upstream_tls(t: schema.UpstreamTLS | None, material: Mapping[str, bytes]

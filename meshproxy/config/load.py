@@ -356,7 +356,9 @@ def check(config: schema.Config) -> list[str]:
             for k, route in enumerate(vh.routes):
                 _check_route(route, f"{vp}.routes[{k}]", clusters, errors)
     for where, path in tls_files(config):
-        if not os.path.isfile(path):
+        # "sds:" names are secrets the proxy holds in memory (its mesh identity), checked
+        # by the supervisor when it resolves them (process/cert_watch.py).
+        if not path.startswith("sds:") and not os.path.isfile(path):
             errors.append(f"{where}: no such file {path!r}")
     return errors
 

@@ -425,6 +425,10 @@ class ListenerTLS(Base, frozen=True):
     # handshake. Every certificate of the chain is checked unless only_verify_leaf_cert_crl.
     crl: NonEmptyStr | None = None
     only_verify_leaf_cert_crl: bool = False
+    # Istio's PERMISSIVE on one port: a connection whose first byte is not a TLS handshake
+    # record (0x16, RFC 8446 5.1) is served as plaintext, without a peer identity (Envoy's
+    # tls_inspector choosing between a TLS and a raw_buffer filter chain).
+    accept_plaintext: bool = False
 
 
 class Listener(Base, frozen=True):

@@ -1,7 +1,13 @@
 """The operator API: HTTP/JSON over the store, authenticated by a bearer token.
 
+Two ports serve it: the API port (plain HTTP, `--api-address`, 15080) and the TLS port
+(`--discovery-address`, 15012 as istiod's secure xDS port) whose certificate the mesh's CA
+issues to the control plane itself, so that a proxy verifies whom it gives its token to
+(`meshproxy run --ca-bundle`). Join tokens, and so identities, are taken on the TLS port
+only: a token sent in clear could be read off the wire and replayed.
+
 Paths (Kubernetes' shape; KIND is the kind's plural in lower case: services, workloads,
-routes, destinationpolicies, authorizationpolicies, ratelimits):
+routes, destinationpolicies, authorizationpolicies, ratelimits, peerauthentications):
     GET    /apis/mesh/v1/KIND                         every namespace's
     GET    /apis/mesh/v1/namespaces/NS/KIND           one namespace's
     POST   /apis/mesh/v1/namespaces/NS/KIND           create (409 if it exists)
@@ -14,7 +20,11 @@ routes, destinationpolicies, authorizationpolicies, ratelimits):
     GET    /v1/registry                               registrations, self-preservation
     GET    /v1/discovery  (Upgrade: meshproxy-discovery/1)  a proxy's push stream
                                                       (control/messages.py), with the
-                                                      proxy token
+                                                      proxy token, or on the TLS port with
+                                                      a join token (then with an identity)
+    POST   /v1/tokens     {"namespace", "service_account", "ttl"}  a join token
+    GET    /v1/ca         the CA: trust domain, roots, signer, rotation phase
+    POST   /v1/ca/rotate-root                         begin a root rotation
 A resource's resourceVersion is the store revision of its last change. Every request needs
 `Authorization: Bearer <token>` (401 otherwise, compared in constant time). A resource is
 checked (control/resources.py) before it is stored: 400 with every error and its field
@@ -26,6 +36,8 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import ssl
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -38,6 +50,7 @@ from meshproxy.config.load import ConfigError
 from meshproxy.control import messages
 from meshproxy.control.resources import SPECS, Resource, decode, resource_key
 from meshproxy.control.store import Conflict, Store
+from meshproxy.control.tokens import DEFAULT_TTL, TokenError, TokenKey
 
 if TYPE_CHECKING:
     from meshproxy.control.replica import Replica
@@ -48,12 +61,14 @@ log = logging.getLogger("meshproxy.control.api")
 PREFIX = "/apis/mesh/v1/"
 PLURALS = {"services": "Service", "workloads": "Workload", "routes": "Route",
            "destinationpolicies": "DestinationPolicy",
-           "authorizationpolicies": "AuthorizationPolicy", "ratelimits": "RateLimit"}
+           "authorizationpolicies": "AuthorizationPolicy", "ratelimits": "RateLimit",
+           "peerauthentications": "PeerAuthentication"}
 assert set(PLURALS.values()) == set(SPECS), "a kind without its path"
 # A resource is a few KiB; a request body past this is refused (413) before it is read.
 MAX_BODY = 1 << 20
 # A client has this long to send a request once connected or between keep-alive requests.
 REQUEST_TIMEOUT = 30.0
+HANDSHAKE_TIMEOUT = 10.0
 
 
 @dataclass
@@ -73,11 +88,12 @@ def _error(status: int, message: str, errors: list[str] | None = None,
 
 class OperatorAPI:
     def __init__(self, store: Store, token: str, replica: Replica | None = None,
-                 proxy_token: str | None = None) -> None:
+                 proxy_token: str | None = None, tokens: TokenKey | None = None) -> None:
         if not token:
             raise ValueError("the operator API needs a token")
         self.store = store
         self.replica = replica
+        self.tokens = tokens
         self._token = f"Bearer {token}".encode()
         self._proxy_token = f"Bearer {proxy_token or token}".encode()
 
@@ -90,6 +106,19 @@ class OperatorAPI:
             return _error(401, "missing or wrong bearer token",
                           headers=(("www-authenticate", 'Bearer realm="meshproxy"'),))
         url = urlsplit(target)
+        if url.path == "/v1/tokens" and method == "POST":
+            return self._create_token(body)
+        if url.path.startswith("/v1/ca"):
+            if self.replica is None or self.replica.authority is None:
+                return _error(404, "this control plane runs no CA")
+            if url.path == "/v1/ca" and method == "GET":
+                return Reply(200, self.replica.ca_view())
+            if url.path == "/v1/ca/rotate-root" and method == "POST":
+                try:
+                    return Reply(200, await self.replica.rotate_root())
+                except ValueError as exc:
+                    return _error(409, str(exc))
+            return _error(404, f"no such path {url.path}")
         if url.path in ("/v1/proxy-status", "/v1/registry") and method == "GET":
             if self.replica is None:
                 return _error(404, "this API serves no replica")
@@ -122,6 +151,26 @@ class OperatorAPI:
             rv = query.get("resourceVersion", [None])[0]
             return await self._delete(plural, ns, name, rv)
         return _error(405, f"{method} is not allowed on a resource")
+
+    def _create_token(self, body: bytes) -> Reply:
+        if self.tokens is None or self.replica is None or self.replica.authority is None:
+            return _error(404, "this control plane runs no CA: no join tokens")
+        try:
+            req = json.loads(body or b"{}")
+            ns, sa = str(req["namespace"]), str(req["service_account"])
+            ttl = float(req.get("ttl", DEFAULT_TTL))
+        except (ValueError, KeyError, TypeError) as exc:
+            return _error(400, "expected {\"namespace\", \"service_account\", \"ttl\"}",
+                          [f"{type(exc).__name__}: {exc}"])
+        spiffe = self.replica.authority.spiffe(ns, sa)
+        now = time.time()
+        try:
+            token = self.tokens.create(ns, sa, spiffe, ttl, now)
+        except TokenError as exc:
+            return _error(400, str(exc))
+        self.replica.metrics.inc("meshproxy_ca_tokens_created")
+        log.info("join token made for %s, expires in %.0f s", spiffe, ttl)
+        return Reply(201, {"token": token, "spiffe_id": spiffe, "expires_at": now + ttl})
 
     @staticmethod
     def _kind(plural: str) -> str | None:
@@ -216,7 +265,23 @@ class OperatorAPI:
                     ) -> None:
         await serve_tcp(self._connection, host, port, task_status)
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
+    async def serve_tls(self, host: str, port: int, context: ssl.SSLContext, *,
+                        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+                        ) -> None:
+        async def handler(raw: trio.SocketStream) -> None:
+            stream = trio.SSLStream(raw, context, server_side=True)
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    await stream.do_handshake()
+            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+                log.debug("TLS handshake on the discovery port failed: %r", exc)
+                await raw.aclose()
+                return
+            await self._connection(stream, secure=True)
+
+        await serve_tcp(handler, host, port, task_status)
+
+    async def _connection(self, stream: trio.abc.Stream, secure: bool = False) -> None:
         conn = h11.Connection(h11.SERVER)
         try:
             while True:
@@ -227,7 +292,7 @@ class OperatorAPI:
                     return
                 method, target, headers, body = request
                 if target == messages.PATH and self.replica is not None:
-                    await self._discovery(conn, stream, method, headers)
+                    await self._discovery(conn, stream, method, headers, secure)
                     return
                 if body is None:
                     reply = _error(413, f"the body exceeds {MAX_BODY} bytes")
@@ -245,17 +310,45 @@ class OperatorAPI:
         except (trio.BrokenResourceError, h11.ProtocolError):
             return
         finally:
-            await stream.aclose()
+            with trio.move_on_after(1) as scope:  # a TLS close_notify to a gone peer
+                scope.shield = True
+                try:
+                    await stream.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
 
-    async def _discovery(self, conn: h11.Connection, stream: trio.SocketStream, method: str,
-                         headers: list[tuple[bytes, bytes]]) -> None:
+    def _authenticate(self, auth: bytes, secure: bool) -> tuple[Any, str, str | None]:
+        """(claims, spiffe_id, refusal): the proxy token gives a stream without an identity;
+        a valid join token on the TLS port, one with the token's identity."""
+        if hmac.compare_digest(auth, self._proxy_token):
+            return None, "", None
+        assert self.replica is not None
+        token = auth[len(b"Bearer "):].decode("ascii", "replace") \
+            if auth.startswith(b"Bearer ") else ""
+        if self.tokens is None or self.replica.authority is None:
+            return None, "", "missing or wrong bearer token"
+        if not secure:
+            if token.count(".") == 2:
+                self.replica.refused("plaintext", "a join token was sent to the plain-HTTP "
+                                     "port; tokens are taken on the TLS discovery port only")
+            return None, "", "missing or wrong bearer token"
+        try:
+            claims = self.tokens.verify(token, time.time())
+        except TokenError as exc:
+            self.replica.refused("token", f"discovery stream refused: {exc}")
+            return None, "", "missing, expired or invalid join token"
+        return claims, self.replica.authority.spiffe(claims.namespace,
+                                                     claims.service_account), None
+
+    async def _discovery(self, conn: h11.Connection, stream: trio.abc.Stream, method: str,
+                         headers: list[tuple[bytes, bytes]], secure: bool) -> None:
         """A proxy's push stream: authenticated, switched to the discovery protocol, then
         the push server's until it closes."""
         assert self.replica is not None
         hdr = dict(headers)
-        auth = hdr.get(b"authorization", b"")
-        if not hmac.compare_digest(auth, self._proxy_token):
-            reply = _error(401, "missing or wrong bearer token")
+        claims, spiffe, refusal = self._authenticate(hdr.get(b"authorization", b""), secure)
+        if refusal is not None:
+            reply = _error(401, refusal)
         elif method != "GET" or hdr.get(b"upgrade", b"").decode() != messages.UPGRADE:
             reply = _error(426, f"{messages.PATH} needs Upgrade: {messages.UPGRADE}")
         else:
@@ -263,7 +356,8 @@ class OperatorAPI:
                 status_code=101, headers=[("upgrade", messages.UPGRADE),
                                           ("connection", "upgrade")])))
             leftover, _closed = conn.trailing_data
-            await self.replica.push.serve(stream, bytes(leftover), self.replica.id)
+            await self.replica.push.serve(stream, bytes(leftover), self.replica.id, claims,
+                                          spiffe)
             return
         data = json.dumps(reply.body).encode()
         await respond(conn, stream, reply.status, [("content-type", "application/json"),
@@ -271,7 +365,7 @@ class OperatorAPI:
                                                    ("connection", "close")], data)
 
     @staticmethod
-    async def _read(stream: trio.SocketStream, conn: h11.Connection
+    async def _read(stream: trio.abc.Stream, conn: h11.Connection
                     ) -> tuple[str, str, list[tuple[bytes, bytes]], bytes | None] | None:
         """The next request (its body None when too large), or None at the end."""
         req: h11.Request | None = None

@@ -26,6 +26,15 @@ Exchange (xDS semantics, our own messages):
   latest push's is stale and ignored;
 - the proxy sends Heartbeat every lease_ttl / 3 (its lease's renewal), Subscribe when it
   needs more services, and Deregister on a graceful shutdown (its workload drains at once).
+
+Identity (control/ca.py, process/identity.py), on the TLS discovery port only, and only for
+a proxy that joined with a join token (control/tokens.py): the proxy sends
+CertificateRequest with a CSR (its key never leaves it); the control plane answers
+Certificate (the chain and the trust bundle) or CertificateRefused; once every worker
+serves the new certificate the proxy says IdentityStatus. Push carries the trust bundle
+with the config, both covered by its version, so an ACK says the bundle is in service too
+(root rotation waits for those). Renew asks the proxy for a new certificate now (a root
+rotation's second phase).
 """
 
 from __future__ import annotations
@@ -40,6 +49,12 @@ from meshproxy.protocol.frames import FrameReader as Frames
 from meshproxy.protocol.frames import frame
 
 PATH = "/v1/discovery"
+# The secrets a pushed config names for the mesh identity (Envoy's SDS names: "default" is
+# the workload certificate, "ROOTCA" the trust bundle): the proxy's supervisor resolves
+# them from the identity its CA issued (process/identity.py), never from files.
+WORKLOAD_CHAIN = "sds:default/cert-chain"
+WORKLOAD_KEY = "sds:default/key"
+ROOT_CA = "sds:ROOTCA"
 UPGRADE = "meshproxy-discovery/1"
 # A proxy's whole config is tens of KiB for tens of services; 64 MiB is a mistake.
 MAX_FRAME = 64 * 1024 * 1024
@@ -69,6 +84,8 @@ class Hello(msgspec.Struct, tag="hello", frozen=True, forbid_unknown_fields=True
     on_demand: bool = False
     version: str = ""  # the config version the proxy serves now ("" for none)
     workers: int = 1
+    # The root (ca.fingerprint) of the certificate the proxy serves now, "" for none.
+    identity_root: str = ""
 
 
 class Push(msgspec.Struct, tag="push", frozen=True):
@@ -78,6 +95,8 @@ class Push(msgspec.Struct, tag="push", frozen=True):
     # proxy cannot decode is NACKed with field paths, not lost with its nonce.
     config: msgspec.Raw
     warnings: list[str] = []
+    # PEM roots workloads trust (the mesh's trust bundle), b"" without identities.
+    trust_bundle: bytes = b""
 
 
 class Current(msgspec.Struct, tag="current", frozen=True):
@@ -110,8 +129,41 @@ class Deregister(msgspec.Struct, tag="deregister", frozen=True):
     pass
 
 
-Up = Hello | Ack | Nack | Heartbeat | Subscribe | Deregister
-Down = Push | Current
+class CertificateRequest(msgspec.Struct, tag="csr", frozen=True):
+    id: str
+    csr: bytes  # PEM PKCS#10; the SAN it may carry must be the token's identity
+    ttl: float = 0.0  # seconds asked for; 0: the control plane's default (capped by it)
+
+
+class Certificate(msgspec.Struct, tag="certificate", frozen=True):
+    id: str
+    chain: bytes  # PEM: the leaf, then the signing CA's chain to the root
+    trust_bundle: bytes  # PEM roots
+    spiffe_id: str
+
+
+class CertificateRefused(msgspec.Struct, tag="csr_refused", frozen=True):
+    id: str
+    reason: str
+
+
+class IdentityStatus(msgspec.Struct, tag="identity", frozen=True):
+    """Every worker serves this certificate now (what `meshctl describe workload` shows)."""
+
+    spiffe_id: str
+    serial: str  # hex
+    not_after: float  # wall clock
+    renew_at: float
+    root: str  # ca.fingerprint of the root it chains to
+
+
+class Renew(msgspec.Struct, tag="renew", frozen=True):
+    reason: str
+
+
+Up = (Hello | Ack | Nack | Heartbeat | Subscribe | Deregister | CertificateRequest
+      | IdentityStatus)
+Down = Push | Current | Certificate | CertificateRefused | Renew
 
 _config_encoder = msgspec.msgpack.Encoder(order="deterministic")
 
@@ -124,10 +176,14 @@ def encode_config(config: schema.Config) -> bytes:
     return _config_encoder.encode(config)
 
 
-def config_version(raw: bytes) -> str:
-    """The version of a config (its encode_config bytes): a hash of its content, so equal
-    configs have equal versions whichever replica computed them."""
-    return hashlib.sha256(raw).hexdigest()[:16]
+def config_version(raw: bytes, trust_bundle: bytes = b"") -> str:
+    """The version of a config (its encode_config bytes) and the trust bundle pushed with
+    it: a hash of their content, so equal configs have equal versions whichever replica
+    computed them."""
+    h = hashlib.sha256(raw)
+    if trust_bundle:
+        h.update(b"\0bundle\0" + trust_bundle)
+    return h.hexdigest()[:16]
 
 
 class FrameReader(Frames):

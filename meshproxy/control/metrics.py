@@ -100,6 +100,13 @@ COUNTERS = {
     "meshproxy_registry_deregistrations": "workloads deregistered gracefully",
     "meshproxy_registry_evictions": "workloads evicted after their lease lapsed",
     "meshproxy_registry_heartbeats": "heartbeats received",
+    "citadel_server_csr_count": "certificate signing requests received",
+    "citadel_server_success_cert_issuance_count": "workload certificates issued",
+    "citadel_server_csr_sign_error_count": "CSRs refused, by reason (csr, identity)",
+    "citadel_server_authentication_failure_count":
+        "identity attempts refused for want of a valid join token, by reason",
+    "meshproxy_ca_tokens_created": "join tokens made",
+    "meshproxy_ca_renewals_requested": "proxies asked to renew now (root rotation)",
 }
 
 GAUGES = {
@@ -109,4 +116,7 @@ GAUGES = {
     "meshproxy_registry_self_preservation": "1 while lapsed leases are held, not evicted",
     "meshproxy_control_leader": "1 while this replica runs the singleton tasks",
     "meshproxy_store_revision": "the store revision this replica has seen",
+    "citadel_server_root_cert_expiry_timestamp": "when the signing root expires (unix s)",
+    "meshproxy_ca_rotation_phase": "root rotation phase: 0 none, 1 trust-both, 2 issue-new, "
+                                   "3 drop-old",
 }

@@ -30,13 +30,18 @@ import trio
 
 from meshproxy.control.messages import (
     Ack,
+    Certificate,
+    CertificateRefused,
+    CertificateRequest,
     Current,
     Deregister,
     FrameReader,
     Heartbeat,
     Hello,
+    IdentityStatus,
     Nack,
     Push,
+    Renew,
     Subscribe,
     Up,
     config_version,
@@ -45,6 +50,7 @@ from meshproxy.control.messages import (
 )
 from meshproxy.control.metrics import Metrics
 from meshproxy.control.resources import WorkloadSpec
+from meshproxy.control.tokens import Claims
 from meshproxy.control.translate import MeshIndex, ProxyNode, service_key, translate
 
 log = logging.getLogger("meshproxy.control.push")
@@ -86,9 +92,22 @@ class Subscription:
     deps: set[str] = field(default_factory=set)
     wake: trio.Event = field(default_factory=trio.Event)
     last_seen: float = 0.0  # wall clock
+    # Who the proxy proved to be (its join token on the TLS port); None: no identity.
+    claims: Claims | None = None
+    spiffe_id: str = ""
+    identity: IdentityStatus | None = None  # the certificate every worker serves
+    identity_root: str = ""  # the root of that certificate (Hello's, then each status)
+    sent_bundle: str = ""  # hash of the trust bundle of the push in flight
+    bundle: str = ""  # ... of the last push the proxy ACKed (root rotation waits on it)
+    send_lock: trio.Lock = field(default_factory=trio.Lock)
 
     def poke(self) -> None:
         self.wake.set()
+
+    async def send(self, frame: bytes) -> None:
+        """One whole frame: the pusher, the answers and the renewals share the stream."""
+        async with self.send_lock:
+            await self.stream.send_all(frame)
 
     def status(self, replica: str, connected: bool) -> dict[str, Any]:
         return {"node": self.hello.node, "namespace": self.hello.namespace,
@@ -99,7 +118,9 @@ class Subscription:
                 "nack_version": self.nack_version, "nack_errors": self.nack_errors,
                 "connected_at": self.connected_at, "last_seen": self.last_seen,
                 "convergence": self.convergence, "workers": self.hello.workers,
-                "lease_ttl": self.hello.lease_ttl}
+                "lease_ttl": self.hello.lease_ttl, "spiffe_id": self.spiffe_id,
+                "identity": msgspec.to_builtins(self.identity) if self.identity else None,
+                "identity_root": self.identity_root, "bundle": self.bundle}
 
 
 class Hooks:
@@ -114,6 +135,17 @@ class Hooks:
     async def closed(self, sub: Subscription, current: bool) -> None: ...
 
     def status_changed(self, sub: Subscription) -> None: ...
+
+    def trust_bundle(self) -> bytes:
+        """The PEM roots pushed to proxies with an identity."""
+        return b""
+
+    def sign(self, sub: Subscription, req: CertificateRequest
+             ) -> Certificate | CertificateRefused:
+        return CertificateRefused(req.id, "this control plane has no CA")
+
+    def refused(self, reason: str, detail: str) -> None:
+        """An identity attempt without a valid token: logged and counted by the replica."""
 
 
 def scope_of(hello: Hello) -> frozenset[str] | None:
@@ -183,9 +215,10 @@ class PushServer:
 
     # ---------------------------------------------------------------- one proxy
 
-    async def serve(self, stream: trio.abc.Stream, leftover: bytes, replica: str) -> None:
+    async def serve(self, stream: trio.abc.Stream, leftover: bytes, replica: str,
+                    claims: Claims | None = None, spiffe_id: str = "") -> None:
         """A discovery stream after its upgrade: Hello, then pushes and answers until it
-        closes."""
+        closes. `claims`: the join token it was opened with (checked by the API)."""
         reader = FrameReader(Up)
         pending: list[Any] = reader.feed(leftover) if leftover else []
         with trio.move_on_after(HELLO_TIMEOUT):
@@ -198,17 +231,27 @@ class PushServer:
             log.warning("a discovery stream did not open with Hello; closed")
             return
         hello: Hello = pending.pop(0)
+        if claims is not None and (hello.namespace, hello.service_account) != (
+                claims.namespace, claims.service_account):
+            # A token is one service account's: it cannot register, or be issued, another.
+            self.hooks.refused("identity", f"proxy {hello.node} holds a token for "
+                               f"{claims.namespace}/{claims.service_account} and said it is "
+                               f"{hello.namespace}/{hello.service_account}")
+            return
         now = time.time()
         workload = None
         if hello.service is not None and hello.port is not None:
             workload = WorkloadSpec(service=hello.service, address=hello.address,
                                     port=hello.port, labels=dict(hello.labels),
-                                    service_account=hello.service_account)
+                                    service_account=hello.service_account, identity=spiffe_id)
         node = ProxyNode(hello.node, hello.namespace, hello.outbound_address,
                          hello.outbound_port, scope_of(hello),
                          ON_DEMAND_TIMEOUT if hello.on_demand and hello.prefetch is not None
-                         else 0.0, workload, hello.address, hello.inbound_port or 0)
-        sub = Subscription(hello, node, stream, now, hello.version, last_seen=now)
+                         else 0.0, workload, hello.address, hello.inbound_port or 0,
+                         mtls=claims is not None)
+        sub = Subscription(hello, node, stream, now, hello.version, last_seen=now,
+                           claims=claims, spiffe_id=spiffe_id,
+                           identity_root=hello.identity_root)
         old = self.subscriptions.get(hello.node)
         if old is not None:  # the proxy reconnected here before the old stream broke
             await old.stream.aclose()
@@ -259,6 +302,7 @@ class PushServer:
             sub.in_flight = False
             if isinstance(msg, Ack):
                 sub.proxy_version = msg.version
+                sub.bundle = sub.sent_bundle
                 sub.acked_at = time.time()
                 sub.nack_version, sub.nack_errors = "", []
                 if sub.pushed_change is not None:
@@ -292,6 +336,11 @@ class PushServer:
                 sub.poke()
         elif isinstance(msg, Deregister):
             await self.hooks.deregister(sub)
+        elif isinstance(msg, CertificateRequest):
+            await sub.send(encode(self.hooks.sign(sub, msg)))
+        elif isinstance(msg, IdentityStatus):
+            sub.identity, sub.identity_root = msg, msg.root
+            self.hooks.status_changed(sub)
         elif isinstance(msg, Hello):
             log.warning("proxy %s sent Hello twice; ignored", sub.hello.node)
 
@@ -309,24 +358,30 @@ class PushServer:
         tr = translate(self.index, sub.node)
         sub.deps = tr.deps
         raw = encode_config(tr.config)
-        version = config_version(raw)
+        bundle = self.hooks.trust_bundle() if sub.claims is not None else b""
+        version = config_version(raw, bundle)
+        bundle_hash = config_version(b"", bundle) if bundle else ""
         if version == sub.proxy_version or version == sub.nack_version:
             # It already serves it (or refused exactly this): nothing to send.
             if version == sub.proxy_version:
                 sub.changed_since = None
-                await sub.stream.send_all(encode(Current(version)))
+                if sub.bundle != bundle_hash:  # a reconnect: its Hello said this version
+                    sub.bundle = bundle_hash
+                    self.hooks.status_changed(sub)
+                await sub.send(encode(Current(version)))
             self.metrics.inc("pilot_xds_push_skipped")
             if not sub.sent_version:
                 sub.sent_version = version
                 self.hooks.status_changed(sub)
             return
         nonce = secrets.token_hex(8)
-        frame = encode(Push(nonce, version, msgspec.Raw(raw), tr.warnings))
+        frame = encode(Push(nonce, version, msgspec.Raw(raw), tr.warnings, bundle))
         sub.sent_version, sub.sent_nonce, sub.sent_at = version, nonce, time.time()
+        sub.sent_bundle = bundle_hash
         sub.in_flight = True
         sub.pushed_change, sub.changed_since = sub.changed_since, None
         try:
-            await sub.stream.send_all(frame)
+            await sub.send(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.metrics.inc("pilot_xds_pushes_failed")
             raise
@@ -337,3 +392,16 @@ class PushServer:
         log.debug("pushed version %s (%d bytes, nonce %s) to %s", version, len(frame), nonce,
                   sub.hello.node)
 
+
+    async def renew(self, root: str, reason: str, only: Subscription | None = None) -> int:
+        """Ask every proxy (or `only` one) with an identity whose certificate is not from
+        `root` for a new one now (a root rotation's second phase); how many were asked."""
+        asked = 0
+        for sub in [only] if only is not None else list(self.subscriptions.values()):
+            if sub.claims is not None and sub.identity_root != root:
+                try:
+                    await sub.send(encode(Renew(reason)))
+                    asked += 1
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        return asked

@@ -61,6 +61,9 @@ class Registration(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     registered: float
     replica: str  # the replica whose stream carries it
     state: Literal["up", "draining"] = "up"
+    # The SPIFFE ID its sidecar authenticated as (a join token): its callers speak mTLS to
+    # it and expect this identity. "": a sidecar without a mesh identity.
+    identity: str = ""
 
     @property
     def key(self) -> str:
@@ -69,14 +72,15 @@ class Registration(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def workload(self) -> WorkloadSpec:
         return WorkloadSpec(service=self.service, address=self.address, port=self.port,
                             labels=self.labels, service_account=self.service_account,
-                            locality=self.labels.get("zone", ""))
+                            locality=self.labels.get("zone", ""), identity=self.identity)
 
 
 def registration_key(namespace: str, service: str, node: str) -> str:
     return f"{PREFIX}{namespace}/{service}/{node}"
 
 
-def from_hello(hello: Hello, now: float, replica: str) -> Registration | None:
+def from_hello(hello: Hello, now: float, replica: str, identity: str = ""
+               ) -> Registration | None:
     if hello.service is None or hello.port is None:
         return None
     # Callers reach a workload with an inbound listener through it.
@@ -84,7 +88,7 @@ def from_hello(hello: Hello, now: float, replica: str) -> Registration | None:
     return Registration(node=hello.node, namespace=hello.namespace, service=hello.service,
                         address=hello.address, port=port, labels=dict(hello.labels),
                         service_account=hello.service_account, lease_ttl=hello.lease_ttl,
-                        renewed=now, registered=now, replica=replica)
+                        renewed=now, registered=now, replica=replica, identity=identity)
 
 
 _encoder = msgspec.json.Encoder()

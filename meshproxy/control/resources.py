@@ -15,6 +15,10 @@ the same thing in a file and in the mesh):
                        circuit breakers and retry budget, outlier detection
   AuthorizationPolicy  the data plane's (Istio's) semantics, for the workloads a selector picks
   RateLimit            a local rate limit for a service's inbound traffic, or one route of it
+  PeerAuthentication   Istio's: whether a workload's inbound side takes mTLS only (STRICT),
+                       mTLS and plaintext on the same port (PERMISSIVE) or plaintext only
+                       (DISABLE); mesh-wide in the root namespace, per namespace, per
+                       workload (selector), per port; the most specific wins
 
 Errors name the path of the field (`spec.rules[0].destinations[1].weight: ...`), as the
 data plane's config errors do. This module is sans-IO: documents in, resources or errors out.
@@ -78,6 +82,10 @@ class WorkloadSpec(Base, frozen=True):
     service_account: Name = "default"
     weight: Annotated[int, Meta(ge=1, le=128)] = 1
     locality: str = ""
+    # The SPIFFE ID of the mesh proxy in front of it: callers then speak mTLS to it and
+    # verify that identity (Istio's tlsMode=istio). The registry sets it for sidecars that
+    # joined with a token; "" (a plain workload): callers speak plaintext.
+    identity: str = ""
 
 
 # ---------------------------------------------------------------- Route
@@ -123,6 +131,14 @@ class Subset(Base, frozen=True):
     labels: Labels
 
 
+class ClientTLSSettings(Base, frozen=True):
+    """Istio's DestinationRule trafficPolicy.tls, for mesh traffic: without it mTLS is
+    automatic (used when every endpoint has a mesh identity); DISABLE sends plaintext;
+    ISTIO_MUTUAL always sends mTLS with the proxy's identity."""
+
+    mode: Literal["DISABLE", "ISTIO_MUTUAL"]
+
+
 class DestinationPolicySpec(Base, frozen=True):
     service: Name
     subsets: list[Subset] = []
@@ -132,6 +148,7 @@ class DestinationPolicySpec(Base, frozen=True):
     connect_timeout: Duration = "5s"
     circuit_breakers: schema.CircuitBreakers = schema.CircuitBreakers()
     outlier_detection: schema.OutlierDetection | None = None
+    tls: ClientTLSSettings | None = None
 
 
 # ---------------------------------------------------------------- policies
@@ -156,6 +173,27 @@ class RateLimitSpec(Base, frozen=True):
     route_rule: str | None = None
 
 
+# Istio's root namespace (istio-system there): a PeerAuthentication without a selector in
+# it applies to the whole mesh.
+ROOT_NAMESPACE = "mesh-system"
+MTLSMode = Literal["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]
+
+
+class MutualTLS(Base, frozen=True):
+    mode: MTLSMode = "UNSET"  # UNSET: inherit from the less specific policy
+
+
+class PeerAuthenticationSpec(Base, frozen=True):
+    """Istio's PeerAuthentication. Without any, a workload is PERMISSIVE (Istio's)."""
+
+    # Empty: every workload of the namespace (of the mesh, in the root namespace).
+    selector: WorkloadSelector = WorkloadSelector()
+    mtls: MutualTLS = MutualTLS()
+    # Per workload port (Istio's portLevelMtls), with a selector only; keys are port
+    # numbers written as strings (JSON's keys are strings).
+    port_level_mtls: dict[Annotated[str, Meta(pattern=r"^[1-9][0-9]{0,4}$")], MutualTLS] = {}
+
+
 SPECS: dict[str, type[Base]] = {
     "Service": ServiceSpec,
     "Workload": WorkloadSpec,
@@ -163,9 +201,10 @@ SPECS: dict[str, type[Base]] = {
     "DestinationPolicy": DestinationPolicySpec,
     "AuthorizationPolicy": AuthorizationPolicySpec,
     "RateLimit": RateLimitSpec,
+    "PeerAuthentication": PeerAuthenticationSpec,
 }
 Kind = Literal["Service", "Workload", "Route", "DestinationPolicy", "AuthorizationPolicy",
-               "RateLimit"]
+               "RateLimit", "PeerAuthentication"]
 
 
 class Envelope(Base, frozen=True):
@@ -271,3 +310,10 @@ def _check(kind: str, meta: Metadata, spec: Any, errors: list[str]) -> None:
         errors.extend(e.replace("spec[0].", "spec.", 1) for e in found)
     elif kind == "RateLimit":
         check_rate_limit(spec.limit, "spec.limit", errors)
+    elif kind == "PeerAuthentication":
+        for port in spec.port_level_mtls:
+            if int(port) > 65535:
+                errors.append(f"spec.port_level_mtls[{port}]: not a port")
+        if spec.port_level_mtls and not spec.selector.match_labels:
+            errors.append("spec.port_level_mtls: needs a selector (Istio's rule: ports are "
+                          "a workload's)")

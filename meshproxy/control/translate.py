@@ -24,6 +24,16 @@ What a sidecar gets:
   (Istio's: an empty selector matches every workload of the namespace) and the service's
   RateLimit without a route_rule; a RateLimit naming a route rule limits that rule's routes
   in every caller's outbound config instead.
+- mesh identity (a proxy that joined with a token): mTLS is automatic (Istio's auto mTLS):
+  a cluster whose endpoints all have a mesh identity (sidecars that joined) is reached
+  with the proxy's own certificate, verifying that each endpoint presents one of those
+  SPIFFE IDs; one with any plain endpoint, or whose DestinationPolicy says DISABLE, is
+  plaintext; ISTIO_MUTUAL forces mTLS. The inbound listener takes what the workload's
+  PeerAuthentication says (most specific wins: workload selector and port, then
+  namespace, then the mesh's root namespace; PERMISSIVE when none says): STRICT is mTLS
+  only, PERMISSIVE mTLS and plaintext on the one port (told apart by the first byte),
+  DISABLE plaintext. The certificates are named as secrets (messages.WORKLOAD_CHAIN, ...)
+  that the proxy fills in from its own identity.
 Make before break: a route is emitted only with clusters that are emitted with it. A
 destination whose subset no DestinationPolicy defines is dropped with a warning, and a rule
 left without destinations answers 503 itself (Istio's NC: no cluster), never traffic meant
@@ -36,10 +46,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from meshproxy.config import schema
+from meshproxy.control.messages import ROOT_CA, WORKLOAD_CHAIN, WORKLOAD_KEY
 from meshproxy.control.resources import (
+    ROOT_NAMESPACE,
     AuthorizationPolicySpec,
     Destination,
     DestinationPolicySpec,
+    PeerAuthenticationSpec,
     RateLimitSpec,
     Resource,
     RouteRule,
@@ -74,6 +87,8 @@ class ProxyNode:
     workload: WorkloadSpec | None = None
     inbound_address: str = "127.0.0.1"
     inbound_port: int = 0
+    # It holds a mesh identity (joined with a join token): mTLS by policy.
+    mtls: bool = False
 
 
 @dataclass
@@ -96,6 +111,7 @@ class MeshIndex:
         self._policy_owner: dict[str, str] = {}
         self.authz: dict[str, dict[str, AuthorizationPolicySpec]] = {}  # ns -> name -> spec
         self.limits: dict[str, dict[str, RateLimitSpec]] = {}  # "ns/svc" -> name -> spec
+        self.peer_auth: dict[str, dict[str, PeerAuthenticationSpec]] = {}  # ns -> name ->
 
     def put(self, r: Resource) -> set[str]:
         """Add `r` (a replaced resource is removed first); the services it touches."""
@@ -118,6 +134,9 @@ class MeshIndex:
             return keys
         if r.kind == "AuthorizationPolicy":
             self.authz.setdefault(ns, {})[r.metadata.name] = r.spec
+            return {POLICIES}
+        if r.kind == "PeerAuthentication":
+            self.peer_auth.setdefault(ns, {})[r.metadata.name] = r.spec
             return {POLICIES}
         if r.kind == "RateLimit":
             key = f"{ns}/{r.spec.service}"
@@ -150,6 +169,9 @@ class MeshIndex:
         if r.kind == "AuthorizationPolicy":
             self.authz.get(ns, {}).pop(r.metadata.name, None)
             return {POLICIES}
+        if r.kind == "PeerAuthentication":
+            self.peer_auth.get(ns, {}).pop(r.metadata.name, None)
+            return {POLICIES}
         if r.kind == "RateLimit":
             key = f"{ns}/{r.spec.service}"
             self.limits.get(key, {}).pop(r.metadata.name, None)
@@ -173,6 +195,29 @@ class MeshIndex:
     def workloads(self, key: str) -> list[WorkloadSpec]:
         found = self._workloads.get(key)
         return [found[i] for i in sorted(found)] if found else []
+
+    def mtls_mode(self, namespace: str, labels: dict[str, str], port: int) -> str:
+        """Istio's PeerAuthentication resolution for one workload port: the workload's own
+        policy (selector; its port level first), then its namespace's, then the mesh's;
+        UNSET defers to the next; PERMISSIVE when none decides. Among several policies of
+        one level the first by name decides (Istio takes the oldest)."""
+        def level(ns: str, selected: bool) -> list[PeerAuthenticationSpec]:
+            found = self.peer_auth.get(ns, {})
+            return [found[n] for n in sorted(found)
+                    if bool(found[n].selector.match_labels) == selected
+                    and all(labels.get(k) == v
+                            for k, v in found[n].selector.match_labels.items())]
+        for spec in level(namespace, True)[:1]:
+            at_port = spec.port_level_mtls.get(str(port))
+            if at_port is not None and at_port.mode != "UNSET":
+                return at_port.mode
+            if spec.mtls.mode != "UNSET":
+                return spec.mtls.mode
+        for ns in (namespace, ROOT_NAMESPACE):
+            for spec in level(ns, False)[:1]:
+                if spec.mtls.mode != "UNSET":
+                    return spec.mtls.mode
+        return "PERMISSIVE"
 
     def route(self, key: str, warnings: list[str]) -> RouteSpec | None:
         """The Route for a service: the first by namespace/name (Istio merges nothing
@@ -208,8 +253,9 @@ def cluster_name(service_key: str, port: int, subset: str | None) -> str:
 
 
 class _Builder:
-    def __init__(self, mesh: MeshIndex, warnings: list[str]) -> None:
+    def __init__(self, mesh: MeshIndex, warnings: list[str], mtls: bool = False) -> None:
         self.mesh = mesh
+        self.mtls = mtls
         self.warnings = warnings
         self.clusters: dict[str, schema.Cluster] = {}
 
@@ -244,8 +290,27 @@ class _Builder:
             extra = {"lb_policy": policy.lb_policy, "connect_timeout": policy.connect_timeout,
                      "circuit_breakers": policy.circuit_breakers,
                      "outlier_detection": policy.outlier_detection}
-        self.clusters[name] = schema.Cluster(name=name, endpoints=endpoints, **extra)
+        tls = self.upstream_tls(name, [w for w in self.mesh.workloads(key)
+                                       if all(w.labels.get(k) == v for k, v in labels.items())],
+                                policy)
+        self.clusters[name] = schema.Cluster(name=name, endpoints=endpoints, tls=tls, **extra)
         return name
+
+    def upstream_tls(self, name: str, workloads: list[WorkloadSpec],
+                     policy: DestinationPolicySpec | None) -> schema.UpstreamTLS | None:
+        """Auto mTLS (see the module's rules)."""
+        mode = policy.tls.mode if policy is not None and policy.tls is not None else "AUTO"
+        if not self.mtls or mode == "DISABLE" or not workloads:
+            return None
+        ids = sorted({w.identity for w in workloads if w.identity})
+        if mode == "AUTO" and len(ids) == 0:
+            return None
+        if mode == "AUTO" and any(not w.identity for w in workloads):
+            self.warnings.append(f"cluster {name}: endpoints with and without a mesh "
+                                 "identity; plaintext to all (a STRICT one refuses it)")
+            return None
+        return schema.UpstreamTLS(certificate_chain=WORKLOAD_CHAIN, private_key=WORKLOAD_KEY,
+                                  trusted_ca=ROOT_CA, match_subject_alt_names=ids)
 
     def action(self, key: str, rule: RouteRule, where: str) -> schema.RouteAction | None:
         weighted = []
@@ -294,9 +359,17 @@ class _Builder:
             name=name, domains=["*"], local_rate_limit=limits[0] if limits else None,
             routes=[schema.Route(match=schema.RouteMatch(prefix="/"),
                                  route=schema.RouteAction(cluster=name))])
+        tls = None
+        mode = self.mesh.mtls_mode(node.namespace, w.labels, w.port)
+        if node.mtls and mode != "DISABLE":
+            tls = schema.ListenerTLS(
+                certificates=[schema.TLSCertificate(certificate_chain=WORKLOAD_CHAIN,
+                                                    private_key=WORKLOAD_KEY)],
+                trusted_ca=ROOT_CA, require_client_certificate=mode == "STRICT",
+                accept_plaintext=mode == "PERMISSIVE")
         listener = schema.Listener(name=INBOUND, address=node.inbound_address,
                                    port=node.inbound_port, virtual_hosts=[vhost],
-                                   authorization_policies=policies)
+                                   authorization_policies=policies, tls=tls)
         cluster = schema.Cluster(name=name, endpoints=[
             schema.Endpoint(address="127.0.0.1", port=w.port)])
         return listener, cluster
@@ -333,7 +406,7 @@ def translate(resources: Iterable[Resource] | MeshIndex, node: ProxyNode) -> Tra
     """One proxy's config. `resources` may be a MeshIndex the caller keeps up to date."""
     warnings: list[str] = []
     mesh = resources if isinstance(resources, MeshIndex) else index(resources)
-    builder = _Builder(mesh, warnings)
+    builder = _Builder(mesh, warnings, node.mtls)
     if node.scope is None:
         keys = sorted(mesh.services)
     else:

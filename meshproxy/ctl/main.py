@@ -30,7 +30,7 @@ from meshproxy.control.resources import decode, load_documents
 from meshproxy.ctl.client import APIError, Client
 
 ALIASES = {"svc": "services", "dp": "destinationpolicies", "ap": "authorizationpolicies",
-           "rl": "ratelimits", "wl": "workloads"}
+           "rl": "ratelimits", "wl": "workloads", "pa": "peerauthentications"}
 for _p, _k in PLURALS.items():
     ALIASES[_p] = _p
     ALIASES[_k.lower()] = _p

@@ -14,6 +14,10 @@ Rules:
   is tried again.
 - New handshakes use new material as soon as the workers have the snapshot; connections
   already established keep the SSL objects they were made with.
+- Secrets (names starting `sds:`, process/identity.py) are no files: the control plane's CA
+  issued them and the supervisor holds them in memory; a config naming one it does not
+  have yet is refused like a missing file, and its rotation is the supervisor installing a
+  new identity (the same snapshot path).
 """
 
 from __future__ import annotations
@@ -53,12 +57,25 @@ class Material:
     stamps: dict[str, Stamp | None] = field(default_factory=dict)
 
 
-def load(config: schema.Config) -> tuple[Material, list[str]]:
-    """Read and check the TLS files of `config`: (material, errors naming the fields)."""
+SECRET = "sds:"
+
+
+def load(config: schema.Config, secrets: dict[str, bytes] | None = None
+         ) -> tuple[Material, list[str]]:
+    """Read and check the TLS files of `config` (and take its secrets from `secrets`):
+    (material, errors naming the fields)."""
     mat = Material()
     errors: list[str] = []
     for where, path in tls_files(config):
         if path in mat.files:
+            continue
+        if path.startswith(SECRET):
+            found = (secrets or {}).get(path)
+            if found is None:
+                errors.append(f"{where}: secret {path!r} is not issued yet (the mesh "
+                              "identity comes from the control plane's CA)")
+            else:
+                mat.files[path] = found
             continue
         mat.stamps[path] = stamp(path)  # before reading: a change after it is seen next time
         try:

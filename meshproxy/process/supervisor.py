@@ -42,11 +42,13 @@ import trio
 from meshproxy.config import schema
 from meshproxy.config.compile import compile_config, rate_limit_tables
 from meshproxy.config.load import ConfigError, load_file
+from meshproxy.control.messages import ROOT_CA
 from meshproxy.process import cert_watch
 from meshproxy.process.bucket_memory import BucketMemory
 from meshproxy.process.demand_memory import POLL as POLL_DEMANDS
 from meshproxy.process.demand_memory import DemandMemory
 from meshproxy.process.discovery_client import DiscoveryClient
+from meshproxy.process.identity import Identity
 from meshproxy.process.messages import DrainMsg, SnapshotMsg, encode
 from meshproxy.stats.names import Scope, offset
 from meshproxy.stats.shared_memory import Capacity, Layout, Segment, Slots
@@ -98,6 +100,7 @@ class Supervisor:
         self.discovery = discovery
         if discovery is not None:  # its pushes go through the same checks as a reload
             discovery.adopt, discovery.applied = self.adopt, self.applied
+            discovery.install = self.install_identity
         self.opts = opts
         self.cap = opts.capacity
         self.segment = Segment(Layout(self.cap), opts.workers + 1)
@@ -117,6 +120,9 @@ class Supervisor:
         self.health = HealthChecker(self.segment, self.slots)
         self._nursery: trio.Nursery | None = None
         self.material = cert_watch.Material()
+        # The mesh identity's secrets (process/identity.py), in memory only.
+        self.secrets: dict[str, bytes] = {}
+        self.identity: Identity | None = None
         errors = self._prepare(config)
         if errors:
             raise ConfigError(errors, str(config_path or "persisted config"))
@@ -145,7 +151,7 @@ class Supervisor:
         listeners = []
         keep: set[tuple[str, str, int]] = set()
         # What every worker will load, read and checked here: refused here if it cannot be.
-        material, errors = cert_watch.load(config)
+        material, errors = cert_watch.load(config, self.secrets)
         for i, lst in enumerate(config.listeners):
             try:
                 sock = self._reserve(lst)
@@ -234,13 +240,36 @@ class Supervisor:
         await self._publish()
         return self.version, []
 
-    async def adopt(self, config: schema.Config) -> list[str]:
-        """A config from the control plane: checked and compiled here, then sent to every
-        worker; its errors (nothing changes) otherwise."""
+    async def adopt(self, config: schema.Config, trust_bundle: bytes = b"") -> list[str]:
+        """A config from the control plane (with the mesh's trust bundle): checked and
+        compiled here, then sent to every worker; its errors (nothing changes) otherwise."""
+        before = dict(self.secrets)
+        if trust_bundle:
+            self.secrets[ROOT_CA] = trust_bundle
         errors = self._prepare(config)
         if errors:
+            self.secrets = before
             return errors
         log.info("adopted config version %d from the control plane", self.version)
+        await self._publish()
+        return []
+
+    async def install_identity(self, identity: Identity) -> list[str]:
+        """A new mesh identity (issued or renewed): every worker gets it in a snapshot of
+        the same config, new handshakes use it, connections keep theirs (the rotation path
+        of certificate files). Errors: nothing changed."""
+        before = dict(self.secrets)
+        self.secrets.update(identity.secrets())
+        errors = self._prepare(self.config)
+        if errors:
+            self.secrets = before
+            log.error("the issued identity %s cannot be used: %s", identity.spiffe_id,
+                      "; ".join(errors))
+            return errors
+        self.identity = identity
+        log.info("identity %s (serial %s, expires %s) in config version %d",
+                 identity.spiffe_id, identity.serial, identity.describe()["expiration_time"],
+                 self.version)
         await self._publish()
         return []
 

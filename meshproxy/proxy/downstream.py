@@ -65,12 +65,13 @@ log = logging.getLogger("meshproxy.downstream")
 
 
 class ListenerTLS:
-    __slots__ = ("spec", "server", "handshake_timeout")
+    __slots__ = ("spec", "server", "handshake_timeout", "accept_plaintext")
 
     def __init__(self, spec: TLSSpec) -> None:
         self.spec = spec
         self.server = ServerTLS.from_spec(spec)
         self.handshake_timeout = spec.handshake_timeout
+        self.accept_plaintext = spec.accept_plaintext
 
 
 class WorkerState:
@@ -230,6 +231,14 @@ class DownstreamConnection:
         every read and write of this connection goes through the TLS stream."""
         tls = self.ctx.tls
         assert tls is not None
+        try:
+            plaintext = tls.accept_plaintext and not await self._starts_tls(tls)
+        except trio.TooSlowError:
+            return False
+        if plaintext:
+            ls = self.ctx.lstats
+            ls.block.inc(ls.downstream_cx_plaintext)
+            return True  # PERMISSIVE, and this client speaks plaintext: no identity
         stream = self.tls = TLSStream.over_channel(self.ch, tls.server.connection())
         try:
             await stream.handshake(self.reactor.now + tls.handshake_timeout)
@@ -255,6 +264,23 @@ class DownstreamConnection:
         if tls.server.mtls and self.identity is None:
             ls.block.inc(ls.ssl_no_certificate)
         return True
+
+    async def _starts_tls(self, tls: ListenerTLS) -> bool:
+        """PERMISSIVE: whether the connection's first byte opens a TLS handshake record
+        (content type 22, RFC 8446 5.1); peeked, so either path reads it again. A client
+        that sends nothing within the handshake timeout is let go like a stalled TLS one."""
+        deadline = self.reactor.now + tls.handshake_timeout
+        while True:
+            try:
+                first = self.sock.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                await self.ch.wait_readable(deadline)
+                continue
+            except (ConnectionResetError, ConnectionAbortedError, TimeoutError) as exc:
+                raise PeerClosed(str(exc)) from None
+            if not first:
+                raise PeerClosed("closed before its first byte")
+            return first[0] == 0x16
 
     # ------------------------------------------------------------------ heads
 

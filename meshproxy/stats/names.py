@@ -70,6 +70,8 @@ LISTENER = (
             "mTLS handshakes completed without a client certificate (optional mode)"),
     counter("ssl.fail_verify_san",
             "client certificates refused by match_subject_alt_names (bad_certificate)"),
+    counter("downstream_cx_plaintext",
+            "connections a PERMISSIVE TLS listener served as plaintext (first byte not 0x16)"),
 )
 
 HTTP = (

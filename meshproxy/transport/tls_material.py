@@ -155,6 +155,12 @@ def spiffe_id(cert: x509.Certificate) -> str:
     return ""
 
 
+def fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 of the certificate's DER, hex, the first 16 digits: how roots are named in
+    status records, logs and `meshctl ca status`."""
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()[:16]
+
+
 def principal(spiffe: str) -> str:
     """Istio's principal: the SPIFFE ID without its scheme."""
     return spiffe[len(SPIFFE):] if spiffe.startswith(SPIFFE) else spiffe

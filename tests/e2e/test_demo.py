@@ -44,6 +44,10 @@ def test_demo_mesh_check_shows_the_split_the_retries_and_proxy_status() -> None:
     assert saved > 0
     rows = out.split("$ meshctl proxy-status")[1].strip().splitlines()
     assert rows[0].split()[:3] == ["NAME", "SERVICE", "STATUS"]
-    assert sorted(row.split()[0] for row in rows[1:]) == ["client", "reviews-v1",
+    assert sorted(row.split()[0] for row in rows[1:]) == ["client", "ratings", "reviews-v1",
                                                           "reviews-v2"]
     assert all(row.split()[2] == "SYNCED" for row in rows[1:])
+    # Every sidecar has its CA-issued identity; the one denied by principal got 403.
+    assert "client     spiffe://cluster.local/ns/default/sa/productpage" in out
+    assert out.count("spiffe://cluster.local/ns/default/sa/reviews ") == 2
+    assert "sa/ratings): 403 denied by the AuthorizationPolicy" in out
