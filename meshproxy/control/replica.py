@@ -74,6 +74,7 @@ class Replica(Hooks):
         self._leader_since = 0.0  # wall clock
         self.revision = 0
         self.rotation: rot.Rotation | None = None
+        self.rotation_holding: list[str] = []  # nodes the leader waits for, last it looked
         # Called when the signing CA changes (the control plane re-issues its own
         # serving certificate from it).
         self.on_signer_change: Any = None
@@ -399,10 +400,14 @@ class Replica(Hooks):
         now = time.time()
         state = rot.Rotation(TRUST_BOTH, a.current.root_fingerprint, nxt.root_fingerprint,
                              now, now)
+        value = msgspec.json.encode(state)
         try:
-            await self.store.put(rot.KEY, msgspec.json.encode(state), expect=0)
+            rev = await self.store.put(rot.KEY, value, expect=0)
         except Conflict:
             raise ValueError("a root rotation is running") from None
+        # Followed here at once (the watch brings the same state again, a no-op), so the
+        # operator who asked sees the phase in the very next view.
+        self._rotation_event("put", rot.KEY, value, rev)
         log.warning("root rotation begun: %s -> %s", state.old_root, state.new_root)
         return msgspec.to_builtins(state)
 
@@ -417,6 +422,7 @@ class Replica(Hooks):
             bundle = config_version(b"", self.authority.bundle())
             waiting = rot.holding(state.phase, await self.proxy_status(), bundle,
                                   state.new_root)
+            self.rotation_holding = waiting
             if waiting:
                 continue
             nxt = rot.following(state.phase)
@@ -449,6 +455,7 @@ class Replica(Hooks):
             "roots": [cert(r) for r in a.roots()], "phase": a.phase,
             "plugged_in": not a.created and a.current.cert != a.current.root,
             "rotation": msgspec.to_builtins(self.rotation) if self.rotation else None,
+            "holding": self.rotation_holding if self.rotation else [],
             "bundle_pem": a.bundle().decode()}
         return view
 

@@ -28,6 +28,7 @@ from meshproxy.config.load import ConfigError
 from meshproxy.control.api import PLURALS
 from meshproxy.control.resources import decode, load_documents
 from meshproxy.ctl.client import APIError, Client
+from meshproxy.ctl.identity import add_parsers, identity_lines
 
 ALIASES = {"svc": "services", "dp": "destinationpolicies", "ap": "authorizationpolicies",
            "rl": "ratelimits", "wl": "workloads", "pa": "peerauthentications"}
@@ -175,6 +176,8 @@ def cmd_delete(c: Client, args: argparse.Namespace) -> int:
 def cmd_describe(c: Client, args: argparse.Namespace) -> int:
     plural = _plural(args.kind)
     ns = args.namespace or "default"
+    if plural == "workloads":
+        return _describe_workload(c, ns, args.name)
     item = c.request("GET", _path(plural, ns, args.name))
     _emit(item, "yaml")
     if item["kind"] == "Service":
@@ -204,6 +207,34 @@ def cmd_describe(c: Client, args: argparse.Namespace) -> int:
                     related = spec.get("service") == name
                 if related:
                     print(f"{label}: {r['metadata']['name']}")
+    return 0
+
+
+def _describe_workload(c: Client, ns: str, name: str) -> int:
+    """A Workload resource, or a workload its sidecar registered (by node name), with the
+    identity the sidecar serves."""
+    try:
+        _emit(c.request("GET", _path("workloads", ns, name)), "yaml")
+        found = True
+    except APIError as exc:
+        if exc.status != 404:
+            raise
+        found = False
+    regs = [r for r in c.request("GET", "/v1/registry")["registrations"]
+            if r["namespace"] == ns and r["node"] == name]
+    for r in regs:
+        found = True
+        labels = ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items())) or "-"
+        print(f"Registration: {r['namespace']}/{r['service']} {r['node']} "
+              f"{r['address']}:{r['port']} {r['state']} labels {labels}")
+    status = next((p for p in c.request("GET", "/v1/proxy-status")["proxies"]
+                   if p["node"] == name and p["namespace"] == ns), None)
+    if not found and status is None:
+        raise APIError(404, {"error": f"workload {ns}/{name} not found (neither a Workload "
+                                      "nor a registered sidecar)"})
+    if status is not None:
+        print(f"Sidecar: {status['node']} {status['status']} version {status['version']}")
+    print("\n".join(identity_lines(status)))
     return 0
 
 
@@ -295,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list"])
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_registry)
+    add_parsers(sub)
     return ap
 
 
