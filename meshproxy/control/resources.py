@@ -149,6 +149,9 @@ class DestinationPolicySpec(Base, frozen=True):
     circuit_breakers: schema.CircuitBreakers = schema.CircuitBreakers()
     outlier_detection: schema.OutlierDetection | None = None
     tls: ClientTLSSettings | None = None
+    # Istio's connectionPool.tcp.maxConnectionDuration: an upstream connection older than
+    # this is not reused (0: no limit).
+    max_connection_duration: Duration = 0
 
 
 # ---------------------------------------------------------------- policies
@@ -296,6 +299,7 @@ def _check(kind: str, meta: Metadata, spec: Any, errors: list[str]) -> None:
                 errors.append(f"spec.subsets[{i}].name: duplicate subset {sub.name!r}")
             seen.add(sub.name)
         check_duration(spec.connect_timeout, "spec.connect_timeout", errors)
+        check_duration(spec.max_connection_duration, "spec.max_connection_duration", errors)
         check_outlier(spec.outlier_detection, "spec.outlier_detection", errors)
         for k, hp in enumerate(spec.hash_policy):
             if [hp.header is not None, hp.cookie is not None, hp.source_ip].count(True) != 1:

@@ -289,7 +289,8 @@ class _Builder:
         if policy is not None:
             extra = {"lb_policy": policy.lb_policy, "connect_timeout": policy.connect_timeout,
                      "circuit_breakers": policy.circuit_breakers,
-                     "outlier_detection": policy.outlier_detection}
+                     "outlier_detection": policy.outlier_detection,
+                     "max_connection_duration": policy.max_connection_duration}
         tls = self.upstream_tls(name, [w for w in self.mesh.workloads(key)
                                        if all(w.labels.get(k) == v for k, v in labels.items())],
                                 policy)

@@ -228,6 +228,10 @@ class DiscoveryClient:
 
     def _failed(self, group: BaseExceptionGroup) -> None:
         exc = _leaf(group)
+        # trio's TLS and stream errors carry the reason as their cause (the certificate
+        # that failed verification, the reset): say it.
+        while not str(exc) and exc.__cause__ is not None:
+            exc = exc.__cause__
         self.state.last_error = f"{type(exc).__name__}: {exc}"
         log.warning("control plane %s: %s", self.state.url, self.state.last_error)
 

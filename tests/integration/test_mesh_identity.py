@@ -8,6 +8,7 @@ import http.client
 import re
 import socket
 import ssl
+import subprocess
 import time
 from pathlib import Path
 
@@ -32,8 +33,8 @@ def _identity(sc: Sidecar) -> dict | None:
     return sc.admin("/config_dump")["control_plane"].get("identity")
 
 
-def _pair(tmp: Path, origin_factory, *cp_args: str) -> tuple[ControlPlane, Sidecar, Sidecar,
-                                                                 int, object]:
+def _pair(tmp: Path, origin_factory, *cp_args: str, workers: int = 1
+          ) -> tuple[ControlPlane, Sidecar, Sidecar, int, object]:
     """A control plane, a workload `web` (service account web) behind its sidecar's
     inbound port, and a client sidecar (service account client) that calls it; both joined
     with join tokens."""
@@ -42,9 +43,9 @@ def _pair(tmp: Path, origin_factory, *cp_args: str) -> tuple[ControlPlane, Sidec
     cp.apply(service("web", 8080))
     inbound = free_port()
     web = Sidecar(cp, tmp / "web", "web-0", "--inbound-port", str(inbound), "--label",
-                  "app=web", service="web", workload_port=o.port,
+                  "app=web", service="web", workload_port=o.port, workers=workers,
                   join=cp.join_token("default", "web"))
-    client = Sidecar(cp, tmp / "client", "client-0", "--calls", "web",
+    client = Sidecar(cp, tmp / "client", "client-0", "--calls", "web", workers=workers,
                      join=cp.join_token("default", "client"))
     wait_for(lambda: _identity(web) is not None and _identity(client) is not None, 15)
     wait_for(lambda: client.get("web")[0] == 200, 15)
@@ -94,6 +95,16 @@ def test_permissive_takes_both_and_strict_refuses_plaintext(tmp_path: Path,
     # PERMISSIVE (no policy): plaintext and mTLS on the same port.
     assert _plain_get(inbound) == 200
     assert client.get("web")[0] == 200
+    # A real TLS client on that port sees the CA-issued identity, verified by the bundle.
+    r = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{inbound}",
+                        "-CAfile", str(cp.bundle()), "-showcerts"], input=b"",
+                       capture_output=True, timeout=20)
+    assert b"Verify return code: 0 (ok)" in r.stdout, r.stdout[-2000:]
+    served = x509.load_pem_x509_certificate(r.stdout[r.stdout.index(
+        b"-----BEGIN CERTIFICATE-----"):])
+    assert served.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
+        .get_values_for_type(x509.UniformResourceIdentifier) == [
+            "spiffe://cluster.local/ns/default/sa/web"]
     assert re.search(r"listener\.inbound\.downstream_cx_plaintext: [1-9]",
                      web.admin("/stats"))
     # STRICT for the namespace: plaintext refused, the mesh's mTLS still served.
@@ -145,9 +156,32 @@ def test_tokens_for_other_accounts_expired_or_forged_get_nothing(tmp_path: Path,
     assert cp.metrics().get("citadel_server_success_cert_issuance_count", 0) == 0
 
 
+def test_a_control_plane_the_bundle_does_not_vouch_for_gets_no_token(tmp_path: Path) -> None:
+    """The proxy verifies the control plane's certificate before it sends its token: one
+    signed by another CA (an impostor on the address) fails the handshake."""
+    import datetime
+
+    from meshproxy.control import ca
+
+    cp = ControlPlane(tmp_path / "cp")
+    other = ca.Authority(tmp_path / "other-ca", now=datetime.datetime.now(datetime.UTC))
+    foreign = tmp_path / "foreign.pem"
+    foreign.write_bytes(other.bundle())
+    sc = Sidecar(cp, tmp_path / "sc", "sc-0", join=cp.join_token("default", "web"),
+                 wait=False)
+    sc.stop()
+    sc.args = tuple(a if a != str(cp.tmp / "ca-bundle.pem") else str(foreign)
+                    for a in sc.args)
+    sc.start(wait=False)
+    wait_for(lambda: "CERTIFICATE_VERIFY_FAILED" in sc.text(), 15)
+    assert _identity(sc) is None
+    assert "proxy sc-0 connected" not in cp.text()
+
+
 def test_renewal_under_load_drops_nothing(tmp_path: Path, origin_factory) -> None:
+    # Two workers each: every one of them adopts each new certificate.
     cp, web, client, inbound, o = _pair(tmp_path, origin_factory,
-                                        "--workload-cert-ttl", "20s")
+                                        "--workload-cert-ttl", "20s", workers=2)
     first = {sc.node: _identity(sc)["serial_number"] for sc in (web, client)}
     load = Load(client.port, "web")
     try:
@@ -162,9 +196,22 @@ def test_renewal_under_load_drops_nothing(tmp_path: Path, origin_factory) -> Non
         first["client-0"]
 
 
+def _stat(sc: Sidecar, name: str) -> int:
+    m = re.search(rf"^{re.escape(name)}: (\d+)$", sc.admin("/stats"), re.M)
+    return int(m.group(1)) if m else 0
+
+
 def test_root_rotation_under_load_drops_nothing(tmp_path: Path, origin_factory) -> None:
     cp, web, client, inbound, o = _pair(tmp_path, origin_factory)
+    # Upstream connections live 200 ms: sidecar-to-sidecar handshakes go on all through
+    # the rotation, each one checking a leaf of one root against a bundle of the moment.
+    cp.apply({"apiVersion": "mesh/v1", "kind": "DestinationPolicy",
+              "metadata": {"name": "web", "namespace": "default"},
+              "spec": {"service": "web", "max_connection_duration": "200ms"}})
+    wait_for(lambda: any(c.get("max_connection_duration") == "200ms"
+                         for c in client.admin("/config_dump")["config"]["clusters"]), 10)
     old = cp.call("GET", "/v1/ca")[1]["signer_root"]
+    handshakes = _stat(web, "listener.inbound.ssl.handshake")
     load = Load(client.port, "web")
     phases = set()
     try:
@@ -182,6 +229,13 @@ def test_root_rotation_under_load_drops_nothing(tmp_path: Path, origin_factory) 
         load.stop()
     assert load.failures == [], load.failures[:5]
     assert {"trust-both", "issue-new", "drop-old"} <= phases
+    # Many new handshakes during it, and none failed on either side.
+    assert _stat(web, "listener.inbound.ssl.handshake") - handshakes >= 10
+    assert _stat(web, "listener.inbound.ssl.connection_error") == 0
+    cluster = next(c["name"] for c in client.admin("/config_dump")["config"]["clusters"]
+                   if c["name"].endswith("|web.default"))
+    assert _stat(client, f"cluster.{cluster}.ssl.connection_error") == 0
+    assert _stat(client, f"cluster.{cluster}.ssl.handshake") >= 10
     for sc in (web, client):
         assert _identity(sc)["root"] == new != old
     assert client.get("web")[0] == 200

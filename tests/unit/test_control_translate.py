@@ -8,7 +8,7 @@ from collections import Counter
 import msgspec
 
 from meshproxy.config.compile import compile_config
-from meshproxy.config.load import check
+from meshproxy.config.load import check, tls_files
 from meshproxy.config.load import decode as decode_config
 from meshproxy.control.resources import decode, load_documents
 from meshproxy.control.translate import ProxyNode, cluster_name, translate
@@ -41,7 +41,9 @@ def valid(config) -> None:
     """The data plane takes it: its decode (every field), checks, and compile."""
     raw = msgspec.to_builtins(config)
     assert check(config) == []
-    compile_config(decode_config(raw, "pushed"))
+    # Secrets are resolved by the proxy's supervisor; compiling only carries their bytes.
+    compile_config(decode_config(raw, "pushed"),
+                   material={p: b"" for _, p in tls_files(config)})
 
 
 def test_control_translate_routes_clusters_and_endpoints() -> None:
@@ -123,3 +125,92 @@ def test_control_translate_or_matches_and_is_deterministic() -> None:
     routes = {vh.name: vh for vh in a.config.listeners[0].virtual_hosts}["shop/reviews"].routes
     assert [r.match.prefix for r in routes] == ["/a", "/b", "/"]
     assert Counter(r.name for r in routes)["canary"] == 2  # one rule, two OR'd matches
+
+
+MTLS_MESH = """
+apiVersion: mesh/v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {ports: [{port: 8080}]}
+---
+apiVersion: mesh/v1
+kind: Workload
+metadata: {name: web-0, namespace: shop}
+spec: {service: web, address: 10.0.0.1, port: 8080, labels: {app: web},
+       identity: "spiffe://cluster.local/ns/shop/sa/web"}
+---
+apiVersion: mesh/v1
+kind: Workload
+metadata: {name: web-1, namespace: shop}
+spec: {service: web, address: 10.0.0.2, port: 8080, labels: {app: web},
+       identity: "spiffe://cluster.local/ns/shop/sa/web-canary"}
+---
+apiVersion: mesh/v1
+kind: Service
+metadata: {name: legacy, namespace: shop}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: mesh/v1
+kind: Workload
+metadata: {name: legacy-0, namespace: shop}
+spec: {service: legacy, address: 10.0.0.3, port: 80}
+"""
+
+
+def _pa(name: str, ns: str, mode: str, labels: dict | None = None,
+        ports: dict | None = None) -> str:
+    sel = f"selector: {{match_labels: {labels}}}, " if labels else ""
+    pl = (", port_level_mtls: {" + ", ".join(f'"{p}": {{mode: {m}}}'
+                                            for p, m in (ports or {}).items()) + "}"
+          if ports else "")
+    return (f"\n---\napiVersion: mesh/v1\nkind: PeerAuthentication\nmetadata: {{name: {name}, "
+            f"namespace: {ns}}}\nspec: {{{sel}mtls: {{mode: {mode}}}{pl}}}\n")
+
+
+def _inbound_tls(text: str, mtls: bool = True):
+    from meshproxy.control.resources import WorkloadSpec
+
+    w = WorkloadSpec(service="web", address="10.0.0.1", port=8080, labels={"app": "web"})
+    tr = translate(resources(text), ProxyNode("web-0", "shop", workload=w, inbound_port=15006,
+                                              mtls=mtls))
+    valid(tr.config)
+    return tr.config.listeners[1].tls
+
+
+def test_control_translate_auto_mtls_follows_the_endpoints_identities() -> None:
+    tr = translate(resources(MTLS_MESH), ProxyNode("c", "shop", mtls=True))
+    clusters = {c.name: c for c in tr.config.clusters}
+    web = clusters["outbound|8080||web.shop"].tls
+    assert web is not None and web.certificate_chain == "sds:default/cert-chain"
+    assert web.match_subject_alt_names == ["spiffe://cluster.local/ns/shop/sa/web",
+                                           "spiffe://cluster.local/ns/shop/sa/web-canary"]
+    assert clusters["outbound|80||legacy.shop"].tls is None  # no sidecar: plaintext
+    # A proxy without an identity speaks plaintext everywhere.
+    plain = translate(resources(MTLS_MESH), ProxyNode("c", "shop"))
+    assert all(c.tls is None for c in plain.config.clusters)
+    # DISABLE per destination.
+    off = MTLS_MESH + ("\n---\napiVersion: mesh/v1\nkind: DestinationPolicy\nmetadata: "
+                       "{name: web, namespace: shop}\nspec: {service: web, tls: {mode: DISABLE}}\n")
+    tr = translate(resources(off), ProxyNode("c", "shop", mtls=True))
+    assert all(c.tls is None for c in tr.config.clusters)
+    valid(tr.config)
+
+
+def test_control_translate_peer_authentication_most_specific_wins() -> None:
+    base = MTLS_MESH
+    t = _inbound_tls(base)
+    assert t is not None and t.accept_plaintext and not t.require_client_certificate
+    t = _inbound_tls(base + _pa("mesh", "mesh-system", "STRICT"))
+    assert t.require_client_certificate and not t.accept_plaintext
+    t = _inbound_tls(base + _pa("mesh", "mesh-system", "STRICT") + _pa("ns", "shop", "DISABLE"))
+    assert t is None
+    t = _inbound_tls(base + _pa("ns", "shop", "DISABLE")
+                     + _pa("w", "shop", "UNSET", {"app": "web"}, {8080: "STRICT"}))
+    assert t.require_client_certificate
+    t = _inbound_tls(base + _pa("ns", "shop", "STRICT")
+                     + _pa("w", "shop", "UNSET", {"app": "web"}, {9999: "DISABLE"}))
+    assert t.require_client_certificate  # another port's rule does not apply
+    t = _inbound_tls(base + _pa("ns", "shop", "STRICT") + _pa("other", "shop", "DISABLE",
+                                                            {"app": "other"}))
+    assert t.require_client_certificate  # a selector that does not pick it
+    assert _inbound_tls(base + _pa("ns", "shop", "STRICT"), mtls=False) is None
