@@ -366,3 +366,39 @@ def _memory(pid: int) -> bytes:
                 continue
     return b"".join(out)
 
+
+
+def test_root_rotation_across_replicas_on_etcd(tmp_path: Path, origin_factory) -> None:
+    """Two replicas on one etcd sharing one CA directory (as istiod's replicas share
+    cacerts): a sidecar on each, the rotation asked of one, gated on both sidecars."""
+    from tests.helpers import Etcd
+
+    etcd = Etcd(tmp_path / "etcd").start()
+    try:
+        shared = str(tmp_path / "shared-ca")
+        cps = [ControlPlane(tmp_path / f"cp{i}", etcd.url, "--ca-dir", shared)
+               for i in range(2)]
+        o = origin_factory()
+        cps[0].apply(service("web", 8080))
+        web = Sidecar(cps[0], tmp_path / "web", "web-0", "--inbound-port", str(free_port()),
+                      service="web", workload_port=o.port,
+                      join=cps[1].join_token("default", "web"))  # any replica's token
+        client = Sidecar(cps[1], tmp_path / "client", "client-0", "--calls", "web",
+                         join=cps[0].join_token("default", "client"))
+        wait_for(lambda: client.get("web")[0] == 200, 15)
+        ps = cps[0].proxy_status()
+        assert ps["web-0"]["replica"] != ps["client-0"]["replica"]
+        load = Load(client.port, "web")
+        try:
+            status, body = cps[1].call("POST", "/v1/ca/rotate-root")
+            assert status == 200, body
+            new = body["new_root"]
+            wait_for(lambda: all(cp.call("GET", "/v1/ca")[1]["phase"] == ""
+                                 and cp.call("GET", "/v1/ca")[1]["signer_root"] == new
+                                 for cp in cps), 30)
+        finally:
+            load.stop()
+        assert load.failures == [], load.failures[:5]
+        assert _identity(web)["root"] == _identity(client)["root"] == new
+    finally:
+        etcd.stop()
