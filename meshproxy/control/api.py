@@ -112,10 +112,10 @@ class OperatorAPI:
             if self.replica is None or self.replica.authority is None:
                 return _error(404, "this control plane runs no CA")
             if url.path == "/v1/ca" and method == "GET":
-                return Reply(200, self.replica.ca_view())
+                return Reply(200, self.replica.issuer.ca_view())
             if url.path == "/v1/ca/rotate-root" and method == "POST":
                 try:
-                    return Reply(200, await self.replica.rotate_root())
+                    return Reply(200, await self.replica.issuer.rotate_root())
                 except ValueError as exc:
                     return _error(409, str(exc))
             return _error(404, f"no such path {url.path}")

@@ -66,7 +66,7 @@ async def run_control(opts: ControlOptions) -> None:
             if authority is not None and opts.discovery is not None:
                 names = [opts.discovery[0], *opts.serving_names]
                 serving = ServingIdentity(authority, list(dict.fromkeys(names)))
-                replica.on_signer_change = serving.signer_changed
+                replica.issuer.on_signer_change = serving.signer_changed
                 nursery.start_soon(serving.renew)
                 dhost, dport = await nursery.start(api.serve_tls, *opts.discovery,
                                                    serving.context)
