@@ -75,8 +75,12 @@ def test_push_nack_keeps_the_last_good_config_with_no_failed_request(
     client = Sidecar(cp, tmp_path / "client", "client-0", "--max-endpoints", "2",
                      "--calls", "web")
     wait_for(lambda: _synced(cp, "client-0"), 10)
+    first = client.admin("/config_dump")["control_plane"]["version"]
     cp.apply(workload("web-b", "web", b.port))
-    wait_for(lambda: len(_endpoints(client)) == 2, 5)
+    # The endpoints show once the supervisor adopted the push, the version once every
+    # worker applied it and it was ACKed: wait for both, not the first alone.
+    wait_for(lambda: len(_endpoints(client)) == 2
+             and client.admin("/config_dump")["control_plane"]["version"] != first, 5)
     good = client.admin("/config_dump")["control_plane"]["version"]
     wait_for(lambda: cp.proxy_status()["client-0"]["version"] == good
              and _synced(cp, "client-0"), 5)
