@@ -32,6 +32,14 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from meshproxy._core.http1_conn import (
+    FRAMING_CHUNKED,
+    FRAMING_LENGTH,
+    FRAMING_NONE,
+    plan_response,
+    relay_informational,
+    upstream_reusable,
+)
 from meshproxy._core.http1_parser import (
     ChunkedDecoder,
     MessageHead,
@@ -65,11 +73,11 @@ if TYPE_CHECKING:
     from meshproxy.proxy.downstream import DownstreamConnection, Exchange
 
 TE_CHUNKED = (b"transfer-encoding", b"chunked")
-CONN_CLOSE = (b"connection", b"close")
-CONN_KEEP_ALIVE = (b"connection", b"keep-alive")
 CONN_UPGRADE = (b"connection", b"upgrade")
 
-F_NONE, F_LENGTH, F_CHUNKED, F_CLOSE = range(4)
+# Framings (http1_conn decides them): F_CLOSE and FRAMING_TUNNEL are relayed alike, until
+# the origin closes.
+F_NONE, F_LENGTH, F_CHUNKED = FRAMING_NONE, FRAMING_LENGTH, FRAMING_CHUNKED
 ATTEMPT_COUNT = frozenset({b"x-envoy-attempt-count"})
 DEADLINE_HEADERS = frozenset({DEADLINE_HEADER, GRPC_TIMEOUT})
 NO_DEADLINE = float("inf")
@@ -464,7 +472,7 @@ async def _read_response_head(dc: DownstreamConnection, head: MessageHead,
         try:
             resp = parser.parse_response(ubuf, upos)
             while resp is not None and resp.status < 200 and resp.status != 101:
-                if head.version >= 11:  # RFC 9110 15.2: never a 1xx to an HTTP/1.0 client
+                if relay_informational(head, resp.status):
                     await dc.send(serialize_head(
                         b"HTTP/1.1 %d %s" % (resp.status, resp.reason or reason(resp.status)),
                         resp.headers, RESPONSE_SKIP, []))
@@ -499,33 +507,9 @@ async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Excha
                           ubuf: bytes, request_complete: bool) -> bool:
     send_d, recv_u = dc.send, conn.recv
     status = resp.status
-    if head.method == b"HEAD" or status == 204 or status == 304:
-        framing = F_NONE
-    elif resp.chunked:
-        framing = F_CHUNKED
-    elif resp.content_length >= 0:
-        framing = F_LENGTH
-    else:
-        framing = F_CLOSE
-    keep = (head.keep_alive and request_complete and not dc.ctx.state.draining
-            and not dc.too_old())
-    extra: list[tuple[bytes, bytes]] = []
-    down_chunked = False
-    if framing == F_LENGTH or (framing == F_NONE and status != 204
-                               and resp.content_length >= 0):
-        # Stated from the parsed length (RFC 9110 8.6: a HEAD or 304 response may carry the
-        # length the full response would have; a 204 never carries one).
-        extra.append((b"content-length", b"%d" % resp.content_length))
-    if framing in (F_CHUNKED, F_CLOSE):
-        if head.version == 10:
-            keep = False  # HTTP/1.0 has no chunked coding: the body ends when we close
-        else:
-            down_chunked = True
-            extra.append(TE_CHUNKED)
-    if not keep:
-        extra.append(CONN_CLOSE)
-    elif head.version == 10:
-        extra.append(CONN_KEEP_ALIVE)
+    plan = plan_response(head, resp, request_complete,
+                         not dc.ctx.state.draining and not dc.too_old())
+    framing, keep, down_chunked, extra = plan.framing, plan.keep, plan.down_chunked, plan.extra
     if ex.resp_extra:
         extra += ex.resp_extra
     out = _serialize(b"HTTP/1.1 %d %s" % (status, resp.reason or reason(status)), resp,
@@ -533,7 +517,7 @@ async def _relay_response(dc: DownstreamConnection, head: MessageHead, ex: Excha
     ex.status = ex.upstream_status = status
     dc.phase = PH_RESP_BODY
     upos = resp.end
-    reusable = request_complete and resp.keep_alive and framing != F_CLOSE
+    reusable = upstream_reusable(request_complete, resp, framing)
     ex.response_started = True
     if framing == F_NONE:
         await send_d(out)
