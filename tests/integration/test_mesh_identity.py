@@ -325,9 +325,6 @@ def _key_of(sc: Sidecar):
     whose public key is its certificate's."""
     from cryptography.hazmat.primitives import serialization
 
-    cert_pem = re.search(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----",
-                         _memory(sc.proc.pid), re.S)
-    assert cert_pem is not None
     serial = int(_identity(sc)["serial_number"], 16)
     mem = _memory(sc.proc.pid)
     for m in re.finditer(rb"-----BEGIN PRIVATE KEY-----[A-Za-z0-9+/=\n]+-----END PRIVATE "
