@@ -22,7 +22,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -43,8 +43,30 @@ from meshproxy.stats.render import (
 from meshproxy.stats.sink import endpoint_key
 from meshproxy.transport.h11_io import next_event, respond, serve_tcp
 
-if TYPE_CHECKING:
-    from meshproxy.process.supervisor import Supervisor
+
+class Supervised(Protocol):
+    """What the admin API reads and drives: the supervisor (process.supervisor), which
+    starts this server; named here as an interface so that the import points one way."""
+
+    workers: list[Any]  # handles with .index, .proc, .restarts
+    draining: bool
+    version: int
+    config: Any  # the schema.Config served
+    material: Any  # cert_watch.Material
+    segment: Any  # the shared-memory stats Segment
+    slots: Any
+    discovery: Any  # the DiscoveryClient, or None
+
+    @property
+    def ready(self) -> bool: ...
+
+    def uptime(self) -> float: ...
+
+    async def drain(self) -> None: ...
+
+    async def reload(self) -> tuple[int, list[str]]: ...
+
+    def stop(self) -> None: ...
 
 log = logging.getLogger("meshproxy.admin")
 
@@ -63,7 +85,7 @@ def _json(obj: object, status: int = 200) -> Reply:
 
 
 class AdminServer:
-    def __init__(self, sup: Supervisor) -> None:
+    def __init__(self, sup: Supervised) -> None:
         self.sup = sup
         self.routes: dict[str, dict[str, Callable[[dict[str, list[str]]], Awaitable[Reply]]]] = {
             "/stats": {"GET": self.stats},

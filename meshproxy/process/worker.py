@@ -21,7 +21,7 @@ import socket
 
 import trio
 
-from meshproxy.config.compile import AccessLogSpec, ListenerSpec, Snapshot
+from meshproxy.config.snapshot import AccessLogSpec, ListenerSpec, Snapshot
 from meshproxy.proxy.access_log import AccessLogger
 from meshproxy.proxy.downstream import DownstreamConnection, ListenerContext, WorkerState
 from meshproxy.proxy.phases import PH_HEAD, PH_IDLE

@@ -22,7 +22,7 @@ from typing import IO
 import msgspec
 import trio
 
-from meshproxy.config.compile import AccessLogSpec
+from meshproxy.config.snapshot import AccessLogSpec
 
 
 class Entry(msgspec.Struct, omit_defaults=False):

@@ -30,7 +30,7 @@ from typing import Any
 import trio
 
 from meshproxy._core.http1_parser import HeadParser, MessageHead, ParseError
-from meshproxy.config.compile import (
+from meshproxy.config.snapshot import (
     PRINCIPAL_HEADER,
     ClusterAction,
     DirectAction,

@@ -48,7 +48,7 @@ from meshproxy._core.http1_parser import (
     encode_last_chunk,
     serialize_head,
 )
-from meshproxy.config.compile import RESPONSE_SKIP, TRAILER_SKIP, ClusterAction
+from meshproxy.config.snapshot import RESPONSE_SKIP, TRAILER_SKIP, ClusterAction
 from meshproxy.protocol import errors as flags
 from meshproxy.protocol.errors import ProxyError
 from meshproxy.proxy.local_reply import CONTINUE_100, reason

@@ -21,18 +21,16 @@ shrinks hop by hop.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
-RETRY_5XX = 1
-RETRY_GATEWAY = 2
-RETRY_RESET = 4
-RETRY_CONNECT = 8
-RETRY_4XX = 16
-RETRY_REFUSED = 32
-RETRY_STATUS = 64
-_BITS = {"5xx": RETRY_5XX, "gateway-error": RETRY_GATEWAY, "reset": RETRY_RESET,
-         "connect-failure": RETRY_CONNECT, "retriable-4xx": RETRY_4XX,
-         "refused-stream": RETRY_REFUSED, "retriable-status-codes": RETRY_STATUS}
+from meshproxy.config.snapshot import (
+    RETRY_4XX,
+    RETRY_5XX,
+    RETRY_CONNECT,
+    RETRY_GATEWAY,
+    RETRY_RESET,
+    RETRY_STATUS,
+    RetrySpec,
+)
 
 # What went wrong with an attempt that produced no response.
 CONNECT_FAILURE = "connect-failure"
@@ -41,25 +39,6 @@ PER_TRY_TIMEOUT = "per-try-timeout"
 
 DEADLINE_HEADER = b"x-meshproxy-deadline-ms"
 GRPC_TIMEOUT = b"grpc-timeout"
-
-
-@dataclass(frozen=True, slots=True)
-class RetrySpec:
-    conditions: int
-    num_retries: int
-    per_try_timeout: float  # 0: none
-    statuses: frozenset[int]
-    base_interval: float
-    max_interval: float
-    include_attempt_count: bool
-    buffer_limit: int
-
-
-def conditions(retry_on: str) -> int:
-    bits = 0
-    for c in retry_on.split(","):
-        bits |= _BITS[c.strip()]
-    return bits
 
 
 def retriable_status(spec: RetrySpec, status: int) -> bool:

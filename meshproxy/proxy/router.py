@@ -24,7 +24,7 @@ import trio
 
 from meshproxy._core.http1_parser import MessageHead
 from meshproxy._core.lb_select import hash_bytes
-from meshproxy.config.compile import ClusterAction
+from meshproxy.config.snapshot import ClusterAction
 from meshproxy.protocol import errors as flags
 from meshproxy.protocol.errors import ProxyError
 from meshproxy.proxy.forward import BodyState, attempt, build_upstream_head, finish

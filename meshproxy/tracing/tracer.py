@@ -20,7 +20,7 @@ from typing import Any
 import h11
 import trio
 
-from meshproxy.config.compile import TracingSpec
+from meshproxy.config.snapshot import TracingSpec
 from meshproxy.tracing.context import B3_MULTI, NONE, decide, extract, outgoing, random_hex
 from meshproxy.tracing.span import Span, otlp_json, zipkin_json
 from meshproxy.transport.h11_io import next_event

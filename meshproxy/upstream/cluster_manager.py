@@ -12,7 +12,7 @@ import trio
 
 from meshproxy._core.circuit_state import Breaker, RetryBudget
 from meshproxy._core.lb_select import Balancer, make
-from meshproxy.config.compile import BreakerSpec, ClusterSpec
+from meshproxy.config.snapshot import BreakerSpec, ClusterSpec
 from meshproxy.stats.sink import Sink
 from meshproxy.transport.tls_context import ClientTLS
 from meshproxy.upstream.conn_pool import Endpoint

@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import random
 import statistics
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-from meshproxy.config.compile import OutlierSpec
-
-if TYPE_CHECKING:
-    from meshproxy.upstream.cluster_manager import Cluster
-    from meshproxy.upstream.conn_pool import Endpoint
+from meshproxy.config.snapshot import OutlierSpec
+from meshproxy.upstream.conn_pool import Endpoint
 
 _random = random.random
 
@@ -38,8 +35,18 @@ _RULE_STAT = {
 }
 
 
+class Ejecting(Protocol):
+    """What the detector needs of the cluster it watches (the cluster owns the detector,
+    so the detector names only this, never the cluster's module)."""
+
+    endpoints: list[Endpoint]
+    stats: Any
+
+    def publish_ejections(self) -> None: ...
+
+
 class OutlierDetector:
-    def __init__(self, spec: OutlierSpec, cluster: Cluster) -> None:
+    def __init__(self, spec: OutlierSpec, cluster: Ejecting) -> None:
         self.spec = spec
         self.cluster = cluster
         self.next_interval = 0.0

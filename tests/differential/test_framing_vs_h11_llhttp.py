@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from meshproxy._core.http1_parser import ChunkedDecoder, HeadParser, ParseError
-from meshproxy.config.compile import TRAILER_SKIP
+from meshproxy.config.snapshot import TRAILER_SKIP
 
 SENTINEL = b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
 EDGES = [0, 1, 5, 2**31, 2**32, 2**62 - 1, 2**62, 2**62 + 1, 2**63 - 1, 2**63, 2**63 + 5,

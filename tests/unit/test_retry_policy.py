@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 
 from meshproxy._core.circuit_state import RetryBudget
+from meshproxy.config.snapshot import RetrySpec, conditions
 from meshproxy.proxy.retry_policy import (
     CONNECT_FAILURE,
     PER_TRY_TIMEOUT,
     RESET,
-    RetrySpec,
     backoff,
-    conditions,
     format_grpc_timeout,
     parse_deadline_ms,
     parse_grpc_timeout,
