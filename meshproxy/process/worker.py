@@ -23,8 +23,8 @@ import trio
 
 from meshproxy.config.snapshot import AccessLogSpec, ListenerSpec, Snapshot
 from meshproxy.proxy.access_log import AccessLogger
-from meshproxy.proxy.downstream import DownstreamConnection, ListenerContext, WorkerState
-from meshproxy.proxy.phases import PH_HEAD, PH_IDLE
+from meshproxy.proxy.context import ListenerContext, WorkerState
+from meshproxy.proxy.downstream import DownstreamConnection
 from meshproxy.stats.sink import Sink
 from meshproxy.tracing.tracer import Tracer
 from meshproxy.transport.listener import Admission, accept_loop, bind_listener
@@ -191,10 +191,7 @@ class Worker:
                 for conn in list(self.reactor.timed):
                     # Idle keep-alive connections, and ones that have sent nothing yet, go
                     # now; the others close after their response (Connection: close).
-                    if isinstance(conn, DownstreamConnection) and (
-                            conn.phase == PH_IDLE
-                            or (conn.phase == PH_HEAD and conn.pos >= len(conn.buf)
-                                and conn.ex is None)):
+                    if isinstance(conn, DownstreamConnection) and conn.between_requests():
                         conn.cs.cancel()
                 await trio.sleep(0.05)
         if self.admission.active:

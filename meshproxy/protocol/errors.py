@@ -26,9 +26,15 @@ class ProxyError(Exception):
         self.detail = detail
         # The cluster stat (stats.names.CLUSTER) that counts this failure, if any.
         self.stat = stat
-        # For an attempt that got no response: "connect-failure", "reset" or
-        # "per-try-timeout" (proxy.retry_policy); the retry policy decides what to do.
+        # For an attempt that got no response: CONNECT_FAILURE, RESET or
+        # PER_TRY_TIMEOUT below; the retry policy decides what to do.
         self.failure = failure
+
+
+# What went wrong with an attempt that produced no response (ProxyError.failure).
+CONNECT_FAILURE = "connect-failure"
+RESET = "reset"
+PER_TRY_TIMEOUT = "per-try-timeout"
 
 
 # Envoy's response flags (access log %RESPONSE_FLAGS%) used by the HTTP/1.1 data path.

@@ -3,8 +3,12 @@
 Structure (one trio task per connection, DESIGN.md section 6):
 - the socket is a raw non-blocking socket driven by trio readiness waits (transport.sockio);
 - heads are parsed by the compiled parser (`_core.http1_parser`) straight from the bytes
-  received, routed by the compiled route table, and either answered here (local replies:
-  no route, redirects, direct responses, errors) or forwarded by `proxy.forward`;
+  received, routed by the compiled route table, passed through the filter chain
+  (proxy.filter_chain) and either answered here or forwarded by the router
+  (proxy.router, which relays through proxy.relay);
+- this is the only writer of local replies (no route, redirects, direct responses,
+  refusals, errors): the layers below return a LocalReply and the keep-alive decision for
+  it is made here, in `_send_local`;
 - requests are served in order, so pipelined requests are answered in order (RFC 9112
   section 9.3.2) simply by leaving unconsumed bytes in the buffer for the next turn.
 
@@ -21,172 +25,56 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
-from collections.abc import Awaitable, Callable
-from functools import partial
-from time import perf_counter
 from typing import Any
 
 import trio
 
-from meshproxy._core.http1_parser import HeadParser, MessageHead, ParseError
+from meshproxy._core.http1_parser import MessageHead, ParseError
 from meshproxy.config.snapshot import (
     PRINCIPAL_HEADER,
     ClusterAction,
-    DirectAction,
     ListenerSpec,
-    RedirectAction,
     RouteFilters,
-    TLSSpec,
 )
-from meshproxy.filters.authz import Request as AuthzRequest
 from meshproxy.protocol import errors as flags
-from meshproxy.protocol.authority import service_authority
-from meshproxy.proxy.access_log import AccessLogger, Entry, format_time, text
-from meshproxy.proxy.local_reply import local_reply
+from meshproxy.protocol.authority import service_authority, split_absolute_form
+from meshproxy.proxy.client_side import ClientSide
+from meshproxy.proxy.context import ListenerContext, ListenerTLS
+from meshproxy.proxy.exchange import Exchange, begin, finish
+from meshproxy.proxy.filter_chain import on_request_headers
+from meshproxy.proxy.local_reply import LocalReply, local_reply
 from meshproxy.proxy.phases import PH_HEAD, PH_IDLE, PH_REQ_BODY
-from meshproxy.proxy.router import forward
-from meshproxy.stats.sink import Sink
-from meshproxy.tracing.tracer import Active, Tracer
-from meshproxy.transport.reactor import Reactor
-from meshproxy.transport.sockio import PeerClosed, abort, close, recv_after_wait, recv_now, send_all
-from meshproxy.transport.tls_context import SanRefused, ServerTLS
-from meshproxy.transport.tls_material import PeerIdentity
+from meshproxy.proxy.router import answer, forward
+from meshproxy.transport.sockio import PeerClosed, abort, close
+from meshproxy.transport.tls_context import SanRefused
 from meshproxy.transport.tls_stream import TLSError, TLSStream
-from meshproxy.upstream.cluster_manager import ClusterManager
-from meshproxy.upstream.conn_pool import UpstreamConn
 
 # Bound on writing a last error reply to a client after a timeout: it may not be reading.
 FAREWELL_TIMEOUT = 1.0
-# Envoy marks its local rate limit replies so that other Envoys do not retry them.
-RATE_LIMITED = (b"x-envoy-ratelimited", b"true")
 
 log = logging.getLogger("meshproxy.downstream")
 
 
-class ListenerTLS:
-    __slots__ = ("spec", "server", "handshake_timeout", "accept_plaintext")
+class DownstreamConnection(ClientSide):
+    """The driver of one client connection (the I/O state the layers below share is
+    ClientSide's)."""
 
-    def __init__(self, spec: TLSSpec) -> None:
-        self.spec = spec
-        self.server = ServerTLS.from_spec(spec)
-        self.handshake_timeout = spec.handshake_timeout
-        self.accept_plaintext = spec.accept_plaintext
-
-
-class WorkerState:
-    """What every listener of a worker shares: its stats scope, whether it drains, and for
-    on-demand discovery where to ask for a missing authority (`demand(authority)`) and
-    the event set when the next snapshot is in (`changed`, replaced at each)."""
-
-    __slots__ = ("stats", "draining", "demand", "changed", "asked")
-
-    def __init__(self, stats: Any) -> None:
-        self.stats = stats
-        self.draining = False
-        self.demand: Any = None  # Callable[[bytes], None] | None
-        self.changed = trio.Event()
-        self.asked: set[bytes] = set()  # authorities asked for since the last snapshot
-
-    def swapped(self) -> None:
-        self.asked.clear()
-        self.changed.set()
-        self.changed = trio.Event()
-
-
-class ListenerContext:
-    """What the connections of one listener share inside a worker. A reload swaps `spec`,
-    `parser` and `clusters` in place; a request in flight keeps what it already looked up."""
-
-    __slots__ = ("spec", "parser", "clusters", "logger", "scheme", "reactor", "state",
-                 "lstats", "hstats", "tracer", "tls")
-
-    def __init__(self, spec: ListenerSpec, clusters: ClusterManager,
-                 logger: AccessLogger | None, reactor: Reactor, state: WorkerState,
-                 sink: Sink) -> None:
-        self.reactor = reactor
-        self.state = state
-        self.lstats = sink.listener(spec.name)
-        self.hstats = sink.http(spec.name)
-        self.tracer: Tracer | None = None
-        self.tls: ListenerTLS | None = None
-        self.update(spec, clusters, logger)
-
-    def update(self, spec: ListenerSpec, clusters: ClusterManager,
-               logger: AccessLogger | None, tracer: Tracer | None = None) -> None:
-        self.tracer = tracer
-        if spec.tls is None:
-            self.tls = None
-        elif self.tls is None or self.tls.spec != spec.tls:
-            # Contexts are built once per listener config or rotation (the supervisor has
-            # already checked the material); connections keep the contexts they started with.
-            self.tls = ListenerTLS(spec.tls)
-        self.scheme = b"https" if self.tls is not None else b"http"
-        self.spec = spec
-        self.parser = HeadParser(spec.max_request_line, spec.max_header_bytes, spec.max_headers)
-        self.clusters = clusters
-        self.logger = logger
-
-
-class Exchange:
-    """One request and its response, as the access log and the error paths see it."""
-
-    __slots__ = ("head", "method", "target", "host", "start", "wall_start", "status", "flags",
-                 "bytes_in", "bytes_out", "upstream_host", "request_id", "response_started",
-                 "upstream_status", "trace", "cluster", "details", "resp_extra")
-
-    def __init__(self, head: MessageHead | None, start: float) -> None:
-        self.head = head
-        self.method = head.method if head is not None else b"-"
-        self.target = head.target if head is not None else b"-"
-        self.host = b""
-        self.start = start
-        self.wall_start = 0.0
-        self.status = 0
-        self.flags = "-"
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.upstream_host = "-"
-        self.request_id: bytes | None = None
-        self.response_started = False
-        self.upstream_status = 0
-        self.trace: Active | None = None
-        self.cluster = "-"
-        self.details = "-"  # why it failed, for the log (Envoy's response code details)
-        # Headers every response to this request carries (x-ratelimit-*).
-        self.resp_extra: list[tuple[bytes, bytes]] | None = None
-
-
-class DownstreamConnection:
-    __slots__ = ("ctx", "reactor", "ch", "sock", "peer", "peer_ip", "buf", "pos", "phase", "ex",
-                 "requests", "upstream", "cs", "deadline", "born", "recv", "recv_wait", "send",
-                 "tls", "identity")
+    __slots__ = ("ex", "requests", "cs", "tls")
 
     def __init__(self, ctx: ListenerContext, sock: socket.socket, peer: tuple) -> None:
-        self.ctx = ctx
-        self.reactor = ctx.reactor
-        self.ch = ctx.reactor.register(sock)
-        self.sock = sock
-        # The connection's I/O: plain sockets call sockio directly (partials add no frame);
-        # a TLS connection swaps in its stream's methods after the handshake.
-        self.recv: Callable[..., Awaitable[bytes]] = partial(recv_now, self.ch)
-        self.recv_wait: Callable[..., Awaitable[bytes]] = partial(recv_after_wait, self.ch)
-        self.send: Callable[[bytes], Awaitable[None]] = partial(send_all, sock)
+        super().__init__(ctx, sock, peer)
         self.tls: TLSStream | None = None
-        # The verified client certificate's identity (mTLS), the source principal.
-        self.identity: PeerIdentity | None = None
-        self.peer = peer
-        self.peer_ip = peer[0].encode("ascii") if peer else b"-"
-        self.buf = b""
-        self.pos = 0
-        self.phase = PH_HEAD
-        self.ex: Exchange | None = None
+        self.ex: Exchange | None = None  # the request being served, until it is logged
         self.requests = 0
-        self.upstream: UpstreamConn | None = None
         # The reactor's ticker cancels `cs` once `deadline` has passed (see reactor.py).
         self.cs = trio.CancelScope()
-        self.born = self.reactor.now
-        self.deadline = self.born + ctx.spec.request_headers_timeout
+
+    def between_requests(self) -> bool:
+        """Idle keep-alive, or nothing of a request received yet: closing now loses no
+        request (a drain closes such connections at once; a timeout closes them quietly)."""
+        phase = self.phase
+        return phase == PH_IDLE or (phase == PH_HEAD and self.ex is None
+                                    and self.pos >= len(self.buf))
 
     async def run(self) -> None:
         timed = self.reactor.timed
@@ -350,65 +238,14 @@ class DownstreamConnection:
         return keep
 
     def _begin(self, head: MessageHead | None) -> Exchange:
-        ex = self.ex = Exchange(head, perf_counter())
-        if self.ctx.logger is not None:
-            ex.wall_start = time.time()
-        if self.ctx.tracer is not None and head is not None:
-            ex.trace = self.ctx.tracer.start(head.get)
-        hs, ws = self.ctx.hstats, self.ctx.state.stats
-        blk = hs.block
-        blk.inc(hs.downstream_rq_total)
-        blk.add(hs.downstream_rq_active, 1)
-        blk.inc(ws.downstream_rq_total)
+        ex = self.ex = begin(self, head)
         return ex
 
     def _finish(self, ex: Exchange) -> None:
         """Count and log a request once, whichever way it ended."""
-        if self.ex is not ex:
-            return
-        self.ex = None
-        hs = self.ctx.hstats
-        blk = hs.block
-        blk.add(hs.downstream_rq_active, -1)
-        status = ex.status
-        if 100 <= status < 600:
-            blk.inc(hs.downstream_rq_1xx + status // 100 - 1)
-        flag = ex.flags
-        if flag == flags.NO_ROUTE:
-            blk.inc(hs.no_route)
-        elif flag == flags.STREAM_IDLE_TIMEOUT:
-            blk.inc(hs.downstream_rq_timeout)
-        elif flag == flags.DOWNSTREAM_CONNECTION_TERMINATION:
-            blk.inc(hs.downstream_rq_rx_reset)
-        blk.observe(hs.downstream_rq_time, (perf_counter() - ex.start) * 1000.0)
-        if ex.trace is not None and ex.trace.sampled and self.ctx.tracer is not None:
-            self._span(self.ctx.tracer, ex)
-        self._log(ex)
-
-    def _span(self, tracer: Tracer, ex: Exchange) -> None:
-        """Envoy's span tags for this request."""
-        head = ex.head
-        host = text(ex.host or (head.host if head is not None else None))
-        tags = {
-            "component": "proxy",
-            "http.method": text(ex.method),
-            "http.url": f"{self.ctx.scheme.decode()}://{host}{text(ex.target)}",
-            "http.protocol": "HTTP/1.0" if head is not None and head.version == 10
-            else "HTTP/1.1",
-            "http.status_code": str(ex.status),
-            "response_flags": ex.flags,
-            "upstream_cluster": ex.cluster,
-            "upstream_address": ex.upstream_host,
-            "request_size": str(ex.bytes_in),
-            "response_size": str(ex.bytes_out),
-            "downstream_address": self.peer[0] if self.peer else "-",
-            "guid:x-request-id": text(ex.request_id
-                                      or (head.request_id if head is not None else None)),
-            "user_agent": text(head.get(b"user-agent") if head is not None else None),
-        }
-        error = ex.status >= 500 or ex.status == 0 or ex.flags != "-"
-        assert ex.trace is not None
-        tracer.finish(ex.trace, text(ex.method), tags, error)
+        if self.ex is ex:
+            self.ex = None
+        finish(self, ex)
 
     # ------------------------------------------------------------------ routing
 
@@ -460,96 +297,32 @@ class DownstreamConnection:
             spec, route = await self._on_demand(host, head.method, target, headers)
         if route is None:
             if spec.authz is not None:
-                refusal = self._filter(RouteFilters(spec.authz, None), head, ex, host, target)
+                refusal = on_request_headers(self, RouteFilters(spec.authz, None), head, ex,
+                                             host, target)
                 if refusal is not None:
-                    return await self._send_local(ex, head, *refusal)
+                    return await self._reply(ex, head, refusal)
             return await self._send_local(ex, head, 404, b"", flags.NO_ROUTE)
         action = route.action
         filters = action.filters
         if filters is not None:
-            refusal = self._filter(filters, head, ex, host, target)
+            refusal = on_request_headers(self, filters, head, ex, host, target)
             if refusal is not None:
-                return await self._send_local(ex, head, *refusal)
+                return await self._reply(ex, head, refusal)
         kind = type(action)
         if kind is ClusterAction:
-            return await forward(self, head, ex, action)
-        if kind is DirectAction:
-            return await self._send_local(ex, head, action.status, action.body, "-",
-                                          extra=list(action.ops.response_add),
-                                          content_type=action.content_type)
-        assert kind is RedirectAction
-        location = redirect_location(action, self.ctx.scheme, host, target)
-        return await self._send_local(ex, head, action.status, b"", "-",
-                                      extra=[(b"location", location)] +
-                                      list(action.ops.response_add))
-
-    # ------------------------------------------------------------------ filters
-
-    def _filter(self, filters: RouteFilters, head: MessageHead, ex: Exchange, host: bytes,
-                target: bytes) -> tuple[int, bytes, str] | None:
-        """Authorization, then the rate limit: None to go on, else the local reply."""
-        hs = self.ctx.hstats
-        blk = hs.block
-        if filters.authz is not None:
-            decision = filters.authz.check(self._authz_request(head, host, target))
-            if decision.audited:
-                blk.inc(hs.rbac_logged)
-                ex.details = f"rbac_audit_matched_policy[{decision.audited}]"
-            if not decision.allowed:
-                blk.inc(hs.rbac_denied)
-                ex.details = f"rbac_access_denied_matched_policy[{decision.policy or 'none'}]"
-                return 403, b"RBAC: access denied", "-"
-            blk.inc(hs.rbac_allowed)
-        limiter = filters.rate_limit
-        if limiter is not None:
-            blk.inc(hs.http_local_rate_limit_enabled)
-            ident = self.identity
-            ok, headers = limiter.take(limiter.key(
-                head, self.peer_ip, ident.principal if ident is not None else None))
-            if headers:
-                ex.resp_extra = headers
-            if not ok:
-                blk.inc(hs.http_local_rate_limit_rate_limited)
-                ex.resp_extra = [*headers, RATE_LIMITED]
-                return 429, b"local_rate_limited", flags.RATE_LIMITED
-            blk.inc(hs.http_local_rate_limit_ok)
-        return None
-
-    def _authz_request(self, head: MessageHead, host: bytes, target: bytes) -> AuthzRequest:
-        ident = self.identity
-        hostname = host.lower()
-        if not hostname.endswith(b"]"):
-            hostname = hostname.rpartition(b":")[0] or hostname  # the port is not the host
-
-        def header(name: str) -> str | None:
-            value = head.get(name.encode("latin-1"))
-            return value.decode("latin-1") if value is not None else None
-
-        return AuthzRequest(
-            head.method.decode("latin-1"), target.partition(b"?")[0].decode("latin-1"),
-            hostname.decode("latin-1"), self.ctx.spec.port, self.peer[0] if self.peer else "",
-            ident.principal.decode() if ident is not None else "",
-            ident.namespace if ident is not None else "", header)
+            result = await forward(self, head, ex, action)
+            if type(result) is bool:
+                return result
+            assert isinstance(result, LocalReply)
+            return await self._reply(ex, head, result)
+        return await self._reply(ex, head, answer(action, self.ctx.scheme, host, target))
 
     # ------------------------------------------------------------------ local replies
 
-    def too_old(self) -> bool:
-        """max_connection_duration reached: the next response says Connection: close."""
-        limit = self.ctx.spec.max_connection_duration
-        return bool(limit) and self.reactor.now - self.born >= limit
-
-    def body_skippable(self, head: MessageHead) -> bool:
-        """Consume an unread request body when all of it is already buffered; otherwise the
-        connection must close after the reply (the rest of the body is still coming)."""
-        if head.chunked:
-            return False
-        cl = head.content_length
-        if cl <= 0:
-            return True
-        if len(self.buf) - self.pos >= cl:
-            self.pos += cl
-            return True
-        return False
+    async def _reply(self, ex: Exchange, head: MessageHead, r: LocalReply) -> bool:
+        return await self._send_local(ex, head, r.status, r.body, r.flag, close=r.close,
+                                      body_done=r.body_done, extra=r.extra,
+                                      content_type=r.content_type)
 
     async def _send_local(self, ex: Exchange, head: MessageHead | None, status: int, body: bytes,
                           flag: str, *, close: bool = False, body_done: bool = False,
@@ -578,7 +351,7 @@ class DownstreamConnection:
         if self.upstream is not None:
             self.upstream.abort()
             self.upstream = None
-        if phase == PH_IDLE or (phase == PH_HEAD and ex is None and self.pos >= len(self.buf)):
+        if self.between_requests():
             return
         if ex is None:
             ex = self._begin(None)
@@ -597,69 +370,3 @@ class DownstreamConnection:
             except PeerClosed:
                 pass
         self._finish(ex)
-
-    def _log(self, ex: Exchange) -> None:
-        logger = self.ctx.logger
-        if logger is None:
-            return
-        head = ex.head
-        logger.log(Entry(
-            start_time=format_time(ex.wall_start or time.time()),
-            method=text(ex.method), path=text(ex.target),
-            protocol="HTTP/1.0" if head is not None and head.version == 10 else "HTTP/1.1",
-            response_code=ex.status, response_flags=ex.flags,
-            bytes_received=ex.bytes_in, bytes_sent=ex.bytes_out,
-            duration=int((perf_counter() - ex.start) * 1000),
-            upstream_host=ex.upstream_host,
-            x_request_id=text(ex.request_id or (head.request_id if head is not None else None)),
-            downstream_remote_address=f"{self.peer[0]}:{self.peer[1]}" if self.peer else "-",
-            authority=text(ex.host or (head.host if head is not None else None)),
-            user_agent=text(head.get(b"user-agent") if head is not None else None),
-            x_forwarded_for=text(head.forwarded_for if head is not None else None),
-            downstream_peer_uri_san=self.identity.spiffe_id or "-" if self.identity else "-",
-            response_code_details=ex.details,
-        ))
-
-
-def split_absolute_form(target: bytes) -> tuple[bytes, bytes] | None:
-    """http://authority/path?q -> (authority, /path?q) (RFC 9112 section 3.2.2)."""
-    lower = target[:8].lower()
-    if lower.startswith(b"http://"):
-        rest = target[7:]
-    elif lower.startswith(b"https://"):
-        rest = target[8:]
-    else:
-        return None
-    cut = len(rest)
-    for sep in (b"/", b"?"):
-        i = rest.find(sep)
-        if 0 <= i < cut:
-            cut = i
-    authority, path = rest[:cut], rest[cut:]
-    if not authority or b"@" in authority:
-        return None  # userinfo is deprecated and a phishing vector (RFC 9110 section 4.2.4)
-    if not path.startswith(b"/"):
-        path = b"/" + path
-    return authority, path
-
-
-def redirect_location(a: RedirectAction, scheme: bytes, host: bytes, target: bytes) -> bytes:
-    path, sep, query = target.partition(b"?")
-    if a.path is not None:
-        new_path = a.path
-        if b"?" in new_path:
-            new_path, _, query = new_path.partition(b"?")
-            sep = b"?"
-    elif a.prefix_rewrite is not None and a.prefix is not None:
-        new_path = a.prefix_rewrite + path[len(a.prefix):]
-    else:
-        new_path = path
-    new_host = a.host if a.host is not None else host
-    if a.port is not None:
-        hostname = new_host.rsplit(b":", 1)[0] if not new_host.endswith(b"]") else new_host
-        new_host = hostname + b":%d" % a.port
-    location = (a.scheme or scheme) + b"://" + new_host + new_path
-    if sep and query and not a.strip_query:
-        location += b"?" + query
-    return location
-

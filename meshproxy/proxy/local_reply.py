@@ -3,6 +3,10 @@
 Envoy's shape: a short text/plain body saying what happened, Content-Length framing, and
 `connection: close` when the connection is not going to be reused (after a framing error
 or an unread request body).
+
+Layers below the downstream driver never write a reply: a filter or the router returns a
+LocalReply (what to answer), and the driver alone writes it (proxy.downstream), so the
+keep-alive decision for it is made in one place.
 """
 
 from __future__ import annotations
@@ -25,6 +29,25 @@ _REASONS = {
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 _date_cache: tuple[int, bytes] = (0, b"")
+
+
+class LocalReply:
+    """What to answer instead of forwarding. `close`: the connection must not be reused
+    (the framing of the request was broken, or its body is only partly sent); `body_done`:
+    the request body was consumed whole (so the connection may stay open)."""
+
+    __slots__ = ("status", "body", "flag", "close", "body_done", "extra", "content_type")
+
+    def __init__(self, status: int, body: bytes, flag: str, *, close: bool = False,
+                 body_done: bool = False, extra: list[tuple[bytes, bytes]] | None = None,
+                 content_type: bytes = b"text/plain") -> None:
+        self.status = status
+        self.body = body
+        self.flag = flag
+        self.close = close
+        self.body_done = body_done
+        self.extra = extra
+        self.content_type = content_type
 
 
 def http_date() -> bytes:

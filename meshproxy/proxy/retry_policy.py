@@ -31,11 +31,7 @@ from meshproxy.config.snapshot import (
     RETRY_STATUS,
     RetrySpec,
 )
-
-# What went wrong with an attempt that produced no response.
-CONNECT_FAILURE = "connect-failure"
-RESET = "reset"
-PER_TRY_TIMEOUT = "per-try-timeout"
+from meshproxy.protocol.errors import CONNECT_FAILURE
 
 DEADLINE_HEADER = b"x-meshproxy-deadline-ms"
 GRPC_TIMEOUT = b"grpc-timeout"

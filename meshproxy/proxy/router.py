@@ -3,7 +3,7 @@
 1. pick the cluster (weighted draw) and bound the request by the shorter of the route
    timeout and the client's deadline (`x-meshproxy-deadline-ms`, `grpc-timeout`); a
    deadline already spent is answered 504 without touching an upstream;
-2. attempts (proxy.forward.attempt): each connects, sends and reads the response head;
+2. attempts (proxy.relay.attempt): each connects, sends and reads the response head;
 3. between attempts the retry policy decides: the condition must be in `retry_on`,
    `num_retries` not reached, the body replayable (it fitted the retry buffer), the
    cluster's max_retries breaker and retry budget must admit one more retry; then a fully
@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import random
 from time import perf_counter
-from typing import TYPE_CHECKING
 
 import trio
 
 from meshproxy._core.http1_parser import MessageHead
 from meshproxy._core.lb_select import hash_bytes
-from meshproxy.config.snapshot import ClusterAction
+from meshproxy.config.snapshot import ClusterAction, DirectAction, RedirectAction
 from meshproxy.protocol import errors as flags
 from meshproxy.protocol.errors import ProxyError
-from meshproxy.proxy.forward import BodyState, attempt, build_upstream_head, finish
+from meshproxy.proxy.client_side import ClientSide
+from meshproxy.proxy.exchange import BodyState, Exchange
+from meshproxy.proxy.head_rewrite import build_upstream_head
+from meshproxy.proxy.local_reply import LocalReply
 from meshproxy.proxy.phases import PH_RESP_BODY, PH_UPSTREAM
+from meshproxy.proxy.relay import attempt, deliver
 from meshproxy.proxy.retry_policy import (
     RetrySpec,
     backoff,
@@ -41,11 +44,42 @@ from meshproxy.transport.sockio import abort
 from meshproxy.upstream.cluster_manager import Cluster
 from meshproxy.upstream.conn_pool import Endpoint
 
-if TYPE_CHECKING:
-    from meshproxy.proxy.downstream import DownstreamConnection, Exchange
-
 _random = random.random
 OVERLOADED = (b"x-envoy-overloaded", b"true")
+
+
+def answer(action: DirectAction | RedirectAction, scheme: bytes, host: bytes,
+           target: bytes) -> LocalReply:
+    """The reply of a route that answers without an upstream (Envoy's direct_response and
+    redirect actions)."""
+    if type(action) is DirectAction:
+        return LocalReply(action.status, action.body, "-", extra=list(action.ops.response_add),
+                          content_type=action.content_type)
+    assert type(action) is RedirectAction
+    location = redirect_location(action, scheme, host, target)
+    return LocalReply(action.status, b"", "-",
+                      extra=[(b"location", location), *action.ops.response_add])
+
+
+def redirect_location(a: RedirectAction, scheme: bytes, host: bytes, target: bytes) -> bytes:
+    path, sep, query = target.partition(b"?")
+    if a.path is not None:
+        new_path = a.path
+        if b"?" in new_path:
+            new_path, _, query = new_path.partition(b"?")
+            sep = b"?"
+    elif a.prefix_rewrite is not None and a.prefix is not None:
+        new_path = a.prefix_rewrite + path[len(a.prefix):]
+    else:
+        new_path = path
+    new_host = a.host if a.host is not None else host
+    if a.port is not None:
+        hostname = new_host.rsplit(b":", 1)[0] if not new_host.endswith(b"]") else new_host
+        new_host = hostname + b":%d" % a.port
+    location = (a.scheme or scheme) + b"://" + new_host + new_path
+    if sep and query and not a.strip_query:
+        location += b"?" + query
+    return location
 
 
 def choose_cluster(action: ClusterAction) -> str:
@@ -73,7 +107,7 @@ def incoming_deadline(head: MessageHead) -> tuple[float | None, bool]:
     return min(mine, grpc), True
 
 
-def hash_key(dc: DownstreamConnection, head: MessageHead,
+def hash_key(dc: ClientSide, head: MessageHead,
              policy: tuple[tuple[str, bytes], ...]) -> int:
     """The consistent-hashing key: the first hash policy with a value (0: none)."""
     for kind, name in policy:
@@ -124,12 +158,15 @@ def _end_retry(cluster: Cluster) -> None:
     cst.block.add(cst.upstream_rq_retry_active, -1)
 
 
-async def forward(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
-                  action: ClusterAction) -> bool:
+async def forward(dc: ClientSide, head: MessageHead, ex: Exchange,
+                  action: ClusterAction) -> bool | LocalReply:
+    """Forward the request, retrying as the policy allows. Whether the client connection
+    stays open once the response was relayed, or the reply for the driver to write when
+    the request failed before its response began."""
     name = ex.cluster = choose_cluster(action)
     cluster = dc.ctx.clusters.get(name)
     if cluster is None:
-        return await dc._send_local(ex, head, 503, b"cluster not found\n", flags.NO_CLUSTER)
+        return LocalReply(503, b"cluster not found\n", flags.NO_CLUSTER)
     cst = cluster.stats
     blk = cst.block
     timeout = action.timeout
@@ -138,16 +175,14 @@ async def forward(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
         left = deadline - (perf_counter() - ex.start)
         if left <= 0:
             blk.inc(cst.upstream_rq_timeout)
-            return await dc._send_local(ex, head, 504, b"deadline exceeded\n",
-                                        flags.UPSTREAM_REQUEST_TIMEOUT)
+            return LocalReply(504, b"deadline exceeded\n", flags.UPSTREAM_REQUEST_TIMEOUT)
         if not timeout or left < timeout:
             timeout = left
     key = hash_key(dc, head, action.hash_policy) if action.hash_policy else 0
     ep = cluster.pick(dc.reactor.now, None, key)
     if ep is None:
         blk.inc(cst.upstream_cx_none_healthy)
-        return await dc._send_local(ex, head, 503, b"no healthy upstream\n",
-                                    flags.NO_HEALTHY_UPSTREAM)
+        return LocalReply(503, b"no healthy upstream\n", flags.NO_HEALTHY_UPSTREAM)
     websocket = (head.conn_upgrade and head.upgrade is not None and head.version >= 11
                  and head.upgrade.lower() == b"websocket")
     retry = None if websocket else action.retry
@@ -187,16 +222,16 @@ async def forward(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
             abort(dc.ch)  # a broken response must never look complete
             return False
         extra = [OVERLOADED] if err.flag == flags.UPSTREAM_OVERFLOW else None
-        return await dc._send_local(ex, head, err.status, err.detail.encode() + b"\n", err.flag,
-                                    close=state.started and not state.done,
-                                    body_done=state.done, extra=extra)
+        return LocalReply(err.status, err.detail.encode() + b"\n", err.flag,
+                          close=state.started and not state.done, body_done=state.done,
+                          extra=extra)
     except trio.Cancelled:
         if dc.phase in (PH_UPSTREAM, PH_RESP_BODY):
             blk.inc(cst.upstream_rq_timeout)  # the route timeout fired (504 UT)
         raise
 
 
-async def _one_attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange,
+async def _one_attempt(dc: ClientSide, head: MessageHead, ex: Exchange,
                        action: ClusterAction, cluster: Cluster, ep: Endpoint, up_head: bytes,
                        state: BodyState, retry: RetrySpec | None, timeout: float,
                        websocket: bool, n: int, has_body: bool) -> bool | None:
@@ -266,7 +301,7 @@ async def _one_attempt(dc: DownstreamConnection, head: MessageHead, ex: Exchange
             dc.upstream = None
             return None
         ex.upstream_status = status
-        keep = await finish(dc, head, ex, action, conn, resp, ubuf, websocket,
+        keep = await deliver(dc, head, ex, action, conn, resp, ubuf, websocket,
                             state.done or not has_body)
         if n > 1 and status < 500:
             blk.inc(cst.upstream_rq_retry_success)

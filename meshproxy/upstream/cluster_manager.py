@@ -15,11 +15,18 @@ from meshproxy._core.lb_select import Balancer, make
 from meshproxy.config.snapshot import BreakerSpec, ClusterSpec
 from meshproxy.stats.sink import Sink
 from meshproxy.transport.tls_context import ClientTLS
-from meshproxy.upstream.conn_pool import Endpoint
+from meshproxy.upstream.conn_pool import Endpoint, UpstreamConn
 from meshproxy.upstream.locality import choose, health, locality_weights, priority_loads
 from meshproxy.upstream.outlier import OutlierDetector
 
 _random = random.random
+
+# Cluster.admit's answers: what a request needs to do to get a connection to an endpoint.
+REUSE = 0           # an idle connection of the endpoint: use it
+CONNECT = 1         # below max_connections: open a new one
+CLOSE_THEN_CONNECT = 2  # at the limit: close the idle connection returned, then open one
+WAIT = 3            # at the limit, nothing idle to give way: wait as a pending request
+OVERFLOW = 4        # max_pending_requests reached as well: 503 UO
 
 
 class _Group:
@@ -105,6 +112,39 @@ class Cluster:
                     **dict(spec.lb_options))
 
     # ------------------------------------------------------------ circuit breakers
+
+    def admit(self, ep: Endpoint, now: float) -> tuple[int, UpstreamConn | None]:
+        """The connection decision for one request to `ep`, synchronous bookkeeping only
+        (httpcore's `_assign_requests_to_connections`): REUSE with the idle connection;
+        CONNECT; CLOSE_THEN_CONNECT with the oldest idle connection of another endpoint,
+        which gives way (the caller closes it); WAIT, the pending slot taken (the caller
+        waits on `freed()` and gives it back with `end_pending`); or OVERFLOW. The counts
+        (upstream_cx_overflow, upstream_rq_pending_*) are kept here."""
+        conn = ep.acquire(now)
+        if conn is not None:
+            return REUSE, conn
+        breaker, cst = self.breaker, self.stats
+        blk = cst.block
+        if breaker.connection_room(self.open_connections()):
+            return CONNECT, None
+        blk.inc(cst.upstream_cx_overflow)
+        for other in self.endpoints:
+            if other is not ep and other.idle:
+                return CLOSE_THEN_CONNECT, other.idle.pop(0)
+        if not breaker.try_pending():
+            blk.inc(cst.upstream_rq_pending_overflow)
+            return OVERFLOW, None
+        blk.inc(cst.upstream_rq_pending_total)
+        blk.add(cst.upstream_rq_pending_active, 1)
+        self.publish()
+        return WAIT, None
+
+    def end_pending(self) -> None:
+        """A request that waited (WAIT) has its connection, or gave up."""
+        self.breaker.end_pending()
+        cst = self.stats
+        cst.block.add(cst.upstream_rq_pending_active, -1)
+        self.publish()
 
     def open_connections(self) -> int:
         return sum(ep.open for ep in self.endpoints)

@@ -6,10 +6,8 @@ import pytest
 
 from meshproxy._core.circuit_state import RetryBudget
 from meshproxy.config.snapshot import RetrySpec, conditions
+from meshproxy.protocol.errors import CONNECT_FAILURE, PER_TRY_TIMEOUT, RESET
 from meshproxy.proxy.retry_policy import (
-    CONNECT_FAILURE,
-    PER_TRY_TIMEOUT,
-    RESET,
     backoff,
     format_grpc_timeout,
     parse_deadline_ms,

@@ -1,0 +1,74 @@
+"""The client connection as the layers below the driver see it: its I/O, its read cursor,
+what it is waiting for, and the upstream connection it is using.
+
+This is the contract between the downstream driver (proxy.downstream, which subclasses it
+and alone decides and writes local replies) and the relay (proxy.relay, proxy.tunnel):
+- `buf[pos:]` is what was received and not yet consumed. The driver parses heads from it;
+  the relay consumes the request body from it and leaves what follows the body, the next
+  pipelined request (RFC 9112 section 9.3.2), in place.
+- `phase` and `deadline` say what is being waited for and until when; the reactor's ticker
+  cancels the connection's scope once `deadline` has passed, and the driver answers the
+  timeout by `phase` (proxy.phases).
+- `upstream` is the upstream connection in use, so that a timeout or a client that goes
+  away aborts it (a half-relayed upstream response is never pooled).
+- `recv`, `recv_wait` and `send` are the socket's calls, or the TLS stream's once a TLS
+  handshake is done.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+from meshproxy._core.http1_parser import MessageHead
+from meshproxy.proxy.context import ListenerContext
+from meshproxy.proxy.phases import PH_HEAD
+from meshproxy.transport.sockio import recv_after_wait, recv_now, send_all
+from meshproxy.transport.tls_material import PeerIdentity
+from meshproxy.upstream.conn_pool import UpstreamConn
+
+
+class ClientSide:
+    __slots__ = ("ctx", "reactor", "ch", "sock", "peer", "peer_ip", "buf", "pos", "phase",
+                 "upstream", "deadline", "born", "recv", "recv_wait", "send",
+                 "identity")
+
+    def __init__(self, ctx: ListenerContext, sock: socket.socket, peer: tuple) -> None:
+        self.ctx = ctx
+        self.reactor = ctx.reactor
+        self.ch = ctx.reactor.register(sock)
+        self.sock = sock
+        # Plain sockets call sockio directly (partials add no frame); a TLS connection swaps
+        # in its stream's methods after the handshake.
+        self.recv: Callable[..., Awaitable[bytes]] = partial(recv_now, self.ch)
+        self.recv_wait: Callable[..., Awaitable[bytes]] = partial(recv_after_wait, self.ch)
+        self.send: Callable[[bytes], Awaitable[None]] = partial(send_all, sock)
+        # The verified client certificate's identity (mTLS), the source principal.
+        self.identity: PeerIdentity | None = None
+        self.peer = peer
+        self.peer_ip = peer[0].encode("ascii") if peer else b"-"
+        self.buf = b""
+        self.pos = 0
+        self.phase = PH_HEAD
+        self.upstream: UpstreamConn | None = None
+        self.born = self.reactor.now
+        self.deadline = self.born + ctx.spec.request_headers_timeout
+
+    def too_old(self) -> bool:
+        """max_connection_duration reached: the next response says Connection: close."""
+        limit = self.ctx.spec.max_connection_duration
+        return bool(limit) and self.reactor.now - self.born >= limit
+
+    def body_skippable(self, head: MessageHead) -> bool:
+        """Consume an unread request body when all of it is already buffered; otherwise the
+        connection must close after the reply (the rest of the body is still coming)."""
+        if head.chunked:
+            return False
+        cl = head.content_length
+        if cl <= 0:
+            return True
+        if len(self.buf) - self.pos >= cl:
+            self.pos += cl
+            return True
+        return False

@@ -1,0 +1,162 @@
+"""One request and its response: the per-request state, and its end.
+
+`begin` counts a request in; `finish` is the logging phase (pingora's `logging`): the
+listener's stats, the span and the access log line, run exactly once per request however
+it ended (answered, refused, timed out, or the client gone), and never again.
+"""
+
+from __future__ import annotations
+
+import time
+from time import perf_counter
+
+from meshproxy._core.http1_parser import MessageHead
+from meshproxy.protocol import errors as flags
+from meshproxy.proxy.access_log import Entry, format_time, text
+from meshproxy.proxy.client_side import ClientSide
+from meshproxy.tracing.tracer import Active, Tracer
+
+
+class Exchange:
+    """One request and its response, as the access log and the error paths see it."""
+
+    __slots__ = ("head", "method", "target", "host", "start", "wall_start", "status", "flags",
+                 "bytes_in", "bytes_out", "upstream_host", "request_id", "response_started",
+                 "upstream_status", "trace", "cluster", "details", "resp_extra", "logged")
+
+    def __init__(self, head: MessageHead | None, start: float) -> None:
+        self.head = head
+        self.method = head.method if head is not None else b"-"
+        self.target = head.target if head is not None else b"-"
+        self.host = b""
+        self.start = start
+        self.wall_start = 0.0
+        self.status = 0
+        self.flags = "-"
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.upstream_host = "-"
+        self.request_id: bytes | None = None
+        self.response_started = False
+        self.upstream_status = 0
+        self.trace: Active | None = None
+        self.cluster = "-"
+        self.details = "-"  # why it failed, for the log (Envoy's response code details)
+        # Headers every response to this request carries (x-ratelimit-*).
+        self.resp_extra: list[tuple[bytes, bytes]] | None = None
+        self.logged = False  # finish() has run
+
+
+class BodyState:
+    """How far the request body got, and a copy of what was sent upstream for replay
+    while it fits the retry buffer (None once it does not, or when retries are off)."""
+
+    __slots__ = ("started", "done", "replay", "size", "limit", "timer_started")
+
+    def __init__(self, limit: int) -> None:
+        self.started = False
+        self.done = False
+        self.timer_started = False  # the route timeout runs (once per request)
+        self.replay: list[bytes] | None = [] if limit > 0 else None
+        self.size = 0
+        self.limit = limit
+
+    def keep(self, data: bytes) -> None:
+        if self.replay is not None:
+            self.size += len(data)
+            if self.size > self.limit:
+                self.replay = None  # too big to replay: this request will not be retried
+            else:
+                self.replay.append(data)
+
+
+def begin(side: ClientSide, head: MessageHead | None) -> Exchange:
+    """A new request on `side` (head None: one that broke before its head was whole)."""
+    ctx = side.ctx
+    ex = Exchange(head, perf_counter())
+    if ctx.logger is not None:
+        ex.wall_start = time.time()
+    if ctx.tracer is not None and head is not None:
+        ex.trace = ctx.tracer.start(head.get)
+    hs, ws = ctx.hstats, ctx.state.stats
+    blk = hs.block
+    blk.inc(hs.downstream_rq_total)
+    blk.add(hs.downstream_rq_active, 1)
+    blk.inc(ws.downstream_rq_total)
+    return ex
+
+
+def finish(side: ClientSide, ex: Exchange) -> None:
+    """Count and log a request once, whichever way it ended."""
+    if ex.logged:
+        return
+    ex.logged = True
+    ctx = side.ctx
+    hs = ctx.hstats
+    blk = hs.block
+    blk.add(hs.downstream_rq_active, -1)
+    status = ex.status
+    if 100 <= status < 600:
+        blk.inc(hs.downstream_rq_1xx + status // 100 - 1)
+    flag = ex.flags
+    if flag == flags.NO_ROUTE:
+        blk.inc(hs.no_route)
+    elif flag == flags.STREAM_IDLE_TIMEOUT:
+        blk.inc(hs.downstream_rq_timeout)
+    elif flag == flags.DOWNSTREAM_CONNECTION_TERMINATION:
+        blk.inc(hs.downstream_rq_rx_reset)
+    blk.observe(hs.downstream_rq_time, (perf_counter() - ex.start) * 1000.0)
+    if ex.trace is not None and ex.trace.sampled and ctx.tracer is not None:
+        _span(side, ctx.tracer, ex)
+    if ctx.logger is not None:
+        _log(side, ex)
+
+
+def _span(side: ClientSide, tracer: Tracer, ex: Exchange) -> None:
+    """Envoy's span tags for this request."""
+    head = ex.head
+    host = text(ex.host or (head.host if head is not None else None))
+    peer = side.peer
+    tags = {
+        "component": "proxy",
+        "http.method": text(ex.method),
+        "http.url": f"{side.ctx.scheme.decode()}://{host}{text(ex.target)}",
+        "http.protocol": "HTTP/1.0" if head is not None and head.version == 10
+        else "HTTP/1.1",
+        "http.status_code": str(ex.status),
+        "response_flags": ex.flags,
+        "upstream_cluster": ex.cluster,
+        "upstream_address": ex.upstream_host,
+        "request_size": str(ex.bytes_in),
+        "response_size": str(ex.bytes_out),
+        "downstream_address": peer[0] if peer else "-",
+        "guid:x-request-id": text(ex.request_id
+                                  or (head.request_id if head is not None else None)),
+        "user_agent": text(head.get(b"user-agent") if head is not None else None),
+    }
+    error = ex.status >= 500 or ex.status == 0 or ex.flags != "-"
+    assert ex.trace is not None
+    tracer.finish(ex.trace, text(ex.method), tags, error)
+
+
+def _log(side: ClientSide, ex: Exchange) -> None:
+    logger = side.ctx.logger
+    assert logger is not None
+    head = ex.head
+    peer, identity = side.peer, side.identity
+    logger.log(Entry(
+        start_time=format_time(ex.wall_start or time.time()),
+        method=text(ex.method), path=text(ex.target),
+        protocol="HTTP/1.0" if head is not None and head.version == 10 else "HTTP/1.1",
+        response_code=ex.status, response_flags=ex.flags,
+        bytes_received=ex.bytes_in, bytes_sent=ex.bytes_out,
+        duration=int((perf_counter() - ex.start) * 1000),
+        upstream_host=ex.upstream_host,
+        x_request_id=text(ex.request_id or (head.request_id if head is not None else None)),
+        downstream_remote_address=f"{peer[0]}:{peer[1]}" if peer else "-",
+        authority=text(ex.host or (head.host if head is not None else None)),
+        user_agent=text(head.get(b"user-agent") if head is not None else None),
+        x_forwarded_for=text(head.forwarded_for if head is not None else None),
+        downstream_peer_uri_san=identity.spiffe_id or "-" if identity else "-",
+        response_code_details=ex.details,
+    ))

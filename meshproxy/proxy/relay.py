@@ -1,0 +1,394 @@
+"""The relay: the I/O loops that feed and drain an exchange between the client and an
+upstream connection, with backpressure, for one attempt of the router.
+
+Order of work for an attempt (decide, then do I/O):
+ 1. reuse an idle keep-alive connection or connect (upstream.connect; connect_timeout ->
+    503 UF);
+ 2. send head (and the body when it is already buffered) in one send, else answer
+    `Expect: 100-continue` ourselves (as Envoy does) and stream the body with backpressure;
+ 3. read the response head: 1xx interim responses are relayed (RFC 9110 section 15.2) and
+    never taken for the final one; broken framing is 502 UPE;
+ 4. relay the response with the framing the client can take (the compiled http1_conn
+    decides it: Content-Length as is, chunked re-encoded for HTTP/1.1 clients,
+    raw-then-close for HTTP/1.0 clients; HEAD/204/304 carry no body);
+ 5. return the connection to the pool only when the exchange ended cleanly on both sides.
+
+A request that fails on a reused connection before any byte of a response arrived is sent
+once more on a new connection when it can be replayed (no body, or a body still buffered):
+the origin closed the idle connection as we wrote to it, the request never ran.
+
+Failure after the response head went out cannot be answered any more: the router resets
+the client connection, so a truncated body is never mistaken for a complete one.
+
+The relay reads and writes the client's side through proxy.client_side (its read cursor,
+phase and deadline) and never writes a local reply: failures are ProxyErrors, which the
+router turns into the reply for the driver to write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from meshproxy._core.http1_conn import (
+    FRAMING_CHUNKED,
+    FRAMING_LENGTH,
+    FRAMING_NONE,
+    plan_response,
+    relay_informational,
+    upstream_reusable,
+)
+from meshproxy._core.http1_parser import (
+    ChunkedDecoder,
+    MessageHead,
+    ParseError,
+    encode_chunk,
+    encode_last_chunk,
+    serialize_head,
+)
+from meshproxy.config.snapshot import RESPONSE_SKIP, ClusterAction
+from meshproxy.protocol import errors as flags
+from meshproxy.protocol.errors import PER_TRY_TIMEOUT, RESET, ProxyError
+from meshproxy.proxy.client_side import ClientSide
+from meshproxy.proxy.exchange import BodyState, Exchange
+from meshproxy.proxy.head_rewrite import relayed_trailers, serialize
+from meshproxy.proxy.local_reply import CONTINUE_100, reason
+from meshproxy.proxy.phases import PH_REQ_BODY, PH_RESP_BODY, PH_UPSTREAM
+from meshproxy.proxy.tunnel import tunnel
+from meshproxy.transport.sockio import RECV_SIZE, PeerClosed
+from meshproxy.upstream.cluster_manager import REUSE, Cluster
+from meshproxy.upstream.conn_pool import Endpoint, UpstreamConn
+from meshproxy.upstream.connect import establish
+
+# Framings (http1_conn decides them): F_CLOSE and FRAMING_TUNNEL are relayed alike, until
+# the origin closes.
+F_NONE, F_LENGTH, F_CHUNKED = FRAMING_NONE, FRAMING_LENGTH, FRAMING_CHUNKED
+NO_DEADLINE = float("inf")
+
+
+class _StaleConnection(Exception):
+    """A reused connection closed before any response byte: the request did not run."""
+
+
+class _UpstreamGone(Exception):
+    """The upstream stopped taking the request body (closed or reset its side)."""
+
+
+async def _send_up(send: Callable[[bytes], Awaitable[None]], data: bytes) -> None:
+    try:
+        await send(data)
+    except PeerClosed:
+        raise _UpstreamGone() from None
+
+
+async def attempt(side: ClientSide, head: MessageHead, ex: Exchange, cluster: Cluster,
+                  ep: Endpoint, up_head: bytes, state: BodyState, per_try: float,
+                  route_timeout: float) -> tuple[MessageHead, bytes, UpstreamConn]:
+    """One attempt: connect (or reuse), send the request, read the final response head.
+    The first attempt streams the body from the client; later ones replay the copy."""
+    cl = head.content_length
+    has_body = head.chunked or cl > 0
+    first_attempt = not state.started
+    dec: ChunkedDecoder | None = None
+    # RFC 9110 10.1.1: answer 100-continue only to a client still waiting to send the body.
+    want_continue = first_attempt and head.expect_continue and side.pos >= len(side.buf)
+    if first_attempt and head.chunked:
+        # The chunks already received are decoded before any upstream I/O: a malformed chunk
+        # among them is answered 400 with no upstream touched. (A bad chunk that arrives
+        # later can only fail the stream, and the upstream connection is then reset.)
+        dec = ChunkedDecoder()
+        body0, side.pos = _decode_chunks(dec, side.buf, side.pos, ex)
+        state.started = True
+        state.keep(body0)
+        state.done = dec.done
+        first = up_head + body0
+        buffered = dec.done
+    else:
+        buffered = first_attempt and cl > 0 and len(side.buf) - side.pos >= cl
+        if buffered:
+            first = up_head + side.buf[side.pos:side.pos + cl]
+        elif not first_attempt and state.replay:
+            first = up_head + b"".join(state.replay)
+        else:
+            first = up_head
+    stale_retry = False
+    while True:
+        kind, conn = cluster.admit(ep, side.reactor.now)
+        if kind == REUSE:
+            reused = True
+        else:
+            conn, reused = await establish(side.reactor, cluster, ep, kind, conn)
+        assert conn is not None
+        side.upstream = conn
+        ex.upstream_host = ep.label
+        try:
+            try:
+                await conn.send(first)
+            except PeerClosed:
+                raise _StaleConnection() from None
+            if dec is not None:
+                if not dec.done:
+                    await _send_request_body(side, head, ex, conn, state, dec, want_continue)
+            elif buffered and not state.done:
+                side.pos += cl
+                ex.bytes_in = cl
+                state.started = state.done = True
+                state.keep(first[len(up_head):])
+            elif first_attempt and has_body and not state.started:
+                state.started = True
+                await _send_request_body(side, head, ex, conn, state, None, want_continue)
+            side.phase = PH_UPSTREAM
+            if not state.timer_started:
+                # Envoy's route timeout starts once the downstream request is complete and
+                # covers every retry and back-off after it: set once per request, never
+                # again by a later attempt (a request without a body included).
+                state.timer_started = True
+                side.deadline = side.reactor.now + route_timeout if route_timeout else NO_DEADLINE
+            try:
+                resp, ubuf = await _read_response_head(
+                    side, head, conn, side.reactor.now + per_try if per_try else 0.0)
+            except trio.TooSlowError:
+                raise ProxyError(504, flags.UPSTREAM_REQUEST_TIMEOUT, "upstream",
+                                 "upstream per-try timeout", retriable=True,
+                                 stat="upstream_rq_per_try_timeout",
+                                 failure=PER_TRY_TIMEOUT) from None
+        except _StaleConnection:
+            conn.close()
+            side.upstream = None
+            if reused and not stale_retry and (buffered or not has_body or not first_attempt):
+                stale_retry = True  # the origin closed it as we wrote: the request never ran
+                cluster.stats.block.inc(cluster.stats.upstream_rq_retry)
+                continue
+            raise ProxyError(503, flags.UPSTREAM_CONNECTION_TERMINATION, "upstream",
+                             "upstream connect error or disconnect/reset before headers",
+                             retriable=True, stat="upstream_cx_destroy_remote_with_active_rq",
+                             failure=RESET) from None
+        break
+    conn.requests += 1
+    return resp, ubuf, conn
+
+
+def _decode_chunks(dec: ChunkedDecoder, buf: bytes, pos: int,
+                   ex: Exchange) -> tuple[bytes, int]:
+    """Re-encode the chunks of buf[pos:] for the upstream (the last chunk and the trailers
+    that may go on included once `dec` is done), and the position after what was consumed
+    (after the message once done: the rest is the next request). A malformed chunk is the
+    client's 400."""
+    try:
+        parts, pos = dec.feed(buf, pos)
+    except ParseError as exc:
+        raise ProxyError(exc.status, flags.DOWNSTREAM_PROTOCOL_ERROR, "downstream",
+                         exc.reason) from None
+    out = b""
+    if parts:
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        ex.bytes_in += len(data)
+        out = encode_chunk(data)
+    if dec.done:
+        out += encode_last_chunk(relayed_trailers(dec.trailers))
+    return out, pos
+
+
+async def deliver(side: ClientSide, head: MessageHead, ex: Exchange,
+                 action: ClusterAction, conn: UpstreamConn, resp: MessageHead, ubuf: bytes,
+                 websocket: bool, request_complete: bool) -> bool:
+    """Relay the final response (or open the WebSocket tunnel)."""
+    if resp.status == 101:
+        if not websocket:
+            raise ProxyError(502, flags.UPSTREAM_PROTOCOL_ERROR, "upstream",
+                             "upstream switched protocols without being asked")
+        await tunnel(side, ex, conn, resp, ubuf)
+        return False
+    return await _relay_response(side, head, ex, action, conn, resp, ubuf, request_complete)
+
+
+async def _send_request_body(side: ClientSide, head: MessageHead, ex: Exchange,
+                             conn: UpstreamConn, state: BodyState, dec: ChunkedDecoder | None,
+                             want_continue: bool) -> None:
+    """Stream the rest of the request body client -> upstream; each send waits for the
+    upstream to take the bytes before more are read from the client (backpressure). A
+    chunked body arrives with its decoder, already fed with what was buffered."""
+    send_u = conn.send
+    idle = side.ctx.spec.idle_timeout
+    side.phase = PH_REQ_BODY
+    if want_continue:
+        # RFC 9110 section 10.1.1: the client waits for this before sending the body.
+        await side.send(CONTINUE_100)
+    try:
+        if dec is not None:
+            while not dec.done:
+                side.deadline = side.reactor.now + idle
+                buf = await side.recv()
+                if not buf:
+                    raise PeerClosed("client closed during the request body")
+                out, pos = _decode_chunks(dec, buf, 0, ex)
+                if out:
+                    state.keep(out)
+                    await _send_up(send_u, out)
+            # What followed the last chunk belongs to the next request.
+            side.buf, side.pos = buf, pos
+        else:
+            buf, pos = side.buf, side.pos
+            remaining = head.content_length
+            take = min(remaining, len(buf) - pos)
+            if take:
+                state.keep(buf[pos:pos + take])
+                await _send_up(send_u, buf[pos:pos + take])
+                remaining -= take
+                ex.bytes_in += take
+            side.buf, side.pos = buf, pos + take
+            while remaining:
+                side.deadline = side.reactor.now + idle
+                # Read no further than the body: what follows belongs to the next request.
+                data = await side.recv(min(remaining, RECV_SIZE))
+                if not data:
+                    raise PeerClosed("client closed during the request body")
+                state.keep(data)
+                await _send_up(send_u, data)
+                remaining -= len(data)
+                ex.bytes_in += len(data)
+        state.done = True
+    except _UpstreamGone:
+        # The upstream stopped taking the body; it may have answered early (413, 401...),
+        # which is read and relayed next. The connection closes after it: the rest of the
+        # request body was never read.
+        side.phase = PH_UPSTREAM
+
+
+async def _read_response_head(side: ClientSide, head: MessageHead,
+                              conn: UpstreamConn, deadline: float = 0.0
+                              ) -> tuple[MessageHead, bytes]:
+    """The final response head (1xx relayed on the way) and the bytes read with it;
+    trio.TooSlowError past `deadline` (the per-try timeout; 0: none)."""
+    parser = side.ctx.parser
+    recv_u = conn.recv
+    try:
+        data = await conn.recv_wait(deadline=deadline)
+    except PeerClosed:
+        raise _StaleConnection() from None
+    if not data:
+        raise _StaleConnection()
+    ubuf, upos = data, 0
+    while True:
+        try:
+            resp = parser.parse_response(ubuf, upos)
+            while resp is not None and resp.status < 200 and resp.status != 101:
+                if relay_informational(head, resp.status):
+                    await side.send(serialize_head(
+                        b"HTTP/1.1 %d %s" % (resp.status, resp.reason or reason(resp.status)),
+                        resp.headers, RESPONSE_SKIP, []))
+                upos = resp.end
+                resp = parser.parse_response(ubuf, upos) if upos < len(ubuf) else None
+        except ParseError as exc:
+            raise ProxyError(502, flags.UPSTREAM_PROTOCOL_ERROR, "upstream",
+                             f"upstream protocol error: {exc.reason}",
+                             stat="upstream_cx_protocol_error") from None
+        if resp is not None:
+            return resp, ubuf
+        try:
+            data = await recv_u(deadline=deadline)
+        except PeerClosed:
+            data = b""
+        if not data:
+            raise ProxyError(503, flags.UPSTREAM_CONNECTION_TERMINATION, "upstream",
+                             "upstream disconnect/reset before the response was complete",
+                             stat="upstream_cx_destroy_remote_with_active_rq")
+        ubuf = ubuf[upos:] + data if upos < len(ubuf) else data
+        upos = 0
+
+
+def _truncated() -> ProxyError:
+    return ProxyError(502, flags.UPSTREAM_CONNECTION_TERMINATION, "upstream",
+                      "upstream closed before the response body was complete",
+                      stat="upstream_cx_destroy_remote_with_active_rq")
+
+
+async def _relay_response(side: ClientSide, head: MessageHead, ex: Exchange,
+                          action: ClusterAction, conn: UpstreamConn, resp: MessageHead,
+                          ubuf: bytes, request_complete: bool) -> bool:
+    send_d, recv_u = side.send, conn.recv
+    status = resp.status
+    plan = plan_response(head, resp, request_complete,
+                         not side.ctx.state.draining and not side.too_old())
+    framing, keep, down_chunked, extra = plan.framing, plan.keep, plan.down_chunked, plan.extra
+    if ex.resp_extra:
+        extra += ex.resp_extra
+    out = serialize(b"HTTP/1.1 %d %s" % (status, resp.reason or reason(status)), resp,
+                     action.ops.response_skip, action.ops.response_add, extra)
+    ex.status = ex.upstream_status = status
+    side.phase = PH_RESP_BODY
+    upos = resp.end
+    reusable = upstream_reusable(request_complete, resp, framing)
+    ex.response_started = True
+    if framing == F_NONE:
+        await send_d(out)
+    elif framing == F_LENGTH:
+        remaining = resp.content_length
+        take = min(len(ubuf) - upos, remaining)
+        await send_d(out + ubuf[upos:upos + take] if take else out)
+        remaining -= take
+        upos += take
+        ex.bytes_out = take
+        while remaining:
+            try:
+                data = await recv_u(min(remaining, RECV_SIZE))
+            except PeerClosed:
+                data = b""
+            if not data:
+                raise _truncated()
+            await send_d(data)
+            remaining -= len(data)
+            ex.bytes_out += len(data)
+    elif framing == F_CHUNKED:
+        dec = ChunkedDecoder(error_status=502)
+        pending = out
+        while True:
+            try:
+                parts, upos = dec.feed(ubuf, upos)
+            except ParseError as exc:
+                raise ProxyError(502, flags.UPSTREAM_PROTOCOL_ERROR, "upstream",
+                                 f"upstream protocol error: {exc.reason}",
+                                 stat="upstream_cx_protocol_error") from None
+            if parts:
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                ex.bytes_out += len(data)
+                pending += encode_chunk(data) if down_chunked else data
+            if dec.done:
+                if down_chunked:
+                    pending += encode_last_chunk(relayed_trailers(dec.trailers))
+                await send_d(pending)
+                break
+            if pending:
+                await send_d(pending)
+                pending = b""
+            try:
+                ubuf, upos = await recv_u(), 0
+            except PeerClosed:
+                ubuf = b""
+            if not ubuf:
+                raise _truncated()
+    else:
+        pending, data = out, ubuf[upos:]
+        while True:
+            if data:
+                ex.bytes_out += len(data)
+                pending += encode_chunk(data) if down_chunked else data
+            if pending:
+                await send_d(pending)
+                pending = b""
+            try:
+                data = await recv_u()
+            except PeerClosed:
+                raise _truncated() from None  # a reset is not an end of body
+            if not data:
+                break
+        if down_chunked:
+            await send_d(encode_last_chunk())
+        upos = len(ubuf)
+    side.upstream = None
+    if reusable and upos >= len(ubuf):
+        conn.endpoint.release(conn, side.reactor.now)
+    else:
+        conn.close()
+    return keep
