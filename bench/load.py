@@ -97,15 +97,18 @@ http {{
 
 
 def start_haproxy(tmp: Path, port: int, origin: int, bind_options: str = "",
-                  global_options: str = "") -> subprocess.Popen:
+                  global_options: str = "", defaults_options: str = "",
+                  maxconn: int = 4000) -> subprocess.Popen:
     conf = tmp / "haproxy.cfg"
     conf.write_text(f"""
 global
     nbthread 1
-    maxconn 4000
+    maxconn {maxconn}
     {global_options}
 defaults
     mode http
+    maxconn {maxconn}
+    {defaults_options}
     timeout connect 5s
     timeout client 60s
     timeout server 60s

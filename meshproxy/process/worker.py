@@ -70,6 +70,8 @@ class Worker:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self.state.wake = self._wake
+                self.state.leave = self.admission.leave
                 await nursery.start(self.reactor.run)
                 nursery.start_soon(self.reactor.run_timers)
                 nursery.start_soon(self._sweep)
@@ -77,6 +79,8 @@ class Worker:
                 self.stats.block.set(self.stats.live, 1)
                 task_status.started(bound)
         finally:
+            self.state.wake = None
+            self._close_parked()  # connections with no task, which no cancellation reaches
             self.stats.block.set(self.stats.live, 0)
             for lst in self.listeners.values():
                 lst.stop()
@@ -163,18 +167,34 @@ class Worker:
         assert self._nursery is not None
         self._nursery.start_soon(export)
 
+    async def _drive(self, conn: DownstreamConnection) -> None:
+        """One stretch of a connection's life in a task: until it closes, or parks (it
+        stays counted in --max-connections while parked)."""
+        parked = False
+        try:
+            parked = await conn.run()
+        except Exception:
+            # A bug costs one connection, never the worker (run() closed the socket).
+            log.exception("internal error on a connection from %s", conn.peer)
+        finally:
+            if not parked:
+                self.admission.leave()
+
+    def _wake(self, conn: DownstreamConnection) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._drive, conn)
+
+    def _close_parked(self) -> None:
+        for conn in [c for c in self.reactor.timed
+                     if isinstance(c, DownstreamConnection) and c.parked]:
+            conn.close_parked()
+
     async def _accept(self, lst: _Listener) -> None:
         ctx = lst.ctx
         admission = self.admission
 
         async def handler(sock: socket.socket, peer: tuple) -> None:
-            try:
-                await DownstreamConnection(ctx, sock, peer).run()
-            except Exception:
-                # A bug costs one connection, never the worker (run() closed the socket).
-                log.exception("internal error on a connection from %s", peer)
-            finally:
-                admission.leave()
+            await self._drive(DownstreamConnection(ctx, sock, peer))
 
         assert self._nursery is not None
         with lst.scope:
@@ -192,7 +212,7 @@ class Worker:
                     # Idle keep-alive connections, and ones that have sent nothing yet, go
                     # now; the others close after their response (Connection: close).
                     if isinstance(conn, DownstreamConnection) and conn.between_requests():
-                        conn.cs.cancel()
+                        conn.expire()
                 await trio.sleep(0.05)
         if self.admission.active:
             log.warning("drain timeout: closing %d connections still open",

@@ -37,11 +37,16 @@ class WorkerState:
     on-demand discovery where to ask for a missing authority (`demand(authority)`) and
     the event set when the next snapshot is in (`changed`, replaced at each)."""
 
-    __slots__ = ("stats", "draining", "demand", "changed", "asked")
+    __slots__ = ("stats", "draining", "demand", "changed", "asked", "wake", "leave")
 
     def __init__(self, stats: Any) -> None:
         self.stats = stats
         self.draining = False
+        # Set by the worker: `wake(conn)` gives a parked connection a task again; `leave()`
+        # counts a connection closed outside a task out of --max-connections. Without
+        # them (None) connections never park.
+        self.wake: Any = None  # Callable[[DownstreamConnection], None] | None
+        self.leave: Any = None  # Callable[[], None] | None
         self.demand: Any = None  # Callable[[bytes], None] | None
         self.changed = trio.Event()
         self.asked: set[bytes] = set()  # authorities asked for since the last snapshot

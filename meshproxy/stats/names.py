@@ -64,6 +64,8 @@ LISTENER = (
     counter("downstream_cx_total", "connections accepted"),
     gauge("downstream_cx_active", "connections open", ends_as="downstream_cx_destroy"),
     counter("downstream_cx_destroy", "connections closed"),
+    gauge("downstream_cx_parked",
+          "idle keep-alive connections waiting with no task (parked on the reactor)"),
     counter("ssl.handshake", "TLS handshakes completed"),
     counter("ssl.connection_error", "TLS handshakes that failed or timed out"),
     counter("ssl.no_certificate",

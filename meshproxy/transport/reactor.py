@@ -21,6 +21,12 @@ Edge-triggered rules (epoll(7)):
 Only readability goes through the reactor. Writability is rare (a full send buffer) and
 uses trio's own `wait_writable`.
 
+Parking: a keep-alive connection idle for a while gives up its trio task (a task and its
+chain of suspended coroutines is most of an idle connection's memory) and leaves a
+callback in `Channel.parked`; the next edge on the socket calls it from the batch, and it
+hands the connection a new task. An edge that came before the callback was left is in
+`ready`, which the parker checks.
+
 Timers: connections keep their deadline as a plain float (`Timed.deadline`), set with one
 attribute store per phase; a ticker checks them every TICK seconds and cancels the scope of
 any connection past its deadline. Timeouts therefore fire up to TICK late, like HAProxy's
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import select
 import socket
+from collections.abc import Callable
 from typing import Protocol
 
 import outcome
@@ -52,8 +59,8 @@ TICK = 0.05
 class Channel:
     """A socket registered with the reactor."""
 
-    __slots__ = ("sock", "fd", "reader", "ready", "drained", "hup", "deadline", "_channels",
-                 "_waits")
+    __slots__ = ("sock", "fd", "reader", "ready", "drained", "hup", "deadline", "parked",
+                 "_channels", "_waits")
 
     def __init__(self, sock: socket.socket, channels: dict[int, Channel],
                  waits: set[Channel]) -> None:
@@ -67,6 +74,9 @@ class Channel:
         self.drained = True
         self.hup = False  # the peer shut down its sending side, or the socket failed
         self.deadline = 0.0
+        # A connection parked without a task (nobody waits on the channel): called once by
+        # the reactor, from its batch, at the next edge; it hands the connection a task.
+        self.parked: Callable[[], None] | None = None
         self._channels = channels
         self._waits = waits
 
@@ -99,14 +109,19 @@ class Channel:
         close; a task still parked on it is woken with ClosedResourceError."""
         if self._channels.get(self.fd) is self:
             del self._channels[self.fd]
+        self.parked = None
         if self.reader is not None:
             task, self.reader = self.reader, None
             reschedule(task, outcome.Error(trio.ClosedResourceError("socket closed")))
 
 
 class Timed(Protocol):
+    """A connection with a deadline: `expire` is called once it has passed (it cancels the
+    connection's scope, or closes a connection that has no task)."""
+
     deadline: float
-    cs: trio.CancelScope
+
+    def expire(self) -> None: ...
 
 
 class Reactor:
@@ -145,6 +160,10 @@ class Reactor:
                             reschedule(task)
                         else:
                             ch.ready = True
+                            wake = ch.parked
+                            if wake is not None:
+                                ch.parked = None
+                                wake()
         finally:
             epoll.close()
 
@@ -154,7 +173,7 @@ class Reactor:
             now = self.now = trio.current_time()
             expired = [t for t in self.timed if t.deadline <= now]
             for t in expired:
-                t.cs.cancel()
+                t.expire()
             for ch in [c for c in self.waits if c.deadline <= now]:
                 self.waits.discard(ch)
                 if ch.reader is not None:

@@ -84,6 +84,9 @@ class _Conn:
         self.deadline = deadline
         self.cs = trio.CancelScope()
 
+    def expire(self) -> None:
+        self.cs.cancel()
+
 
 def test_reactor_timers_cancel_after_deadline() -> None:
     async def main() -> None:
@@ -96,6 +99,27 @@ def test_reactor_timers_cancel_after_deadline() -> None:
             took = trio.current_time() - start
             assert conn.cs.cancelled_caught
             assert 0.2 <= took <= 0.2 + 2 * TICK + 0.1
+
+    trio.run(main)
+
+
+def test_reactor_parked_channel_woken_once_from_the_batch() -> None:
+    async def main() -> None:
+        async with running() as (reactor, ch, peer, _n):
+            woken: list[int] = []
+            ch.parked = lambda: woken.append(1)
+            await trio.sleep(0.05)
+            assert woken == []  # nothing sent: nothing called
+            peer.send(b"x")
+            with trio.fail_after(1):
+                while not woken:
+                    await trio.sleep(0.01)
+            assert ch.parked is None and ch.ready  # once, and the edge is kept for the task
+            peer.send(b"y")
+            await trio.sleep(0.05)
+            assert woken == [1]
+            with trio.fail_after(1):
+                assert await recv_after_wait(ch) == b"xy"
 
     trio.run(main)
 
