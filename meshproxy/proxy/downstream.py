@@ -163,20 +163,14 @@ class DownstreamConnection(ClientSide):
 
     def close_parked(self) -> None:
         """Close a parked connection without a task: its idle timeout passed, the worker
-        drains or stops. The TLS close_notify is one best-effort send (it fits any socket
-        buffer; a clean close is not worth a wait)."""
+        drains or stops (the TLS close_notify is a best-effort send)."""
         self.parked = False
         self.ch.parked = None
         ls = self.ctx.lstats
         ls.block.add(ls.downstream_cx_parked, -1)
         self._count_closed()
         if self.tls is not None and self.ch.sock.fileno() >= 0:
-            alert = self.tls.close_notify_record()
-            if alert:
-                try:
-                    self.sock.send(alert)
-                except OSError:
-                    pass
+            self.tls.close_notify_nowait(self.sock)
         close(self.ch)
         leave = self.ctx.state.leave
         if leave is not None:

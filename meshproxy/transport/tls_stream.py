@@ -14,6 +14,7 @@ connection with an alert.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -201,6 +202,16 @@ class TLSStream:
             return self.ssl.bio_read(FLUSH_SIZE)
         except SSL.Error:
             return b""
+
+    def close_notify_nowait(self, sock: socket.socket) -> None:
+        """close_notify (RFC 8446 section 6.1), best effort: one non-blocking send of a
+        record that fits any socket buffer; a clean close is not worth a wait."""
+        alert = self.close_notify_record()
+        if alert:
+            try:
+                sock.send(alert)
+            except OSError:
+                pass
 
     async def close_notify(self) -> None:
         """Send close_notify (RFC 8446 section 6.1) before the socket is closed."""

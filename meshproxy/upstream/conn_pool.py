@@ -69,14 +69,7 @@ class UpstreamConn:
         if self.open:
             self._closed()
             if self.tls is not None:
-                # close_notify (RFC 8446 section 6.1), best effort: one non-blocking send of
-                # a record that fits any socket buffer; a clean close is not worth a wait.
-                alert = self.tls.close_notify_record()
-                if alert:
-                    try:
-                        self.sock.send(alert)
-                    except OSError:
-                        pass
+                self.tls.close_notify_nowait(self.sock)
             close(self.ch)
 
     def abort(self) -> None:

@@ -113,3 +113,25 @@ def test_tls_listener_key_update_mid_connection(origin, tmp_path, certs) -> None
     assert r.stdout.count(b"HTTP/1.1 200") == 2
     assert [q.target for q in origin.requests] == [b"/one", b"/two"]
     p.stop()
+
+
+def test_tls_listener_connection_parks_and_serves_again(origin, tmp_path, certs) -> None:
+    """A TLS keep-alive connection idle past downstream.PARK_AFTER parks with no task and
+    serves its next request through the same TLS session when the client speaks again."""
+    import socket
+    import ssl
+
+    from tests.helpers import read_response
+
+    d, cl = certs
+    p = tls_proxy(tmp_path, origin, cl)
+    ctx = ssl.create_default_context(cafile=str(d / "ca.pem"))
+    with socket.create_connection(("127.0.0.1", p.port)) as raw, \
+            ctx.wrap_socket(raw, server_hostname="a.example") as s:
+        for path in (b"/one", b"/two"):
+            s.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: a.example\r\n\r\n")
+            assert read_response(s)[0] == 200
+            wait_for(lambda: stat(p, "listener.ingress.downstream_cx_parked") == 1, 5)
+    assert [q.target for q in origin.requests[-2:]] == [b"/one", b"/two"]
+    assert stat(p, "listener.ingress.ssl.handshake") == 1
+    p.stop()
