@@ -52,15 +52,21 @@ def wait_port(port: int, timeout: float = 10) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and, recursively, its children (the supervisor and its
-    workers): fields 14 and 15 of /proc/PID/stat."""
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process and, recursively, its children (the
+    supervisor and its workers): fields 14 and 15 of /proc/PID/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    total = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    user, system = int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
     for task in Path(f"/proc/{pid}/task").iterdir():
         for child in (task / "children").read_text().split():
-            total += cpu_seconds(int(child))
-    return total
+            u, s = cpu_split(int(child))
+            user, system = user + u, system + s
+    return user, system
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its children (cpu_split)."""
+    return sum(cpu_split(pid))
 
 
 @dataclass
@@ -70,6 +76,8 @@ class Result:
     p99_ms: float
     requests: int
     cpu_us_per_req: float
+    user_us_per_req: float = 0.0
+    sys_us_per_req: float = 0.0
 
 
 def start_nginx(tmp: Path, port: int) -> subprocess.Popen:
@@ -187,10 +195,12 @@ def run_wrk(port: int, duration: float, connections: int) -> tuple[int, float, f
 def measure(name: str, proc: subprocess.Popen, port: int, duration: float,
             connections: int) -> Result:
     run_wrk(port, 2, connections)  # warm-up: pools filled, code paths hot
-    c0 = cpu_seconds(proc.pid)
+    u0, s0 = cpu_split(proc.pid)
     requests, rps, p99 = run_wrk(port, duration, connections)
-    c1 = cpu_seconds(proc.pid)
-    return Result(name, rps, p99, requests, (c1 - c0) / max(requests, 1) * 1e6)
+    u1, s1 = cpu_split(proc.pid)
+    per = 1e6 / max(requests, 1)
+    return Result(name, rps, p99, requests, (u1 - u0 + s1 - s0) * per, (u1 - u0) * per,
+                  (s1 - s0) * per)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -237,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                         stop(proc)
                     results[name].append(r)
                     print(f"  {name}: {r.rps:,.0f} req/s, p99 {r.p99_ms:.2f} ms, "
-                          f"{r.cpu_us_per_req:.1f} us CPU/req", file=sys.stderr)
+                          f"{r.cpu_us_per_req:.1f} us CPU/req (user {r.user_us_per_req:.1f}, "
+                          f"system {r.sys_us_per_req:.1f})", file=sys.stderr)
         finally:
             stop(nginx)
 
@@ -248,10 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nGET, 100-byte responses, keep-alive, wrk -c{args.connections} "
           f"-d{args.duration:g}s, proxy pinned to one core unless noted; best of "
           f"{args.rounds} rounds\n")
-    print("| proxy | requests/s | p99 latency | CPU per request | CPU vs HAProxy |")
-    print("|---|---:|---:|---:|---:|")
+    print("| proxy | requests/s | p99 latency | CPU per request | user | system "
+          "| CPU vs HAProxy |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in (best(n) for n in names):
         print(f"| {r.name} | {r.rps:,.0f} | {r.p99_ms:.2f} ms | {r.cpu_us_per_req:.1f} us | "
+              f"{r.user_us_per_req:.1f} us | {r.sys_us_per_req:.1f} us | "
               f"{r.cpu_us_per_req / h.cpu_us_per_req:.2f}x |")
     return 0
 
