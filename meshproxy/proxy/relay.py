@@ -115,11 +115,9 @@ async def attempt(side: ClientSide, head: MessageHead, ex: Exchange, cluster: Cl
     stale_retry = False
     while True:
         kind, conn = cluster.admit(ep, side.reactor.now)
-        if kind == REUSE:
-            reused = True
-        else:
+        reused = kind == REUSE
+        if conn is None or not reused:
             conn, reused = await establish(side.reactor, cluster, ep, kind, conn)
-        assert conn is not None
         side.upstream = conn
         ex.upstream_host = ep.label
         try:
