@@ -8,7 +8,7 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml setup.py MANIFEST.in README.md ./
 COPY meshproxy ./meshproxy
-# One wheel for meshproxy (compiled _core) plus wheels of its dependencies.
+# One wheel for meshproxy (compiled _core and fast path) plus wheels of its dependencies.
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim-bookworm

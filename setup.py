@@ -1,4 +1,6 @@
-"""Build the compiled hot path: every meshproxy/_core/*.pyx with one set of directives."""
+"""Build the compiled hot path with one set of directives: every meshproxy/_core/*.pyx (the
+sans-IO cores) and meshproxy/proxy/*.pyx (the fast path that drives them from the
+reactor)."""
 
 from pathlib import Path
 
@@ -17,8 +19,9 @@ DIRECTIVES = {
 }
 
 extensions = [
-    Extension(f"meshproxy._core.{path.stem}", [str(path)], extra_compile_args=["-O2"])
-    for path in sorted(Path("meshproxy/_core").glob("*.pyx"))
+    Extension(f"meshproxy.{package}.{path.stem}", [str(path)], extra_compile_args=["-O2"])
+    for package in ("_core", "proxy")
+    for path in sorted(Path(f"meshproxy/{package}").glob("*.pyx"))
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=DIRECTIVES, quiet=True))

@@ -1,9 +1,10 @@
 """End-to-end load comparison: meshproxy vs HAProxy, same origin, same core, same run.
 
-    python -m bench.load [--duration 10] [--connections 64] [--rounds 2]
+    python -m bench.load [--duration 10] [--connections 64] [--rounds 2] [--body-size 100]
 
 Setup (2-core machine): each proxy runs pinned to core 0 with one worker (HAProxy:
-nbthread 1); nginx (the origin, 100-byte responses, keep-alive) and wrk run on core 1.
+nbthread 1); nginx (the origin: a static body, 100 bytes unless --body-size says otherwise,
+keep-alive) and wrk run on core 1.
 Both proxies keep upstream connections alive. For each proxy, after a warm-up, wrk runs
 for `--duration` seconds and the proxy's CPU time (utime + stime from /proc/PID/stat) is
 divided by the requests wrk completed: CPU microseconds per request, the figure that does
@@ -32,7 +33,7 @@ from pathlib import Path
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROXY_CORE = "0"
 LOAD_CORE = "1"
-BODY = "x" * 100
+BODY_SIZE = 100
 
 
 def free_port() -> int:
@@ -80,7 +81,11 @@ class Result:
     sys_us_per_req: float = 0.0
 
 
-def start_nginx(tmp: Path, port: int) -> subprocess.Popen:
+def start_nginx(tmp: Path, port: int, body_size: int = BODY_SIZE) -> subprocess.Popen:
+    (tmp / "body.txt").write_bytes(b"x" * body_size)
+    # nginx's workers drop root for nobody: the directory must be readable to them.
+    os.chmod(tmp, 0o755)
+    os.chmod(tmp / "body.txt", 0o644)
     conf = tmp / "nginx.conf"
     conf.write_text(f"""
 worker_processes 1;
@@ -94,7 +99,8 @@ http {{
     keepalive_timeout 300s;
     server {{
         listen 127.0.0.1:{port} reuseport backlog=4096;
-        location / {{ default_type text/plain; return 200 "{BODY}"; }}
+        root {tmp};
+        location / {{ default_type text/plain; try_files /body.txt =404; }}
     }}
 }}
 """)
@@ -135,7 +141,8 @@ backend be
 
 
 def start_meshproxy(tmp: Path, port: int, origin: int, *extra: str,
-                    pin: bool = True, resilience: bool = False) -> subprocess.Popen:
+                    pin: bool = True, resilience: bool = False,
+                    access_log: bool = False) -> subprocess.Popen:
     conf = tmp / "meshproxy.json"
     route: dict = {"cluster": "origin"}
     cluster: dict = {"name": "origin", "max_idle_connections": 1024,
@@ -148,12 +155,13 @@ def start_meshproxy(tmp: Path, port: int, origin: int, *extra: str,
         cluster["circuit_breakers"] = {"max_connections": 1024, "max_requests": 1024,
                                        "retry_budget": {"budget_percent": 20}}
         cluster["outlier_detection"] = {"consecutive_5xx": 5}
-    conf.write_text(json.dumps({
-        "listeners": [{"name": "bench", "address": "127.0.0.1", "port": port,
-                       "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
-                           {"match": {"prefix": "/"}, "route": route}]}]}],
-        "clusters": [cluster],
-    }))
+    listener: dict = {"name": "bench", "address": "127.0.0.1", "port": port,
+                      "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+                          {"match": {"prefix": "/"}, "route": route}]}]}
+    if access_log:
+        # Envoy's default text format, one line per request, to a file.
+        listener["access_log"] = {"path": str(tmp / f"access-{port}.log")}
+    conf.write_text(json.dumps({"listeners": [listener], "clusters": [cluster]}))
     cmd = [sys.executable, "-m", "meshproxy", "run", "--config", str(conf),
            "--log-level", "warning", "--admin-address", "off", *extra]
     if "--workers" not in extra:
@@ -171,6 +179,9 @@ VARIANTS: dict[str, object] = {
     "meshproxy": start_meshproxy,
     "meshproxy --no-stats": lambda t, p, o: start_meshproxy(t, p, o, "--no-stats"),
     "meshproxy +resilience": lambda t, p, o: start_meshproxy(t, p, o, resilience=True),
+    "meshproxy +access-log": lambda t, p, o: start_meshproxy(t, p, o, access_log=True),
+    # Every request served from a task (the compiled fast path off): what it saves.
+    "meshproxy --no-fast-path": lambda t, p, o: start_meshproxy(t, p, o, "--no-fast-path"),
     # Two workers on the two cores, sharing them with wrk and the origin: shows how the
     # pool scales when the proxy is not the only thing running (CPU/request summed).
     "meshproxy --workers 2": lambda t, p, o: start_meshproxy(t, p, o, "--workers", "2",
@@ -217,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--body-size", type=int, default=BODY_SIZE, metavar="BYTES",
+                    help="the origin's response body (default 100; 16384 for the 16 KiB "
+                         "figures)")
     ap.add_argument("--variants", default="haproxy,meshproxy",
                     help="comma-separated, among: " + ", ".join(VARIANTS) +
                          " (haproxy is always measured: the ratios are to it)")
@@ -235,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         origin_port = free_port()
-        nginx = start_nginx(tmp, origin_port)
+        nginx = start_nginx(tmp, origin_port, args.body_size)
         try:
             for _ in range(args.rounds):
                 for name in names:
@@ -256,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         return min(results[name], key=lambda r: r.cpu_us_per_req)
 
     h = best("haproxy")
-    print(f"\nGET, 100-byte responses, keep-alive, wrk -c{args.connections} "
+    print(f"\nGET, {args.body_size:,}-byte responses, keep-alive, wrk -c{args.connections} "
           f"-d{args.duration:g}s, proxy pinned to one core unless noted; best of "
           f"{args.rounds} rounds\n")
     print("| proxy | requests/s | p99 latency | CPU per request | user | system "

@@ -144,7 +144,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         workers=args.workers, cpu_affinity=args.cpu_affinity,
         max_connections=args.max_connections, drain_timeout=args.drain_timeout,
         admin_address=args.admin_address, log_level=args.log_level,
-        access_log=args.access_log, stats=not args.no_stats,
+        access_log=args.access_log, stats=not args.no_stats, fast_path=args.fast_path,
         capacity=Capacity(args.max_listeners, args.max_clusters, args.max_endpoints))
     try:
         if args.control_plane:
@@ -285,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-stats", action="store_true",
                      help="workers record no stats (/stats then shows only server.*); for "
                           "measuring what stats cost")
+    run.add_argument("--no-fast-path", dest="fast_path", action="store_false",
+                     default=os.environ.get("MESHPROXY_FAST_PATH", "on") != "off",
+                     help="serve every request from a task, none from the reactor's compiled "
+                          "fast path (the same behaviour, slower; default from "
+                          "MESHPROXY_FAST_PATH=on|off, on)")
     run.add_argument("--log-level", default=os.environ.get("MESHPROXY_LOG_LEVEL", "info"),
                      choices=["debug", "info", "warning", "error"], help="default: info")
     run.add_argument("--max-listeners", type=_positive, default=64, metavar="N",

@@ -28,6 +28,9 @@ import h11
 from meshproxy.transport.tls_material import KeyPair
 
 ROOT = Path(__file__).resolve().parent.parent
+# Whether proxies under test serve plain keep-alive requests on the compiled fast path
+# (proxy.fast_path); the suite runs once each way (tools/test.sh).
+FAST_PATH = os.environ.get("MESHPROXY_FAST_PATH", "on") != "off"
 
 
 @dataclass

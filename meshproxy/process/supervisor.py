@@ -72,6 +72,7 @@ class Options:
     workers: int
     cpu_affinity: bool = False
     max_connections: int = 0
+    fast_path: bool = True
     drain_timeout: float = 30.0
     admin_address: str | None = None  # "host:port", "off", or None for the config's
     log_level: str = "info"
@@ -345,6 +346,8 @@ class Supervisor:
             cmd += ["--cpu", str(w.index % ncpu)]
         if not self.opts.stats:
             cmd.append("--no-stats")
+        if not self.opts.fast_path:
+            cmd.append("--no-fast-path")
         fds = [r, self.segment.fd, self.buckets.fd]
         if self.demand is not None:
             self.demand.reset(w.index)

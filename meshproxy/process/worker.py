@@ -17,6 +17,7 @@ flight with `Connection: close`, wait up to the drain timeout, then stop.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 
 import trio
@@ -50,8 +51,13 @@ class _Listener:
 
 class Worker:
     def __init__(self, snapshot: Snapshot, sink: Sink | None = None,
-                 max_connections: int = 0) -> None:
+                 max_connections: int = 0, fast_path: bool | None = None) -> None:
         self.snapshot = snapshot
+        # Plaintext connections start on the compiled fast path (proxy.fast_path) unless
+        # it is off: --no-fast-path, or MESHPROXY_FAST_PATH=off for workers made in
+        # process (the test suite runs both ways).
+        self.fast_path = (os.environ.get("MESHPROXY_FAST_PATH", "on") != "off"
+                          if fast_path is None else fast_path)
         self.sink = sink or Sink.private()
         self.reactor = Reactor()
         self.stats = self.sink.worker()
@@ -185,20 +191,29 @@ class Worker:
         self._nursery.start_soon(self._drive, conn)
 
     def _close_parked(self) -> None:
-        for conn in [c for c in self.reactor.timed
-                     if isinstance(c, DownstreamConnection) and c.parked]:
-            conn.close_parked()
+        """Close the connections no task holds: parked, or waiting on the fast path."""
+        for conn in [c for c in self.reactor.timed if isinstance(c, DownstreamConnection)]:
+            if conn.parked:
+                conn.close_parked()
+            elif conn.flight is not None and conn.flight.waiting:
+                conn.close_taskless()
 
     async def _accept(self, lst: _Listener) -> None:
         ctx = lst.ctx
         admission = self.admission
 
-        async def handler(sock: socket.socket, peer: tuple) -> None:
-            await self._drive(DownstreamConnection(ctx, sock, peer))
+        nursery = self._nursery
+        assert nursery is not None
 
-        assert self._nursery is not None
+        def handler(sock: socket.socket, peer: tuple) -> None:
+            conn = DownstreamConnection(ctx, sock, peer)
+            if self.fast_path and ctx.tls is None:
+                conn.open_fast()
+            else:
+                nursery.start_soon(self._drive, conn)
+
         with lst.scope:
-            await accept_loop(lst.sock, handler, self._nursery, admission)
+            await accept_loop(lst.sock, handler, admission)
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let requests in flight finish (up to `timeout`), then return."""

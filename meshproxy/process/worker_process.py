@@ -55,7 +55,7 @@ async def _main(args: argparse.Namespace, segment: Segment) -> None:
     worker = Worker(compile_config(first.config, first.version, first.access_log_override,
                                    first.workers, first.material,
                                    buckets.memory(first.bucket_slots)),
-                    sink, args.max_connections)
+                    sink, args.max_connections, fast_path=not args.no_fast_path)
     if args.demand_fd is not None:
         demand = DemandMemory(first.workers, args.demand_fd)
         worker.state.demand = partial(demand.note, args.index)
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drain-timeout", type=float, default=30.0)
     ap.add_argument("--log-level", default="info")
     ap.add_argument("--no-stats", action="store_true")
+    ap.add_argument("--no-fast-path", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format=f"%(asctime)s %(levelname)s worker[{args.index}] %(name)s: "

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -41,10 +42,11 @@ from meshproxy.protocol.authority import service_authority, split_absolute_form
 from meshproxy.proxy.client_side import ClientSide
 from meshproxy.proxy.context import ListenerContext, ListenerTLS
 from meshproxy.proxy.exchange import Exchange, begin, finish
+from meshproxy.proxy.fast_path import Flight
 from meshproxy.proxy.filter_chain import on_request_headers
 from meshproxy.proxy.local_reply import LocalReply, local_reply
 from meshproxy.proxy.phases import PH_HEAD, PH_IDLE, PH_REQ_BODY
-from meshproxy.proxy.router import answer, forward
+from meshproxy.proxy.router import Resume, answer, forward
 from meshproxy.transport.sockio import PeerClosed, abort, close
 from meshproxy.transport.tls_context import SanRefused
 from meshproxy.transport.tls_stream import TLSError, TLSStream
@@ -69,7 +71,8 @@ class DownstreamConnection(ClientSide):
     """The driver of one client connection (the I/O state the layers below share is
     ClientSide's)."""
 
-    __slots__ = ("ex", "requests", "cs", "tls", "parked")
+    __slots__ = ("ex", "requests", "cs", "tls", "parked", "flight", "cont", "fast_hint",
+                 "counted")
 
     def __init__(self, ctx: ListenerContext, sock: socket.socket, peer: tuple) -> None:
         super().__init__(ctx, sock, peer)
@@ -79,6 +82,57 @@ class DownstreamConnection(ClientSide):
         # The reactor's ticker cancels `cs` once `deadline` has passed (see reactor.py).
         self.cs = trio.CancelScope()
         self.parked = False  # idle, with no task (see PARK_AFTER)
+        self.counted = False  # counted in the cx stats and the reactor's timers (open())
+        # The fast path's state for this connection (proxy.fast_path), None when it is off
+        # for the listener; `fast_hint`: the last request went that way, so the connection
+        # parks on it as soon as it is idle; `cont`: what a task does first when the fast
+        # path hands it an exchange it began.
+        self.flight: Flight | None = None
+        self.fast_hint = False
+        self.cont: Callable[[], Awaitable[bool]] | None = None
+
+    def open(self) -> None:
+        """Count the connection in (cx stats, the reactor's deadlines), once."""
+        self.counted = True
+        self.reactor.timed.add(self)
+        ls, ws = self.ctx.lstats, self.ctx.state.stats
+        blk = ls.block
+        blk.inc(ls.downstream_cx_total)
+        blk.add(ls.downstream_cx_active, 1)
+        blk.inc(ws.downstream_cx_total)
+        blk.add(ws.downstream_cx_active, 1)
+
+    def open_fast(self) -> None:
+        """A new plaintext connection goes straight to the fast path: no task until a
+        request needs one (the reactor reports bytes already queued at registration)."""
+        self.open()
+        self.flight = Flight(self)
+        self.fast_hint = True
+        self.park(self.flight.client_cb)
+
+    def park(self, wake: Callable[[], None]) -> None:
+        """Idle with no task: the reactor calls `wake` at the next edge."""
+        self.parked = True
+        self.buf, self.pos = b"", 0  # all consumed: the last request's bytes go
+        self.ch.parked = wake
+        ls = self.ctx.lstats
+        ls.block.add(ls.downstream_cx_parked, 1)
+
+    def unpark(self) -> None:
+        self.parked = False
+        ls = self.ctx.lstats
+        ls.block.add(ls.downstream_cx_parked, -1)
+
+    def hand_off(self, cont: Callable[[], Awaitable[bool]] | None) -> None:
+        """The fast path gives the connection to a task: `cont` runs first (the exchange
+        the fast path began goes on), then the connection is served as usual."""
+        self.cont = cont
+        self.ch.parked = None
+        wake = self.ctx.state.wake
+        if wake is None:
+            self.close_taskless()  # the worker is stopping
+        else:
+            wake(self)
 
     def between_requests(self) -> bool:
         """Idle keep-alive, or nothing of a request received yet: closing now loses no
@@ -93,6 +147,8 @@ class DownstreamConnection(ClientSide):
         to answer; a parked one is idle by definition and just closes."""
         if self.parked:
             self.close_parked()
+        elif self.flight is not None and self.flight.waiting:
+            self.flight.expire()
         else:
             self.cs.cancel()
 
@@ -100,15 +156,9 @@ class DownstreamConnection(ClientSide):
         """Serve the connection until it closes (False), or until it has been idle for
         PARK_AFTER and is parked on the reactor with no task (True); the worker then gives
         it a new task when the client sends again, and this is called once more."""
-        first = self.requests == 0
+        first = not self.counted
         if first:
-            self.reactor.timed.add(self)
-            ls, ws = self.ctx.lstats, self.ctx.state.stats
-            blk = ls.block
-            blk.inc(ls.downstream_cx_total)
-            blk.add(ls.downstream_cx_active, 1)
-            blk.inc(ws.downstream_cx_total)
-            blk.add(ws.downstream_cx_active, 1)
+            self.open()
         else:
             self.cs = trio.CancelScope()  # a scope serves one `with` block
         parked = False
@@ -117,6 +167,11 @@ class DownstreamConnection(ClientSide):
                 if first and self.ctx.tls is not None and not await self._handshake():
                     return False
                 try:
+                    cont = self.cont
+                    if cont is not None:
+                        self.cont = None
+                        if not await cont():
+                            return False
                     while await self._one_request():
                         pass
                 except _Park:
@@ -131,11 +186,9 @@ class DownstreamConnection(ClientSide):
                 self._finish(self.ex)
         finally:
             if parked:
-                self.parked = True
-                self.buf, self.pos = b"", 0  # all consumed: the last request's bytes go
-                self.ch.parked = self._wake
-                ls = self.ctx.lstats
-                ls.block.add(ls.downstream_cx_parked, 1)
+                flight = self.flight
+                self.park(flight.client_cb if flight is not None and self.fast_hint
+                          else self._wake)
             else:
                 if self.ex is not None:
                     self._finish(self.ex)  # ended some other way (worker stopping, a bug)
@@ -156,18 +209,27 @@ class DownstreamConnection(ClientSide):
         if wake is None:
             self.close_parked()  # the worker is stopping: no task to hand it to
             return
-        self.parked = False
-        ls = self.ctx.lstats
-        ls.block.add(ls.downstream_cx_parked, -1)
+        self.unpark()
         wake(self)
 
     def close_parked(self) -> None:
         """Close a parked connection without a task: its idle timeout passed, the worker
         drains or stops (the TLS close_notify is a best-effort send)."""
-        self.parked = False
+        self.unpark()
+        self.close_taskless()
+
+    def close_taskless(self) -> None:
+        """Close a connection that has no task (parked, or on the fast path): the
+        exchange the fast path has in flight ends first (the worker is stopping)."""
         self.ch.parked = None
-        ls = self.ctx.lstats
-        ls.block.add(ls.downstream_cx_parked, -1)
+        flight = self.flight
+        if flight is not None:
+            flight.abandon()
+        if self.ex is not None:
+            self._finish(self.ex)
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
         self._count_closed()
         if self.tls is not None and self.ch.sock.fileno() >= 0:
             self.tls.close_notify_nowait(self.sock)
@@ -264,6 +326,10 @@ class DownstreamConnection(ClientSide):
             if limit and self.born + limit < self.deadline:
                 self.deadline = self.born + limit  # an idle connection past it just closes
             if ctx.state.wake is not None:
+                ch = self.ch
+                if (self.fast_hint and self.flight is not None and ch.drained
+                        and not ch.ready and not ch.hup):
+                    raise _Park()  # nothing is queued: the fast path serves what comes
                 buf = await self._idle_wait()
             else:
                 buf = await self.recv_wait()
@@ -315,6 +381,7 @@ class DownstreamConnection(ClientSide):
             return False
         if head is None:
             return False
+        self.fast_hint = False
         self.requests += 1
         self.pos = head.end
         ex = self._begin(head)
@@ -395,12 +462,36 @@ class DownstreamConnection(ClientSide):
                 return await self._reply(ex, head, refusal)
         kind = type(action)
         if kind is ClusterAction:
-            result = await forward(self, head, ex, action)
-            if type(result) is bool:
-                return result
-            assert isinstance(result, LocalReply)
-            return await self._reply(ex, head, result)
+            return await self._forward(head, ex, action, None)
         return await self._reply(ex, head, answer(action, self.ctx.scheme, host, target))
+
+    async def _forward(self, head: MessageHead, ex: Exchange, action: ClusterAction,
+                       resume: Resume | None) -> bool:
+        result = await forward(self, head, ex, action, resume)
+        if type(result) is bool:
+            return result
+        assert isinstance(result, LocalReply)
+        return await self._reply(ex, head, result)
+
+    # ------------------------------------------------------------------ from the fast path
+
+    async def go_on(self, head: MessageHead, ex: Exchange, action: ClusterAction,
+                    resume: Resume) -> bool:
+        """An exchange the fast path began goes on in the router, from `resume`."""
+        keep = await self._forward(head, ex, action, resume)
+        self._finish(ex)
+        return keep
+
+    async def answer_with(self, head: MessageHead, ex: Exchange, reply: LocalReply) -> bool:
+        """The fast path's request is answered locally (the router's failure reply)."""
+        keep = await self._reply(ex, head, reply)
+        self._finish(ex)
+        return keep
+
+    async def timed_out(self) -> bool:
+        """The route timeout fired while the fast path waited for the upstream."""
+        await self._on_timeout()
+        return False
 
     # ------------------------------------------------------------------ local replies
 

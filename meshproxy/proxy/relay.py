@@ -84,9 +84,12 @@ async def _send_up(send: Callable[[bytes], Awaitable[None]], data: bytes) -> Non
 
 async def attempt(side: ClientSide, head: MessageHead, ex: Exchange, cluster: Cluster,
                   ep: Endpoint, up_head: bytes, state: BodyState, per_try: float,
-                  route_timeout: float) -> tuple[MessageHead, bytes, UpstreamConn]:
+                  route_timeout: float, stale_retry: bool = False
+                  ) -> tuple[MessageHead, bytes, UpstreamConn]:
     """One attempt: connect (or reuse), send the request, read the final response head.
-    The first attempt streams the body from the client; later ones replay the copy."""
+    The first attempt streams the body from the client; later ones replay the copy.
+    `stale_retry`: a reused connection was already found closed (the one resend that
+    allows is spent)."""
     cl = head.content_length
     has_body = head.chunked or cl > 0
     first_attempt = not state.started
@@ -112,7 +115,6 @@ async def attempt(side: ClientSide, head: MessageHead, ex: Exchange, cluster: Cl
             first = up_head + b"".join(state.replay)
         else:
             first = up_head
-    stale_retry = False
     while True:
         kind, conn = cluster.admit(ep, side.reactor.now)
         reused = kind == REUSE
@@ -143,14 +145,8 @@ async def attempt(side: ClientSide, head: MessageHead, ex: Exchange, cluster: Cl
                 # again by a later attempt (a request without a body included).
                 state.timer_started = True
                 side.deadline = side.reactor.now + route_timeout if route_timeout else NO_DEADLINE
-            try:
-                resp, ubuf = await _read_response_head(
-                    side, head, conn, side.reactor.now + per_try if per_try else 0.0)
-            except trio.TooSlowError:
-                raise ProxyError(504, flags.UPSTREAM_REQUEST_TIMEOUT, "upstream",
-                                 "upstream per-try timeout", retriable=True,
-                                 stat="upstream_rq_per_try_timeout",
-                                 failure=PER_TRY_TIMEOUT) from None
+            resp, ubuf = await response_head(
+                side, head, conn, side.reactor.now + per_try if per_try else 0.0)
         except _StaleConnection:
             conn.close()
             side.upstream = None
@@ -158,13 +154,49 @@ async def attempt(side: ClientSide, head: MessageHead, ex: Exchange, cluster: Cl
                 stale_retry = True  # the origin closed it as we wrote: the request never ran
                 cluster.stats.block.inc(cluster.stats.upstream_rq_retry)
                 continue
-            raise ProxyError(503, flags.UPSTREAM_CONNECTION_TERMINATION, "upstream",
-                             "upstream connect error or disconnect/reset before headers",
-                             retriable=True, stat="upstream_cx_destroy_remote_with_active_rq",
-                             failure=RESET) from None
+            raise _reset_before_headers() from None
         break
     conn.requests += 1
     return resp, ubuf, conn
+
+
+async def response_head(side: ClientSide, head: MessageHead, conn: UpstreamConn,
+                        deadline: float, initial: bytes = b"") -> tuple[MessageHead, bytes]:
+    """The final response head and the bytes read with it, 1xx relayed on the way, within
+    the per-try `deadline` (0: none); `initial`: what was already read of it."""
+    try:
+        return await _read_response_head(side, head, conn, deadline, initial)
+    except trio.TooSlowError:
+        raise per_try_timeout() from None
+
+
+async def resume_response(side: ClientSide, head: MessageHead, conn: UpstreamConn,
+                          deadline: float, unsent: bytes, initial: bytes
+                          ) -> tuple[MessageHead, bytes]:
+    """The rest of an attempt the fast path began on `conn`: the `unsent` end of the
+    request, then the response head from `initial` on."""
+    try:
+        if unsent:
+            try:
+                await conn.send(unsent)
+            except PeerClosed:
+                raise _StaleConnection() from None
+        return await response_head(side, head, conn, deadline, initial)
+    except _StaleConnection:
+        raise _reset_before_headers() from None
+
+
+def _reset_before_headers() -> ProxyError:
+    return ProxyError(503, flags.UPSTREAM_CONNECTION_TERMINATION, "upstream",
+                      "upstream connect error or disconnect/reset before headers",
+                      retriable=True, stat="upstream_cx_destroy_remote_with_active_rq",
+                      failure=RESET)
+
+
+def per_try_timeout() -> ProxyError:
+    return ProxyError(504, flags.UPSTREAM_REQUEST_TIMEOUT, "upstream",
+                      "upstream per-try timeout", retriable=True,
+                      stat="upstream_rq_per_try_timeout", failure=PER_TRY_TIMEOUT)
 
 
 def _decode_chunks(dec: ChunkedDecoder, buf: bytes, pos: int,
@@ -255,18 +287,21 @@ async def _send_request_body(side: ClientSide, head: MessageHead, ex: Exchange,
 
 
 async def _read_response_head(side: ClientSide, head: MessageHead,
-                              conn: UpstreamConn, deadline: float = 0.0
+                              conn: UpstreamConn, deadline: float = 0.0, initial: bytes = b""
                               ) -> tuple[MessageHead, bytes]:
     """The final response head (1xx relayed on the way) and the bytes read with it;
     trio.TooSlowError past `deadline` (the per-try timeout; 0: none)."""
     parser = side.ctx.parser
     recv_u = conn.recv
-    try:
-        data = await conn.recv_wait(deadline=deadline)
-    except PeerClosed:
-        raise _StaleConnection() from None
-    if not data:
-        raise _StaleConnection()
+    if initial:
+        data = initial
+    else:
+        try:
+            data = await conn.recv_wait(deadline=deadline)
+        except PeerClosed:
+            raise _StaleConnection() from None
+        if not data:
+            raise _StaleConnection()
     ubuf, upos = data, 0
     while True:
         try:
@@ -279,9 +314,7 @@ async def _read_response_head(side: ClientSide, head: MessageHead,
                 upos = resp.end
                 resp = parser.parse_response(ubuf, upos) if upos < len(ubuf) else None
         except ParseError as exc:
-            raise ProxyError(502, flags.UPSTREAM_PROTOCOL_ERROR, "upstream",
-                             f"upstream protocol error: {exc.reason}",
-                             stat="upstream_cx_protocol_error") from None
+            raise upstream_protocol_error(exc) from None
         if resp is not None:
             return resp, ubuf
         try:
@@ -289,11 +322,21 @@ async def _read_response_head(side: ClientSide, head: MessageHead,
         except PeerClosed:
             data = b""
         if not data:
-            raise ProxyError(503, flags.UPSTREAM_CONNECTION_TERMINATION, "upstream",
-                             "upstream disconnect/reset before the response was complete",
-                             stat="upstream_cx_destroy_remote_with_active_rq")
+            raise reset_during_head()
         ubuf = ubuf[upos:] + data if upos < len(ubuf) else data
         upos = 0
+
+
+def upstream_protocol_error(exc: ParseError) -> ProxyError:
+    return ProxyError(502, flags.UPSTREAM_PROTOCOL_ERROR, "upstream",
+                      f"upstream protocol error: {exc.reason}",
+                      stat="upstream_cx_protocol_error")
+
+
+def reset_during_head() -> ProxyError:
+    return ProxyError(503, flags.UPSTREAM_CONNECTION_TERMINATION, "upstream",
+                      "upstream disconnect/reset before the response was complete",
+                      stat="upstream_cx_destroy_remote_with_active_rq")
 
 
 def _truncated() -> ProxyError:
@@ -345,9 +388,7 @@ async def _relay_response(side: ClientSide, head: MessageHead, ex: Exchange,
             try:
                 parts, upos = dec.feed(ubuf, upos)
             except ParseError as exc:
-                raise ProxyError(502, flags.UPSTREAM_PROTOCOL_ERROR, "upstream",
-                                 f"upstream protocol error: {exc.reason}",
-                                 stat="upstream_cx_protocol_error") from None
+                raise upstream_protocol_error(exc) from None
             if parts:
                 data = parts[0] if len(parts) == 1 else b"".join(parts)
                 ex.bytes_out += len(data)

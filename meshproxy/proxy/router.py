@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 from time import perf_counter
+from typing import Any
 
 import trio
 
@@ -31,7 +32,7 @@ from meshproxy.proxy.exchange import BodyState, Exchange
 from meshproxy.proxy.head_rewrite import build_upstream_head
 from meshproxy.proxy.local_reply import LocalReply
 from meshproxy.proxy.phases import PH_RESP_BODY, PH_UPSTREAM
-from meshproxy.proxy.relay import attempt, deliver
+from meshproxy.proxy.relay import attempt, deliver, resume_response
 from meshproxy.proxy.retry_policy import (
     RetrySpec,
     backoff,
@@ -42,7 +43,7 @@ from meshproxy.proxy.retry_policy import (
 )
 from meshproxy.transport.sockio import abort
 from meshproxy.upstream.cluster_manager import Cluster
-from meshproxy.upstream.conn_pool import Endpoint
+from meshproxy.upstream.conn_pool import Endpoint, UpstreamConn
 
 _random = random.random
 OVERLOADED = (b"x-envoy-overloaded", b"true")
@@ -158,15 +159,113 @@ def _end_retry(cluster: Cluster) -> None:
     cst.block.add(cst.upstream_rq_retry_active, -1)
 
 
+class Resume:
+    """Where the fast path (proxy.fast_path) hands a request to a task, and how far it got:
+    it chose `cluster` and picked `ep`; with `opened`, its first attempt is counted in
+    (open_attempt: `lb`, `lb_index`, `started`) and `state` says what of the body went
+    upstream, and then exactly one of: `stale` (the reused connection was found closed
+    before any response byte: the attempt goes on on another one), `resp` (the final
+    response head, read from `conn` with `ubuf`), `ubuf` alone (the start of a response
+    from `conn`, an interim 1xx first: the head is read on, within the per-try
+    `deadline`, after the `unsent` end of the request), or `error` (the attempt
+    failed)."""
+
+    __slots__ = ("cluster", "ep", "key", "opened", "lb", "lb_index", "started", "state",
+                 "stale", "resp", "ubuf", "conn", "error", "deadline", "unsent")
+
+    def __init__(self, cluster: Cluster, ep: Endpoint, key: int) -> None:
+        self.cluster = cluster
+        self.ep = ep
+        self.key = key
+        self.opened = False
+        self.lb: Any = None
+        self.lb_index = 0
+        self.started = 0.0
+        self.state: BodyState | None = None
+        self.stale = False
+        self.resp: MessageHead | None = None
+        self.ubuf = b""
+        self.conn: UpstreamConn | None = None
+        self.error: ProxyError | None = None
+        self.deadline = 0.0
+        self.unsent = b""
+
+
+def overflow() -> ProxyError:
+    return ProxyError(503, flags.UPSTREAM_OVERFLOW, "upstream",
+                      "upstream overflow: max_requests reached")
+
+
+def failure_reply(ex: Exchange, err: ProxyError, close: bool, body_done: bool) -> LocalReply:
+    """The reply to a request that failed before its response began (Envoy adds
+    x-envoy-overloaded to an overflow's 503)."""
+    ex.flags = err.flag
+    ex.details = err.detail
+    extra = [OVERLOADED] if err.flag == flags.UPSTREAM_OVERFLOW else None
+    return LocalReply(err.status, err.detail.encode() + b"\n", err.flag, close=close,
+                      body_done=body_done, extra=extra)
+
+
+def open_attempt(cluster: Cluster, ep: Endpoint, n: int, now: float) -> bool:
+    """Count attempt n in once the breaker's max_requests admits it (upstream_rq_total and
+    _active, the endpoint's, the balancer's outstanding request); False, counted as
+    upstream_rq_pending_overflow, when it does not. A retry's max_retries slot was
+    reserved by _admit_retry; refused here, it is given back."""
+    cst, est = cluster.stats, ep.stats
+    blk = cst.block
+    breaker = cluster.breaker
+    if not breaker.try_request():
+        if n > 1:
+            breaker.end_retry()  # the reserved retry will not run
+            cluster.publish_retries()
+        blk.inc(cst.upstream_rq_pending_overflow)
+        return False
+    cluster.publish_requests()
+    blk.inc(cst.upstream_rq_total)
+    blk.add(cst.upstream_rq_active, 1)
+    blk.inc(est.rq_total)
+    blk.add(est.rq_active, 1)
+    ep.lb.start(ep.index)
+    if n > 1:
+        blk.inc(cst.upstream_rq_retry)
+        blk.add(cst.upstream_rq_retry_active, 1)
+        if cluster.budget is not None:
+            cluster.budget.record_retry(now)
+    return True
+
+
+def close_attempt(cluster: Cluster, est: Any, lb: Any, lb_index: int, started: float,
+                  status: int, now: float) -> None:
+    """An attempt opened by open_attempt has ended; `status` 0 when it got no response.
+    `lb` and `lb_index` are the ones it started with (a reload may replace both)."""
+    elapsed = perf_counter() - started
+    # Latency-aware balancers learn from responses only; a failure reports no time.
+    lb.finish(lb_index, elapsed if status else -1.0, now)
+    cst = cluster.stats
+    blk = cst.block
+    blk.add(cst.upstream_rq_active, -1)
+    blk.add(est.rq_active, -1)
+    cluster.breaker.end_request()
+    cluster.publish_requests()
+    if status:
+        blk.inc(cst.upstream_rq_1xx + status // 100 - 1)
+        blk.observe(cst.upstream_rq_time, elapsed * 1000.0)
+
+
 async def forward(dc: ClientSide, head: MessageHead, ex: Exchange,
-                  action: ClusterAction) -> bool | LocalReply:
+                  action: ClusterAction, resume: Resume | None = None) -> bool | LocalReply:
     """Forward the request, retrying as the policy allows. Whether the client connection
     stays open once the response was relayed, or the reply for the driver to write when
-    the request failed before its response began."""
-    name = ex.cluster = choose_cluster(action)
-    cluster = dc.ctx.clusters.get(name)
-    if cluster is None:
-        return LocalReply(503, b"cluster not found\n", flags.NO_CLUSTER)
+    the request failed before its response began. With `resume`, the request goes on
+    from where the fast path left it."""
+    if resume is None:
+        name = ex.cluster = choose_cluster(action)
+        found = dc.ctx.clusters.get(name)
+        if found is None:
+            return LocalReply(503, b"cluster not found\n", flags.NO_CLUSTER)
+        cluster = found
+    else:
+        cluster = resume.cluster
     cst = cluster.stats
     blk = cst.block
     timeout = action.timeout
@@ -178,17 +277,22 @@ async def forward(dc: ClientSide, head: MessageHead, ex: Exchange,
             return LocalReply(504, b"deadline exceeded\n", flags.UPSTREAM_REQUEST_TIMEOUT)
         if not timeout or left < timeout:
             timeout = left
-    key = hash_key(dc, head, action.hash_policy) if action.hash_policy else 0
-    ep = cluster.pick(dc.reactor.now, None, key)
-    if ep is None:
-        blk.inc(cst.upstream_cx_none_healthy)
-        return LocalReply(503, b"no healthy upstream\n", flags.NO_HEALTHY_UPSTREAM)
+    if resume is None:
+        key = hash_key(dc, head, action.hash_policy) if action.hash_policy else 0
+        picked = cluster.pick(dc.reactor.now, None, key)
+        if picked is None:
+            blk.inc(cst.upstream_cx_none_healthy)
+            return LocalReply(503, b"no healthy upstream\n", flags.NO_HEALTHY_UPSTREAM)
+        ep = picked
+    else:
+        key, ep = resume.key, resume.ep
     websocket = (head.conn_upgrade and head.upgrade is not None and head.version >= 11
                  and head.upgrade.lower() == b"websocket")
     retry = None if websocket else action.retry
-    state = BodyState(retry.buffer_limit if retry is not None else 0)
+    state = (resume.state if resume is not None and resume.state is not None
+             else BodyState(retry.buffer_limit if retry is not None else 0))
     has_body = head.chunked or head.content_length > 0
-    if cluster.budget is not None:
+    if cluster.budget is not None and (resume is None or not resume.opened):
         cluster.budget.record_request(dc.reactor.now)
     tried: list[Endpoint] = []
     n = 0
@@ -200,7 +304,8 @@ async def forward(dc: ClientSide, head: MessageHead, ex: Exchange,
                 dc, head, ex, action, websocket,
                 n if retry is not None and retry.include_attempt_count else 0, budget, grpc)
             keep = await _one_attempt(dc, head, ex, action, cluster, ep, up_head, state,
-                                      retry, timeout, websocket, n, has_body)
+                                      retry, timeout, websocket, n, has_body, resume)
+            resume = None
             if keep is not None:
                 return keep
             assert retry is not None
@@ -216,15 +321,12 @@ async def forward(dc: ClientSide, head: MessageHead, ex: Exchange,
         if dc.upstream is not None:
             dc.upstream.abort()
             dc.upstream = None
-        ex.flags = err.flag
-        ex.details = err.detail
         if ex.response_started:
+            ex.flags = err.flag
+            ex.details = err.detail
             abort(dc.ch)  # a broken response must never look complete
             return False
-        extra = [OVERLOADED] if err.flag == flags.UPSTREAM_OVERFLOW else None
-        return LocalReply(err.status, err.detail.encode() + b"\n", err.flag,
-                          close=state.started and not state.done, body_done=state.done,
-                          extra=extra)
+        return failure_reply(ex, err, state.started and not state.done, state.done)
     except trio.Cancelled:
         if dc.phase in (PH_UPSTREAM, PH_RESP_BODY):
             blk.inc(cst.upstream_rq_timeout)  # the route timeout fired (504 UT)
@@ -234,32 +336,20 @@ async def forward(dc: ClientSide, head: MessageHead, ex: Exchange,
 async def _one_attempt(dc: ClientSide, head: MessageHead, ex: Exchange,
                        action: ClusterAction, cluster: Cluster, ep: Endpoint, up_head: bytes,
                        state: BodyState, retry: RetrySpec | None, timeout: float,
-                       websocket: bool, n: int, has_body: bool) -> bool | None:
+                       websocket: bool, n: int, has_body: bool,
+                       resume: Resume | None = None) -> bool | None:
     """Whether the client connection stays open once this attempt answered it; None when
     another attempt should follow. Raises ProxyError when the request fails."""
     cst, est = cluster.stats, ep.stats
     blk = cst.block
-    breaker = cluster.breaker
-    if not breaker.try_request():
-        if n > 1:
-            breaker.end_retry()  # the reserved retry will not run
-            cluster.publish_retries()
-        blk.inc(cst.upstream_rq_pending_overflow)
-        raise ProxyError(503, flags.UPSTREAM_OVERFLOW, "upstream",
-                         "upstream overflow: max_requests reached")
-    cluster.publish_requests()
-    blk.inc(cst.upstream_rq_total)
-    blk.add(cst.upstream_rq_active, 1)
-    blk.inc(est.rq_total)
-    blk.add(est.rq_active, 1)
-    lb, lb_index = ep.lb, ep.index  # kept: a reload may replace both meanwhile
-    lb.start(lb_index)
-    if n > 1:  # its retry slot was reserved by _admit_retry
-        blk.inc(cst.upstream_rq_retry)
-        blk.add(cst.upstream_rq_retry_active, 1)
-        if cluster.budget is not None:
-            cluster.budget.record_retry(dc.reactor.now)
-    started = perf_counter()
+    if resume is not None and resume.opened:
+        lb, lb_index, started = resume.lb, resume.lb_index, resume.started
+    else:
+        lb, lb_index = ep.lb, ep.index  # kept: a reload may replace both meanwhile
+        if not open_attempt(cluster, ep, n, dc.reactor.now):
+            raise overflow()
+        started = perf_counter()
+        resume = None
     status = 0
     # This attempt's max_retries slot (a retry's), held until the attempt's outcome is
     # known, and released before the next retry is decided: a finished retry never counts
@@ -267,8 +357,22 @@ async def _one_attempt(dc: ClientSide, head: MessageHead, ex: Exchange,
     retry_held = n > 1
     try:
         try:
-            resp, ubuf, conn = await attempt(dc, head, ex, cluster, ep, up_head, state,
-                                             retry.per_try_timeout if retry else 0.0, timeout)
+            if resume is None or resume.stale:
+                resp, ubuf, conn = await attempt(
+                    dc, head, ex, cluster, ep, up_head, state,
+                    retry.per_try_timeout if retry else 0.0, timeout,
+                    stale_retry=resume is not None)
+            elif resume.error is not None:
+                raise resume.error
+            else:
+                assert resume.conn is not None
+                conn = resume.conn
+                if resume.resp is not None:
+                    resp, ubuf = resume.resp, resume.ubuf
+                else:
+                    resp, ubuf = await resume_response(dc, head, conn, resume.deadline,
+                                                       resume.unsent, resume.ubuf)
+                    conn.requests += 1
         except ProxyError as err:
             blk.inc(est.rq_error)
             if err.stat:
@@ -307,15 +411,6 @@ async def _one_attempt(dc: ClientSide, head: MessageHead, ex: Exchange,
             blk.inc(cst.upstream_rq_retry_success)
         return keep
     finally:
-        elapsed = perf_counter() - started
-        # Latency-aware balancers learn from responses only; a failure reports no time.
-        lb.finish(lb_index, elapsed if status else -1.0, dc.reactor.now)
-        blk.add(cst.upstream_rq_active, -1)
-        blk.add(est.rq_active, -1)
-        breaker.end_request()
-        cluster.publish_requests()
         if retry_held:  # ended some other way (cancelled by the route timeout, a bug)
             _end_retry(cluster)
-        if status:
-            blk.inc(cst.upstream_rq_1xx + status // 100 - 1)
-            blk.observe(cst.upstream_rq_time, elapsed * 1000.0)
+        close_attempt(cluster, est, lb, lb_index, started, status, dc.reactor.now)

@@ -95,6 +95,14 @@ HTTP = (
     counter("http_local_rate_limit.ok", "requests within the limit"),
     counter("http_local_rate_limit.rate_limited", "requests over the limit (429 RL)"),
     histogram("downstream_rq_time", "request duration, first byte in to last byte out (ms)"),
+    # The compiled fast path (proxy.fast_path): what it served, and what it gave to a task.
+    counter("fast_path.rq_total", "requests the fast path began"),
+    counter("fast_path.handed_off",
+            "requests the fast path began and a task finished (a retry, a streamed body, "
+            "no idle upstream connection, a slow client, a timeout)"),
+    counter("fast_path.declined",
+            "requests the fast path read and left to a task whole (filters, tracing, "
+            "a body still coming, a partial or bad head, no route, ...)"),
 )
 
 CLUSTER = (

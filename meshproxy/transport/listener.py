@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import trio
 
@@ -65,9 +65,10 @@ class Admission:
             self._room = None
 
 
-async def accept_loop(lsock: socket.socket,
-                      handler: Callable[[socket.socket, tuple], Awaitable[None]],
-                      nursery: trio.Nursery, admission: Admission) -> None:
+async def accept_loop(lsock: socket.socket, handler: Callable[[socket.socket, tuple], None],
+                      admission: Admission) -> None:
+    """Accept until cancelled; `handler` takes each connection at once (it starts a task
+    for it, or hands it to the reactor)."""
     while True:
         await admission.wait_room()
         await trio.lowlevel.wait_readable(lsock)
@@ -91,4 +92,4 @@ async def accept_loop(lsock: socket.socket,
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             admission.enter()  # counted now, so the batch cannot overshoot the limit
-            nursery.start_soon(handler, sock, peer)
+            handler(sock, peer)
