@@ -3,7 +3,10 @@
 Lines are appended to an in-memory batch and written every `flush_interval` (Envoy's
 access_log_flush_interval, 1 s by default) and when the worker stops, so logging costs no
 syscall per request. Nothing is formatted when the log is off: the data path checks
-`logger is None` before it builds an entry.
+`logger is None` before it calls `log_request`. A text line is formatted as bytes from the
+request's own bytes in one %-format (no decode and re-encode, no Entry object; the
+date-time part of the timestamp is formatted once a second), which keeps a logged request
+within a few microseconds of an unlogged one; JSON lines go through an Entry.
 
 Text layout (Envoy's default format, minus what HTTP/1.1 here has no value for):
 [START_TIME] "METHOD PATH PROTOCOL" CODE FLAGS BYTES_RECEIVED BYTES_SENT DURATION_MS
@@ -52,16 +55,28 @@ def format_time(t: float) -> str:
     return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(secs))}.{millis:03d}Z"
 
 
-def _q(s: str) -> str:
-    return s.replace('"', '\\"') if '"' in s else s
+_second = -1
+_second_text = b""
 
 
-def format_text(e: Entry) -> str:
-    return (f'[{e.start_time}] "{_q(e.method)} {_q(e.path)} {e.protocol}" {e.response_code} '
-            f'{e.response_flags} {e.bytes_received} {e.bytes_sent} {e.duration} '
-            f'"{_q(e.x_forwarded_for)}" "{_q(e.user_agent)}" "{_q(e.x_request_id)}" '
-            f'"{_q(e.authority)}" "{e.upstream_host}" "{_q(e.downstream_peer_uri_san)}" '
-            f'"{_q(e.response_code_details)}"\n')
+def _time_bytes(t: float) -> bytes:
+    """format_time's bytes, the date-time part cached for the current second."""
+    global _second, _second_text
+    secs = int(t)
+    if secs != _second:
+        _second = secs
+        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)).encode()
+    return b"%s.%03dZ" % (_second_text, int((t - secs) * 1000))
+
+
+def _qb(b: bytes | None) -> bytes:
+    """A field for a text line: `-` when absent, quotes escaped; a value with bytes past
+    ASCII (obs-text) is written as its latin-1 characters in UTF-8, as in JSON lines."""
+    if not b:
+        return b"-"
+    if not b.isascii():
+        b = b.decode("latin-1").encode("utf-8")
+    return b.replace(b'"', b'\\"') if b'"' in b else b
 
 
 class AccessLogger:
@@ -80,11 +95,28 @@ class AccessLogger:
             self._file = open(spec.path, "ab")  # noqa: SIM115 - closed by close()
             self._owned = True
 
-    def log(self, entry: Entry) -> None:
+    def log_request(self, start: float, method: bytes, path: bytes, protocol: bytes,
+                    code: int, flags: str, received: int, sent: int, duration: int,
+                    upstream_host: str, request_id: bytes | None, remote: bytes,
+                    authority: bytes | None, user_agent: bytes | None,
+                    forwarded_for: bytes | None, peer_san: str, details: str) -> None:
+        """One request's line, from its fields as the data path has them."""
         if self._json:
-            self._batch.append(self._encoder.encode(entry) + b"\n")
-        else:
-            self._batch.append(format_text(entry).encode("utf-8", "replace"))
+            self._batch.append(self._encoder.encode(Entry(
+                start_time=format_time(start), method=text(method), path=text(path),
+                protocol=protocol.decode(), response_code=code, response_flags=flags,
+                bytes_received=received, bytes_sent=sent, duration=duration,
+                upstream_host=upstream_host, x_request_id=text(request_id),
+                downstream_remote_address=text(remote), authority=text(authority),
+                user_agent=text(user_agent), x_forwarded_for=text(forwarded_for),
+                downstream_peer_uri_san=peer_san, response_code_details=details)) + b"\n")
+            return
+        self._batch.append(
+            b'[%s] "%s %s %s" %d %s %d %d %d "%s" "%s" "%s" "%s" "%s" "%s" "%s"\n' % (
+                _time_bytes(start), _qb(method), _qb(path), protocol, code, flags.encode(),
+                received, sent, duration, _qb(forwarded_for), _qb(user_agent),
+                _qb(request_id), _qb(authority), upstream_host.encode(),
+                _qb(peer_san.encode()), _qb(details.encode())))
 
     def flush(self) -> None:
         if self._batch:

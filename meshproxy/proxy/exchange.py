@@ -12,7 +12,7 @@ from time import perf_counter
 
 from meshproxy._core.http1_parser import MessageHead
 from meshproxy.protocol import errors as flags
-from meshproxy.proxy.access_log import Entry, format_time, text
+from meshproxy.proxy.access_log import text
 from meshproxy.proxy.client_side import ClientSide
 from meshproxy.tracing.tracer import Active, Tracer
 
@@ -144,19 +144,14 @@ def _log(side: ClientSide, ex: Exchange) -> None:
     assert logger is not None
     head = ex.head
     peer, identity = side.peer, side.identity
-    logger.log(Entry(
-        start_time=format_time(ex.wall_start or time.time()),
-        method=text(ex.method), path=text(ex.target),
-        protocol="HTTP/1.0" if head is not None and head.version == 10 else "HTTP/1.1",
-        response_code=ex.status, response_flags=ex.flags,
-        bytes_received=ex.bytes_in, bytes_sent=ex.bytes_out,
-        duration=int((perf_counter() - ex.start) * 1000),
-        upstream_host=ex.upstream_host,
-        x_request_id=text(ex.request_id or (head.request_id if head is not None else None)),
-        downstream_remote_address=f"{peer[0]}:{peer[1]}" if peer else "-",
-        authority=text(ex.host or (head.host if head is not None else None)),
-        user_agent=text(head.get(b"user-agent") if head is not None else None),
-        x_forwarded_for=text(head.forwarded_for if head is not None else None),
-        downstream_peer_uri_san=identity.spiffe_id or "-" if identity else "-",
-        response_code_details=ex.details,
-    ))
+    logger.log_request(
+        ex.wall_start or time.time(), ex.method, ex.target,
+        b"HTTP/1.0" if head is not None and head.version == 10 else b"HTTP/1.1",
+        ex.status, ex.flags, ex.bytes_in, ex.bytes_out,
+        int((perf_counter() - ex.start) * 1000), ex.upstream_host,
+        ex.request_id or (head.request_id if head is not None else None),
+        b"%s:%d" % (side.peer_ip, peer[1]) if peer else b"-",
+        ex.host or (head.host if head is not None else None),
+        head.get(b"user-agent") if head is not None else None,
+        head.forwarded_for if head is not None else None,
+        identity.spiffe_id or "-" if identity else "-", ex.details)
