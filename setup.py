@@ -1,6 +1,6 @@
 """Build the compiled hot path with one set of directives: every meshproxy/_core/*.pyx (the
-sans-IO cores) and meshproxy/proxy/*.pyx (the fast path that drives them from the
-reactor)."""
+sans-IO cores), meshproxy/transport/*.pyx (the TLS record layer) and meshproxy/proxy/*.pyx
+(the fast path that drives them from the reactor)."""
 
 from pathlib import Path
 
@@ -20,7 +20,7 @@ DIRECTIVES = {
 
 extensions = [
     Extension(f"meshproxy.{package}.{path.stem}", [str(path)], extra_compile_args=["-O2"])
-    for package in ("_core", "proxy")
+    for package in ("_core", "transport", "proxy")
     for path in sorted(Path(f"meshproxy/{package}").glob("*.pyx"))
 ]
 

@@ -62,6 +62,7 @@ class Worker:
         self.reactor = Reactor()
         self.stats = self.sink.worker()
         self.state = WorkerState(self.stats)
+        self.state.fast_path = self.fast_path
         self.admission = Admission(max_connections)
         self.listeners: dict[str, _Listener] = {}
         self.loggers: dict[AccessLogSpec, AccessLogger] = {}

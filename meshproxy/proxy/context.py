@@ -37,7 +37,8 @@ class WorkerState:
     on-demand discovery where to ask for a missing authority (`demand(authority)`) and
     the event set when the next snapshot is in (`changed`, replaced at each)."""
 
-    __slots__ = ("stats", "draining", "demand", "changed", "asked", "wake", "leave")
+    __slots__ = ("stats", "draining", "demand", "changed", "asked", "wake", "leave",
+                 "fast_path")
 
     def __init__(self, stats: Any) -> None:
         self.stats = stats
@@ -48,6 +49,7 @@ class WorkerState:
         self.wake: Any = None  # Callable[[DownstreamConnection], None] | None
         self.leave: Any = None  # Callable[[], None] | None
         self.demand: Any = None  # Callable[[bytes], None] | None
+        self.fast_path = False  # connections may be served by proxy.fast_path
         self.changed = trio.Event()
         self.asked: set[bytes] = set()  # authorities asked for since the last snapshot
 

@@ -42,13 +42,14 @@ from meshproxy.protocol.authority import service_authority, split_absolute_form
 from meshproxy.proxy.client_side import ClientSide
 from meshproxy.proxy.context import ListenerContext, ListenerTLS
 from meshproxy.proxy.exchange import Exchange, begin, finish
-from meshproxy.proxy.fast_path import Flight
+from meshproxy.proxy.fast_path import Flight, serves
 from meshproxy.proxy.filter_chain import on_request_headers
 from meshproxy.proxy.local_reply import LocalReply, local_reply
 from meshproxy.proxy.phases import PH_HEAD, PH_IDLE, PH_REQ_BODY
 from meshproxy.proxy.router import Resume, answer, forward
 from meshproxy.transport.sockio import PeerClosed, abort, close
 from meshproxy.transport.tls_context import SanRefused
+from meshproxy.transport.tls_records import Records
 from meshproxy.transport.tls_stream import TLSError, TLSStream
 
 # Bound on writing a last error reply to a client after a timeout: it may not be reading.
@@ -258,6 +259,8 @@ class DownstreamConnection(ClientSide):
         if plaintext:
             ls = self.ctx.lstats
             ls.block.inc(ls.downstream_cx_plaintext)
+            if self.ctx.state.fast_path:
+                self.flight = Flight(self)
             return True  # PERMISSIVE, and this client speaks plaintext: no identity
         stream = self.tls = TLSStream.over_channel(self.ch, tls.server.connection())
         try:
@@ -278,6 +281,10 @@ class DownstreamConnection(ClientSide):
         self.recv = stream.recv
         self.recv_wait = stream.recv_wait
         self.send = stream.send_all
+        if self.ctx.state.fast_path:
+            # The compiled record layer, on the same SSL object: the fast path takes the
+            # connection's keep-alive requests once a task has served one.
+            self.flight = Flight(self, Records(stream.ssl))
         self.identity = tls.server.peer(stream.ssl)
         ls = self.ctx.lstats
         ls.block.inc(ls.ssl_handshake)
@@ -328,7 +335,8 @@ class DownstreamConnection(ClientSide):
             if ctx.state.wake is not None:
                 ch = self.ch
                 if (self.fast_hint and self.flight is not None and ch.drained
-                        and not ch.ready and not ch.hup):
+                        and not ch.ready and not ch.hup
+                        and (self.tls is None or not self.tls.buffered())):
                     raise _Park()  # nothing is queued: the fast path serves what comes
                 buf = await self._idle_wait()
             else:
@@ -462,6 +470,9 @@ class DownstreamConnection(ClientSide):
                 return await self._reply(ex, head, refusal)
         kind = type(action)
         if kind is ClusterAction:
+            # Requests like this one are the fast path's: the connection parks on it.
+            self.fast_hint = (self.flight is not None and filters is None
+                              and self.ctx.tracer is None and serves(head))
             return await self._forward(head, ex, action, None)
         return await self._reply(ex, head, answer(action, self.ctx.scheme, host, target))
 

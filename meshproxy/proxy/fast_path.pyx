@@ -15,7 +15,9 @@ received whole (at most FAST_BODY bytes), origin-form, no Upgrade, no Expect, no
 deadline header, on a route to a cluster (no filters, no tracing, a plaintext upstream),
 over an idle pooled connection; and a response whose head and whole body (Content-Length,
 or none) are read at once, which is not retried, and which the client's socket takes in
-one send. Anything else goes to a task at the phase where it left the fast path, and that
+one send. A plaintext connection starts here; a TLS one once a task has done its handshake
+and served its first request, its records then read and written by the compiled record
+layer (transport.tls_records) on the same SSL object. Anything else goes to a task at the phase where it left the fast path, and that
 task carries on with the same code as every other request (downstream, router, relay):
   before anything is counted (a partial or bad head, a request or route it does not serve,
   no cluster, no healthy endpoint): the task reads the buffer from the same position;
@@ -45,7 +47,7 @@ from meshproxy._core.http1_conn import (
     upstream_reusable,
 )
 from meshproxy._core.http1_parser import ParseError
-from meshproxy.config.snapshot import ClusterAction
+from meshproxy.config.snapshot import PRINCIPAL_HEADER, ClusterAction
 from meshproxy.proxy.exchange import BodyState, begin, finish
 from meshproxy.proxy.head_rewrite import build_upstream_head, serialize
 from meshproxy.proxy.local_reply import reason
@@ -61,7 +63,8 @@ from meshproxy.proxy.router import (
     open_attempt,
     overflow,
 )
-from meshproxy.transport.sockio import RECV_SIZE
+from meshproxy.transport.sockio import RECV_SIZE, send_all
+from meshproxy.transport.tls_records import RecordError
 
 log = logging.getLogger("meshproxy.fast_path")
 
@@ -82,6 +85,16 @@ _reset_errors = (ConnectionResetError, ConnectionAbortedError, TimeoutError)
 _send_errors = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
 
+cpdef bint serves(head):
+    """Whether the fast path takes a request with this head (the route and the body's
+    arrival aside): not chunked, no Expect, no Upgrade, no client deadline header, an
+    origin-form target."""
+    cdef bytes target = head.target
+    return not (head.chunked or head.expect_continue or head.upgrade is not None
+                or head.deadline_ms is not None or head.grpc_timeout is not None
+                or not target or target[0] != 47)  # "/"
+
+
 cdef Py_ssize_t _send_now(sock, data) except -2:
     """What one send took (0: the buffer is full), or -1: the peer is gone."""
     try:
@@ -100,6 +113,7 @@ cdef class Flight:
     """The fast path of one client connection, and the exchange it has in flight."""
 
     cdef object dc, ch, sock
+    cdef public object records  # the TLS record layer of a TLS connection, else None
     cdef public object client_cb, upstream_cb
     cdef public bint waiting
     # The exchange in flight (None between exchanges).
@@ -108,8 +122,9 @@ cdef class Flight:
     cdef object key
     cdef double started, route_deadline, try_deadline
 
-    def __init__(self, dc):
+    def __init__(self, dc, records=None):
         self.dc = dc
+        self.records = records
         self.ch = dc.ch
         self.sock = dc.sock
         # Made once: the reactor is handed the same callables at every park.
@@ -161,10 +176,10 @@ cdef class Flight:
         self.client_cb = self.upstream_cb = _nothing  # no cycle left through them
 
     async def tail(self, rest, bint release, bint keep, int status):
-        """A task sends what the client's socket did not take at once, then the exchange
-        ends as on the fast path."""
+        """A task sends what the client's socket did not take at once (ciphertext, on a
+        TLS connection), then the exchange ends as on the fast path."""
         try:
-            await self.dc.send(rest)
+            await send_all(self.sock, rest)
         except BaseException:
             self._end_attempt(status)  # the driver finishes the exchange, aborts upstream
             self._drop()
@@ -190,6 +205,16 @@ cdef class Flight:
                 return HANDED
             # A short read emptied the receive queue (reactor.py's edge-triggered rules).
             ch.drained = len(data) < RECV_SIZE
+            records = self.records
+            if records is not None:
+                data = self._decrypt(data)
+                if data is None:
+                    return HANDED
+                if not data:  # no whole record yet
+                    if not (ch.ready or ch.hup or not ch.drained):
+                        dc.park(self.client_cb)
+                        return WAITING
+                    continue
             dc.buf = data
             dc.pos = 0
             if self._serve() != DONE:
@@ -197,6 +222,24 @@ cdef class Flight:
             if not (ch.ready or ch.hup or not ch.drained):
                 self._park_idle()
                 return WAITING
+
+    cdef object _decrypt(self, data):
+        """The plaintext of `data` (b"": no whole record yet), or None when the connection
+        ended (close_notify, or a broken record: closed)."""
+        records = self.records
+        try:
+            data = records.decrypt(data)
+        except RecordError:
+            self.dc.close_taskless()
+            return None
+        answer = records.outgoing()  # a KeyUpdate's answer, an alert
+        if answer and _send_now(self.sock, answer) < 0:
+            self.dc.close_taskless()
+            return None
+        if records.eof and not data:
+            self.dc.close_taskless()
+            return None
+        return data
 
     cdef int _next(self) except -1:
         """After a response relayed from an upstream edge: the pipelined requests already
@@ -249,13 +292,16 @@ cdef class Flight:
         cdef Py_ssize_t cl = head.content_length
         cdef Py_ssize_t end = head.end
         cdef bytes target = head.target
-        if (ctx.tracer is not None or head.chunked or head.expect_continue
-                or head.upgrade is not None or head.deadline_ms is not None
-                or head.grpc_timeout is not None or not target or target[0] != 47  # "/"
+        if (ctx.tracer is not None or not serves(head)
                 or (cl > 0 and (cl > FAST_BODY or len(buf) - end < cl))):
             return self._decline()
         host = head.host or b""
-        route = ctx.spec.route_table.route(host, head.method, target, head.headers)[1]
+        spec = ctx.spec
+        headers = head.headers
+        if spec.match_principal and dc.identity is not None:
+            # Routes that match the caller's identity see it as a header (downstream).
+            headers = headers + [(PRINCIPAL_HEADER, dc.identity.principal)]
+        route = spec.route_table.route(host, head.method, target, headers)[1]
         if route is None:
             return self._decline()
         action = route.action
@@ -416,6 +462,7 @@ cdef class Flight:
             extra += ex.resp_extra
         out = serialize(b"HTTP/1.1 %d %s" % (status, resp.reason or reason(status)), resp,
                         action.ops.response_skip, action.ops.response_add, extra)
+        records = self.records
         ex.status = status
         dc.phase = PH_RESP_BODY
         reusable = upstream_reusable(True, resp, framing)
@@ -425,6 +472,8 @@ cdef class Flight:
             upos += take
         ex.bytes_out = take
         cdef bint release = reusable and upos >= len(ubuf)
+        if records is not None:
+            out = records.encrypt(out)
         cdef Py_ssize_t sent = _send_now(self.sock, out)
         if sent < 0:
             # The client is gone: as a PeerClosed out of the relay (the attempt counts its

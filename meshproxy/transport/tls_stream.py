@@ -152,6 +152,15 @@ class TLSStream:
         except PeerClosed:
             pass
 
+    def buffered(self) -> bool:
+        """Whether bytes wait in the SSL object (plaintext not read, or ciphertext not
+        decrypted): a read would find them without a socket edge."""
+        if self.ssl.pending():
+            return True
+        if _bio_pending is None or self._in is None:
+            return True  # cannot tell: assume so
+        return bool(_bio_pending(self._in))
+
     async def recv(self, size: int = RECV_SIZE, deadline: float = 0.0) -> bytes:
         """Plaintext; b"" at close_notify or EOF."""
         return await self._recv(size, deadline, False)
