@@ -39,6 +39,7 @@ from meshproxy.config.snapshot import (
 )
 from meshproxy.protocol import errors as flags
 from meshproxy.protocol.authority import service_authority, split_absolute_form
+from meshproxy.proxy.attempt import Resume
 from meshproxy.proxy.client_side import ClientSide
 from meshproxy.proxy.context import ListenerContext, ListenerTLS
 from meshproxy.proxy.exchange import Exchange, begin, finish
@@ -46,7 +47,7 @@ from meshproxy.proxy.fast_path import Flight, serves
 from meshproxy.proxy.filter_chain import on_request_headers
 from meshproxy.proxy.local_reply import LocalReply, local_reply
 from meshproxy.proxy.phases import PH_HEAD, PH_IDLE, PH_REQ_BODY
-from meshproxy.proxy.router import Resume, answer, forward
+from meshproxy.proxy.router import answer, forward
 from meshproxy.transport.sockio import PeerClosed, abort, close
 from meshproxy.transport.tls_context import SanRefused
 from meshproxy.transport.tls_records import Records

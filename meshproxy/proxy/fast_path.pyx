@@ -29,6 +29,10 @@ task carries on with the same code as every other request (downstream, router, r
 So behaviour is the same either way, which the test suite checks by running with the fast
 path off as well (`--no-fast-path`, MESHPROXY_FAST_PATH=off).
 
+Size: past 400 lines because the client side, the upstream side and the endings of one
+exchange share the Flight's fields and call each other as C functions; split, each half
+would reach into the other's state.
+
 Invariants: a connection is served either here or by a task, never both (`hand_off`
 clears the channel's callbacks before the task exists); while an exchange waits on the
 upstream (`waiting`), the connection's deadline is the nearer of the route timeout and the
@@ -54,15 +58,8 @@ from meshproxy.proxy.local_reply import reason
 from meshproxy.proxy.phases import PH_IDLE, PH_RESP_BODY, PH_UPSTREAM
 from meshproxy.proxy.relay import per_try_timeout, reset_during_head, upstream_protocol_error
 from meshproxy.proxy.retry_policy import retriable_status
-from meshproxy.proxy.router import (
-    Resume,
-    choose_cluster,
-    close_attempt,
-    failure_reply,
-    hash_key,
-    open_attempt,
-    overflow,
-)
+from meshproxy.proxy.attempt import Resume, close_attempt, failure_reply, open_attempt, overflow
+from meshproxy.proxy.router import choose_cluster, hash_key
 from meshproxy.transport.sockio import RECV_SIZE, send_all
 from meshproxy.transport.tls_records import RecordError
 
