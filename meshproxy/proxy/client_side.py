@@ -32,7 +32,7 @@ from meshproxy.upstream.conn_pool import UpstreamConn
 class ClientSide:
     __slots__ = ("ctx", "reactor", "ch", "sock", "peer", "peer_ip", "buf", "pos", "phase",
                  "upstream", "deadline", "born", "recv", "recv_wait", "send",
-                 "identity")
+                 "identity", "_remote")
 
     def __init__(self, ctx: ListenerContext, sock: socket.socket, peer: tuple) -> None:
         self.ctx = ctx
@@ -48,12 +48,19 @@ class ClientSide:
         self.identity: PeerIdentity | None = None
         self.peer = peer
         self.peer_ip = peer[0].encode("ascii") if peer else b"-"
+        self._remote = b""
         self.buf = b""
         self.pos = 0
         self.phase = PH_HEAD
         self.upstream: UpstreamConn | None = None
         self.born = self.reactor.now
         self.deadline = self.born + ctx.spec.request_headers_timeout
+
+    def remote(self) -> bytes:
+        """The peer as `ip:port` (the access log's downstream address), made once."""
+        if not self._remote:
+            self._remote = b"%s:%d" % (self.peer_ip, self.peer[1]) if self.peer else b"-"
+        return self._remote
 
     def too_old(self) -> bool:
         """max_connection_duration reached: the next response says Connection: close."""

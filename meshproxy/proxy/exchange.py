@@ -105,11 +105,12 @@ def finish(side: ClientSide, ex: Exchange) -> None:
         blk.inc(hs.downstream_rq_timeout)
     elif flag == flags.DOWNSTREAM_CONNECTION_TERMINATION:
         blk.inc(hs.downstream_rq_rx_reset)
-    blk.observe(hs.downstream_rq_time, (perf_counter() - ex.start) * 1000.0)
+    elapsed_ms = (perf_counter() - ex.start) * 1000.0
+    blk.observe(hs.downstream_rq_time, elapsed_ms)
     if ex.trace is not None and ex.trace.sampled and ctx.tracer is not None:
         _span(side, ctx.tracer, ex)
     if ctx.logger is not None:
-        _log(side, ex)
+        _log(side, ex, int(elapsed_ms))
 
 
 def _span(side: ClientSide, tracer: Tracer, ex: Exchange) -> None:
@@ -139,19 +140,22 @@ def _span(side: ClientSide, tracer: Tracer, ex: Exchange) -> None:
     tracer.finish(ex.trace, text(ex.method), tags, error)
 
 
-def _log(side: ClientSide, ex: Exchange) -> None:
+def _log(side: ClientSide, ex: Exchange, duration_ms: int) -> None:
     logger = side.ctx.logger
     assert logger is not None
     head = ex.head
-    peer, identity = side.peer, side.identity
+    identity = side.identity
+    if head is None:
+        logger.log_request(
+            ex.wall_start or time.time(), ex.method, ex.target, b"HTTP/1.1", ex.status,
+            ex.flags, ex.bytes_in, ex.bytes_out, duration_ms, ex.upstream_host,
+            ex.request_id, side.remote(), ex.host or None, None, None,
+            identity.spiffe_id or "-" if identity else "-", ex.details)
+        return
     logger.log_request(
         ex.wall_start or time.time(), ex.method, ex.target,
-        b"HTTP/1.0" if head is not None and head.version == 10 else b"HTTP/1.1",
-        ex.status, ex.flags, ex.bytes_in, ex.bytes_out,
-        int((perf_counter() - ex.start) * 1000), ex.upstream_host,
-        ex.request_id or (head.request_id if head is not None else None),
-        b"%s:%d" % (side.peer_ip, peer[1]) if peer else b"-",
-        ex.host or (head.host if head is not None else None),
-        head.get(b"user-agent") if head is not None else None,
-        head.forwarded_for if head is not None else None,
+        b"HTTP/1.0" if head.version == 10 else b"HTTP/1.1", ex.status, ex.flags,
+        ex.bytes_in, ex.bytes_out, duration_ms, ex.upstream_host,
+        ex.request_id or head.request_id, side.remote(), ex.host or head.host,
+        head.get(b"user-agent"), head.forwarded_for,
         identity.spiffe_id or "-" if identity else "-", ex.details)

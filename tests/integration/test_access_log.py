@@ -6,7 +6,7 @@ import json
 import re
 import socket
 
-from tests.helpers import config, raw_exchange, wait_for
+from tests.helpers import config, raw_exchange, read_response, wait_for
 
 
 def _lines(path) -> list[str]:
@@ -63,3 +63,36 @@ def test_access_log_parse_error_logged_dpe(origin, proxy_factory, tmp_path) -> N
         assert s.recv(100).startswith(b"HTTP/1.1 400")
     entry = json.loads(wait_for(lambda: _lines(log))[0])
     assert entry["response_code"] == 400 and entry["response_flags"] == "DPE"
+
+
+def test_access_log_text_escapes_quotes_and_obs_text(origin, proxy_factory, tmp_path) -> None:
+    """A field with a quote is escaped and one with bytes past ASCII is written as UTF-8,
+    while the fields beside it in the same line stay as they came."""
+    log = tmp_path / "e.log"
+    p = proxy_factory(config(origin.port, access_log={"path": str(log), "format": "text",
+                                                      "flush_interval": "50ms"}))
+    raw_exchange(p.port, b'GET /q HTTP/1.1\r\nHost: h\r\nUser-Agent: say "hi"\r\n'
+                         b"X-Request-Id: caf\xe9\r\nConnection: close\r\n\r\n")
+    raw_exchange(p.port, b"GET /plain HTTP/1.1\r\nHost: h\r\nUser-Agent: ua\r\n"
+                         b"X-Request-Id: r1\r\nConnection: close\r\n\r\n")
+    lines = wait_for(lambda: len(_lines(log)) == 2 and _lines(log))
+    assert ' "GET /q HTTP/1.1" 200 ' in lines[0]
+    assert '"-" "say \\"hi\\"" "café" "h" ' in lines[0], lines[0]
+    assert '"-" "ua" "r1" "h" ' in lines[1], lines[1]
+
+
+def test_access_log_batch_past_64k_is_written_before_the_interval(
+        origin, proxy_factory, tmp_path) -> None:
+    """Envoy's 64 KiB buffer bound: a busy worker writes its lines as the batch fills, not a
+    second's worth at once; an idle one still writes only on the interval."""
+    log = tmp_path / "b.log"
+    p = proxy_factory(config(origin.port, access_log={"path": str(log), "format": "text",
+                                                      "flush_interval": "1h"}))
+    path = b"/" + b"p" * 2000
+    with socket.create_connection(("127.0.0.1", p.port), timeout=5) as s:
+        for _ in range(40):  # 40 lines of some 2.2 KB: past 64 KiB
+            s.sendall(b"GET %s HTTP/1.1\r\nHost: h\r\n\r\n" % path)
+            status, _, _ = read_response(s)
+            assert status == 200
+    lines = wait_for(lambda: _lines(log))
+    assert 25 <= len(lines) <= 40 and all(path.decode() in line for line in lines)
