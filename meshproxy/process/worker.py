@@ -196,7 +196,8 @@ class Worker:
         for conn in [c for c in self.reactor.timed if isinstance(c, DownstreamConnection)]:
             if conn.parked:
                 conn.close_parked()
-            elif conn.flight is not None and conn.flight.waiting:
+            elif conn.handshake is not None or (conn.flight is not None
+                                                and conn.flight.waiting):
                 conn.close_taskless()
 
     async def _accept(self, lst: _Listener) -> None:
@@ -208,7 +209,7 @@ class Worker:
 
         def handler(sock: socket.socket, peer: tuple) -> None:
             conn = DownstreamConnection(ctx, sock, peer)
-            if self.fast_path and ctx.tls is None:
+            if self.fast_path:
                 conn.open_fast()
             else:
                 nursery.start_soon(self._drive, conn)

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
+from OpenSSL import SSL
 
 from meshproxy._core.http1_parser import MessageHead, ParseError
 from meshproxy.config.snapshot import (
@@ -48,6 +49,7 @@ from meshproxy.proxy.filter_chain import on_request_headers
 from meshproxy.proxy.local_reply import LocalReply, local_reply
 from meshproxy.proxy.phases import PH_HEAD, PH_IDLE, PH_REQ_BODY
 from meshproxy.proxy.router import answer, forward
+from meshproxy.proxy.tls_accept import Handshake
 from meshproxy.transport.sockio import PeerClosed, abort, close
 from meshproxy.transport.tls_context import SanRefused
 from meshproxy.transport.tls_records import Records
@@ -74,7 +76,7 @@ class DownstreamConnection(ClientSide):
     ClientSide's)."""
 
     __slots__ = ("ex", "requests", "cs", "tls", "parked", "flight", "cont", "fast_hint",
-                 "counted")
+                 "counted", "handshake")
 
     def __init__(self, ctx: ListenerContext, sock: socket.socket, peer: tuple) -> None:
         super().__init__(ctx, sock, peer)
@@ -92,6 +94,8 @@ class DownstreamConnection(ClientSide):
         self.flight: Flight | None = None
         self.fast_hint = False
         self.cont: Callable[[], Awaitable[bool]] | None = None
+        # A TLS handshake stepped from the reactor without a task (proxy.tls_accept).
+        self.handshake: Handshake | None = None
 
     def open(self) -> None:
         """Count the connection in (cx stats, the reactor's deadlines), once."""
@@ -105,12 +109,33 @@ class DownstreamConnection(ClientSide):
         blk.add(ws.downstream_cx_active, 1)
 
     def open_fast(self) -> None:
-        """A new plaintext connection goes straight to the fast path: no task until a
-        request needs one (the reactor reports bytes already queued at registration)."""
+        """A new connection goes straight to the fast path: no task until a request needs
+        one (the reactor reports bytes already queued at registration); on a TLS listener
+        its handshake is stepped from the reactor first (proxy.tls_accept)."""
         self.open()
+        tls = self.ctx.tls
+        if tls is not None:
+            # A client's hello is usually queued by the time its connection is accepted:
+            # the first step is tried at once, which saves a pass of the reactor (the
+            # registration reports an edge if it was not there yet).
+            self.handshake = Handshake(self, tls)
+            self.handshake.step()
+            return
         self.flight = Flight(self)
         self.fast_hint = True
         self.park(self.flight.client_cb)
+
+    def plaintext_start(self) -> None:
+        """PERMISSIVE, and the client's first byte opens no TLS handshake: a plaintext
+        connection on the fast path, with no identity."""
+        self.handshake = None
+        ls = self.ctx.lstats
+        ls.block.inc(ls.downstream_cx_plaintext)
+        self.deadline = self.born + self.ctx.spec.request_headers_timeout
+        flight = self.flight = Flight(self)
+        self.fast_hint = True
+        self.park(flight.client_cb)
+        flight.on_client()  # its first bytes are queued already
 
     def park(self, wake: Callable[[], None]) -> None:
         """Idle with no task: the reactor calls `wake` at the next edge."""
@@ -149,6 +174,8 @@ class DownstreamConnection(ClientSide):
         to answer; a parked one is idle by definition and just closes."""
         if self.parked:
             self.close_parked()
+        elif self.handshake is not None:
+            self.handshake.expire()
         elif self.flight is not None and self.flight.waiting:
             self.flight.expire()
         else:
@@ -224,6 +251,7 @@ class DownstreamConnection(ClientSide):
         """Close a connection that has no task (parked, or on the fast path): the
         exchange the fast path has in flight ends first (the worker is stopping)."""
         self.ch.parked = None
+        self.handshake = None
         flight = self.flight
         if flight is not None:
             flight.abandon()
@@ -263,35 +291,58 @@ class DownstreamConnection(ClientSide):
             if self.ctx.state.fast_path:
                 self.flight = Flight(self)
             return True  # PERMISSIVE, and this client speaks plaintext: no identity
-        stream = self.tls = TLSStream.over_channel(self.ch, tls.server.connection())
+        return await self.complete_handshake(
+            TLSStream.over_channel(self.ch, tls.server.connection()))
+
+    async def complete_handshake(self, stream: TLSStream) -> bool:
+        """The handshake (or its rest) in a task, within the listener's handshake
+        timeout."""
+        tls = self.ctx.tls
+        assert tls is not None
+        self.tls = stream
         try:
             await stream.handshake(self.reactor.now + tls.handshake_timeout)
         except (TLSError, trio.TooSlowError) as exc:
-            ls = self.ctx.lstats
-            ls.block.inc(ls.ssl_connection_error)
-            refused = stream.ssl.get_app_data()
-            if isinstance(refused, SanRefused):
-                # A trusted, valid certificate of an identity this listener does not take:
-                # the operator's policy, worth a line in the log (the client got
-                # bad_certificate).
-                ls.block.inc(ls.ssl_fail_verify_san)
-                log.info("refused the client certificate of %s: %s", self.peer, refused)
-            else:
-                log.debug("TLS handshake with %s failed: %s", self.peer, exc)
+            self.handshake_failed(stream.ssl, str(exc) or "TLS handshake timeout")
             return False
+        self.established(stream, None)
+        return True
+
+    def handshake_failed(self, ssl: SSL.Connection, reason: str) -> None:
+        """Count and log a failed handshake (the caller closes)."""
+        ls = self.ctx.lstats
+        ls.block.inc(ls.ssl_connection_error)
+        refused = ssl.get_app_data()
+        if isinstance(refused, SanRefused):
+            # A trusted, valid certificate of an identity this listener does not take:
+            # the operator's policy, worth a line in the log (the client got
+            # bad_certificate).
+            ls.block.inc(ls.ssl_fail_verify_san)
+            log.info("refused the client certificate of %s: %s", self.peer, refused)
+        else:
+            log.debug("TLS handshake with %s failed: %s", self.peer, reason)
+
+    def established(self, stream: TLSStream, records: Records | None) -> None:
+        """The handshake is done: every read and write of this connection goes through
+        the TLS stream (a task) or its compiled record layer (the fast path)."""
+        tls = self.ctx.tls
+        assert tls is not None
+        self.handshake = None
+        self.tls = stream
+        self.deadline = self.born + self.ctx.spec.request_headers_timeout
         self.recv = stream.recv
         self.recv_wait = stream.recv_wait
         self.send = stream.send_all
         if self.ctx.state.fast_path:
             # The compiled record layer, on the same SSL object: the fast path takes the
-            # connection's keep-alive requests once a task has served one.
-            self.flight = Flight(self, Records(stream.ssl))
+            # connection's keep-alive requests.
+            self.flight = Flight(self, records or Records(stream.ssl))
+            self.fast_hint = records is not None
         self.identity = tls.server.peer(stream.ssl)
         ls = self.ctx.lstats
         ls.block.inc(ls.ssl_handshake)
         if tls.server.mtls and self.identity is None:
             ls.block.inc(ls.ssl_no_certificate)
-        return True
 
     async def _starts_tls(self, tls: ListenerTLS) -> bool:
         """PERMISSIVE: whether the connection's first byte opens a TLS handshake record

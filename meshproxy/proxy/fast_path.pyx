@@ -15,10 +15,11 @@ received whole (at most FAST_BODY bytes), origin-form, no Upgrade, no Expect, no
 deadline header, on a route to a cluster (no filters, no tracing, a plaintext upstream),
 over an idle pooled connection; and a response whose head and whole body (Content-Length,
 or none) are read at once, which is not retried, and which the client's socket takes in
-one send. A plaintext connection starts here; a TLS one once a task has done its handshake
-and served its first request, its records then read and written by the compiled record
-layer (transport.tls_records) on the same SSL object. Anything else goes to a task at the phase where it left the fast path, and that
-task carries on with the same code as every other request (downstream, router, relay):
+one send. A plaintext connection starts here; a TLS one once its handshake is done (without
+a task either, proxy.tls_accept), its records then read and written by the compiled
+record layer (transport.tls_records) on the same SSL object. Anything else goes to a task
+at the phase where it left the fast path, and that task carries on with the same code as
+every other request (downstream, router, relay):
   before anything is counted (a partial or bad head, a request or route it does not serve,
   no cluster, no healthy endpoint): the task reads the buffer from the same position;
   with an endpoint picked and no idle connection: router.forward from the pick;
@@ -137,6 +138,27 @@ cdef class Flight:
         self.dc.unpark()
         try:
             self._read_client()
+        except Exception:
+            self._crash()
+
+    def after_handshake(self):
+        """A TLS connection whose handshake has just been done without a task
+        (proxy.tls_accept): the plaintext that came with the client's Finished, if any,
+        then whatever else the socket has."""
+        dc, ch = self.dc, self.ch
+        try:
+            data = self._decrypt(b"")
+            if data is None:
+                return
+            if data:
+                dc.buf = data
+                dc.pos = 0
+                if self._serve() != DONE:
+                    return
+            if ch.ready or ch.hup or not ch.drained:
+                self._read_client()
+            else:
+                dc.park(self.client_cb)
         except Exception:
             self._crash()
 

@@ -69,6 +69,11 @@ async def accept_loop(lsock: socket.socket, handler: Callable[[socket.socket, tu
                       admission: Admission) -> None:
     """Accept until cancelled; `handler` takes each connection at once (it starts a task
     for it, or hands it to the reactor)."""
+    # socket.accept() looks up the listener's family and type (enum conversions) per
+    # connection; they are taken once here, and the accepted fd wrapped directly.
+    family, type_, proto = lsock.family, lsock.type, lsock.proto
+    accept = lsock._accept  # type: ignore[attr-defined]  # CPython socket.py uses it too
+    wrap = socket.socket
     while True:
         await admission.wait_room()
         await trio.lowlevel.wait_readable(lsock)
@@ -76,7 +81,8 @@ async def accept_loop(lsock: socket.socket, handler: Callable[[socket.socket, tu
             if not admission.has_room():
                 break
             try:
-                sock, peer = lsock.accept()
+                fd, peer = accept()
+                sock = wrap(family, type_, proto, fileno=fd)
             except BlockingIOError:
                 break
             except OSError as exc:

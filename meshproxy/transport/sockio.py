@@ -24,6 +24,11 @@ from trio.lowlevel import notify_closing, wait_writable
 from meshproxy.transport.reactor import Channel, Reactor
 
 RECV_SIZE = 65536
+# The fds trio itself has waited on (wait_writable: a full send buffer, a connect in
+# progress): only those need trio.lowlevel.notify_closing at close, which otherwise costs
+# an epoll_ctl that fails and an exception per closed socket. Waits are rare (backpressure),
+# so the set stays small; an fd leaves it at its close.
+_trio_waited: set[int] = set()
 _LINGER_RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {on, 0 s}
 
 
@@ -65,6 +70,7 @@ async def send_all(sock: socket.socket, data: bytes | memoryview) -> None:
     if sent == len(data):
         return
     view = memoryview(data)[sent:]
+    _trio_waited.add(sock.fileno())
     while view:
         await wait_writable(sock)
         try:
@@ -87,13 +93,14 @@ async def connect(reactor: Reactor, host: str, port: int) -> Channel:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex(addr)
             if err == errno.EINPROGRESS:
+                _trio_waited.add(sock.fileno())
                 await wait_writable(sock)
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, f"connect to {host}:{port}: {errno.errorcode.get(err, err)}")
             return reactor.register(sock)
         except BaseException as exc:
-            notify_closing(sock)
+            _closing(sock)
             sock.close()
             if not isinstance(exc, OSError):
                 raise
@@ -106,8 +113,16 @@ def close(ch: Channel) -> None:
     if sock.fileno() < 0:
         return
     ch.forget()
-    notify_closing(sock)  # a task in trio's wait_writable on it is woken, not left hanging
+    _closing(sock)
     sock.close()
+
+
+def _closing(sock: socket.socket) -> None:
+    """Before a close: a task in trio's wait_writable on it is woken, not left hanging."""
+    fd = sock.fileno()
+    if fd in _trio_waited:
+        _trio_waited.discard(fd)
+        notify_closing(sock)
 
 
 def abort(ch: Channel) -> None:

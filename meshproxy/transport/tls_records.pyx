@@ -1,8 +1,9 @@
 # cython: language_level=3
-"""The TLS record layer of an established connection, in compiled code (issue 12 step 4).
+"""The TLS record layer of a connection, in compiled code (issue 12 step 4).
 
-pyOpenSSL keeps the contexts, the handshake, verification and identities; once a
-connection's handshake is done, the per-record work (ciphertext into the incoming memory
+pyOpenSSL keeps the contexts, verification and identities (its callbacks run inside
+SSL_do_handshake whoever calls it); the server's handshake steps (`handshake`: the
+client's ciphertext in, SSL_do_handshake, the answer out) and, once the handshake is done, the per-record work (ciphertext into the incoming memory
 BIO, SSL_read, SSL_write, ciphertext out of the outgoing BIO) costs four or five calls
 through pyOpenSSL's Python layer per record, each with its own checks and allocations.
 Here it is one C call each, on the same SSL object and the same BIOs (the stream and this
@@ -10,8 +11,8 @@ layer can take turns on a connection: both leave nothing behind in between).
 
 Which OpenSSL: the one pyOpenSSL uses, which is cryptography's (its wheels link OpenSSL
 statically into `_rust.abi3.so`, so there is no libssl to link against): the addresses of
-SSL_read, SSL_write, BIO_read, BIO_write, BIO_get_mem_data, SSL_get_error, SSL_pending and
-ERR_clear_error are taken once from cryptography's cffi library (`ffi.addressof`), and
+SSL_do_handshake, SSL_read, SSL_write, BIO_read, BIO_write, BIO_get_mem_data,
+SSL_get_error, SSL_pending and ERR_clear_error are taken once from cryptography's cffi library (`ffi.addressof`), and
 the SSL and BIO pointers from the pyOpenSSL Connection. Calling another libssl's functions
 on those objects would be undefined; taking them from the same library cannot disagree.
 """
@@ -27,12 +28,14 @@ ctypedef int (*err_fn)(void *, int) noexcept nogil
 ctypedef int (*pending_fn)(void *) noexcept nogil
 ctypedef long (*mem_fn)(void *, char **) noexcept nogil
 ctypedef void (*clear_fn)() noexcept nogil
+ctypedef int (*step_fn)(void *) noexcept nogil
 
 cdef io_fn ssl_read, ssl_write, bio_read, bio_write
 cdef err_fn ssl_get_error
 cdef pending_fn ssl_pending
 cdef mem_fn bio_get_mem_data
 cdef clear_fn err_clear_error
+cdef step_fn ssl_do_handshake
 
 # SSL_get_error's answers (ssl.h).
 cdef enum:
@@ -64,11 +67,13 @@ ssl_get_error = <err_fn>_address("SSL_get_error")
 ssl_pending = <pending_fn>_address("SSL_pending")
 bio_get_mem_data = <mem_fn>_address("BIO_get_mem_data")
 err_clear_error = <clear_fn>_address("ERR_clear_error")
+ssl_do_handshake = <step_fn>_address("SSL_do_handshake")
 
 
 class RecordError(Exception):
     """The peer sent something the record layer refuses (a bad record, a failed MAC, an
-    alert): the connection cannot go on. `str()` says OpenSSL's reason."""
+    alert, a handshake that fails): the connection cannot go on. `str()` says OpenSSL's
+    reason."""
 
 
 def _pointer(cdata):
@@ -76,8 +81,8 @@ def _pointer(cdata):
 
 
 cdef class Records:
-    """The record layer of one established connection (a pyOpenSSL Connection over
-    memory BIOs, its handshake done)."""
+    """The record layer of one connection (a pyOpenSSL Connection over memory BIOs): the
+    steps of a server's handshake, then the records once it is done."""
 
     cdef void *ssl
     cdef void *rbio
@@ -91,6 +96,23 @@ cdef class Records:
         self.rbio = <void *><uintptr_t>_pointer(conn._into_ssl)
         self.wbio = <void *><uintptr_t>_pointer(conn._from_ssl)
         self.eof = False
+
+    cpdef bint handshake(self, bytes ciphertext):
+        """One step of the handshake with the peer's `ciphertext`: True once it is done,
+        False while it waits for more from the peer; what to send the peer meanwhile (the
+        server's flight, session tickets, an alert) is in `outgoing()` either way. Raises
+        RecordError with OpenSSL's reason when the handshake fails."""
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(ciphertext)
+        cdef int r
+        if n and bio_write(self.rbio, PyBytes_AS_STRING(ciphertext), <int>n) != n:
+            raise RecordError("cannot buffer ciphertext")
+        err_clear_error()
+        r = ssl_do_handshake(self.ssl)
+        if r == 1:
+            return True
+        if ssl_get_error(self.ssl, r) == ERR_WANT_READ:
+            return False
+        raise RecordError(_reason())
 
     cpdef bytes decrypt(self, bytes ciphertext):
         """The plaintext of the whole records in `ciphertext` and what came before it

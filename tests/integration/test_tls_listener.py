@@ -135,3 +135,91 @@ def test_tls_listener_connection_parks_and_serves_again(origin, tmp_path, certs)
     assert [q.target for q in origin.requests[-2:]] == [b"/one", b"/two"]
     assert stat(p, "listener.ingress.ssl.handshake") == 1
     p.stop()
+
+
+def test_tls_listener_stalled_broken_and_abandoned_handshakes(origin, tmp_path, certs) -> None:
+    """A client that never sends its hello is closed at the handshake timeout, one that
+    sends bytes that are no TLS gets an alert, one that leaves halfway costs nothing; each
+    failure is counted once and the next client is served."""
+    import socket
+    import time
+
+    d, cl = certs
+    cfg = config(origin.port, listener={"tls": {"certificates": cl,
+                                                "handshake_timeout": "500ms"}})
+    cfg["admin"] = {"address": "127.0.0.1", "port": 0}
+    p = Proxy(cfg, tmp_path)
+    p.admin_port = int(wait_for(lambda: _admin_port(p)))
+    try:
+        with socket.create_connection(("127.0.0.1", p.port), timeout=5) as s:
+            t0 = time.monotonic()
+            assert s.recv(100) == b""  # closed by the proxy, not by this timeout
+            assert time.monotonic() - t0 < 4
+        assert stat(p, "listener.ingress.ssl.connection_error") == 1
+        with socket.create_connection(("127.0.0.1", p.port), timeout=5) as s:
+            s.sendall(b"\x16\x03\x01\x00\x05hello")  # a handshake record that is none
+            alert = s.recv(100)
+            assert alert[:1] == b"\x15", alert  # content type 21: an alert (RFC 8446 5.1)
+        assert stat(p, "listener.ingress.ssl.connection_error") == 2
+        hello = subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{p.port}", "-msg"],
+            input=b"", capture_output=True, timeout=20)
+        assert b"ClientHello" in hello.stdout
+        with socket.create_connection(("127.0.0.1", p.port), timeout=5) as s:
+            s.sendall(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello, then gone
+        assert curl(d, p, "a.example", f"https://a.example:{p.port}/after").returncode == 0
+        assert origin.requests[-1].target == b"/after"
+        assert stat(p, "listener.ingress.ssl.connection_error") == 2
+        wait_for(lambda: stat(p, "listener.ingress.downstream_cx_active") == 0)
+    finally:
+        p.stop()
+
+
+def test_tls_listener_certificate_flight_larger_than_the_socket_takes(origin, tmp_path) -> None:
+    """A server flight larger than the connection's socket buffer (a certificate with
+    4,000 names; the worker's listener given an 8 KiB send buffer, which its accepted
+    sockets inherit): the rest of the flight is sent by a task, the handshake finishes
+    there, and the connection then serves keep-alive requests. In process, to reach the
+    listener's socket."""
+    import socket
+    import ssl
+
+    import trio
+
+    from meshproxy.config.compile import compile_config
+    from meshproxy.config.load import decode, tls_files
+    from meshproxy.process.worker import Worker
+    from tests.helpers import read_response
+
+    d = tmp_path / "big"
+    d.mkdir()
+    names = ["a.example"] + [f"n{i}.padding.example" for i in range(4000)]
+    _, pairs = make_pki(d, [names])
+    assert Path(pairs[0][0]).stat().st_size > 100_000
+    cfg = decode(config(origin.port, listener={"port": 0, "tls": {"certificates": [
+        {"certificate_chain": c, "private_key": k} for c, k in pairs]}}))
+    material = {path: Path(path).read_bytes() for _, path in tls_files(cfg)}
+    snapshot = compile_config(cfg, material=material)
+    ctx = ssl.create_default_context(cafile=str(d / "ca.pem"))
+
+    def client(port: int) -> list[int]:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname="a.example") as s:
+            out = []
+            for path in (b"/one", b"/two"):
+                s.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: a.example\r\n\r\n")
+                out.append(read_response(s)[0])
+            return out
+
+    async def main() -> list[int]:
+        worker = Worker(snapshot)
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(worker.run)
+            for lst in worker.listeners.values():
+                lst.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            statuses = await trio.to_thread.run_sync(client, bound[0][2])
+            nursery.cancel_scope.cancel()
+        return statuses
+
+    assert trio.run(main) == [200, 200]
+    assert [q.target for q in origin.requests[-2:]] == [b"/one", b"/two"]
