@@ -81,7 +81,9 @@ class Result:
     sys_us_per_req: float = 0.0
 
 
-def start_nginx(tmp: Path, port: int, body_size: int = BODY_SIZE) -> subprocess.Popen:
+def start_nginx(tmp: Path, port: int, body_size: int = BODY_SIZE,
+                tls: tuple[Path, Path] | None = None) -> subprocess.Popen:
+    """The origin; with `tls` (chain, key) it serves HTTPS (TLS 1.3) on the port."""
     (tmp / "body.txt").write_bytes(b"x" * body_size)
     # nginx's workers drop root for nobody: the directory must be readable to them.
     os.chmod(tmp, 0o755)
@@ -98,7 +100,8 @@ http {{
     keepalive_requests 1000000;
     keepalive_timeout 300s;
     server {{
-        listen 127.0.0.1:{port} reuseport backlog=4096;
+        listen 127.0.0.1:{port} reuseport backlog=4096{" ssl" if tls else ""};
+        {f"ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]};" if tls else ""}
         root {tmp};
         location / {{ default_type text/plain; try_files /body.txt =404; }}
     }}
@@ -112,7 +115,7 @@ http {{
 
 def start_haproxy(tmp: Path, port: int, origin: int, bind_options: str = "",
                   global_options: str = "", defaults_options: str = "",
-                  maxconn: int = 4000) -> subprocess.Popen:
+                  maxconn: int = 4000, server_options: str = "") -> subprocess.Popen:
     conf = tmp / "haproxy.cfg"
     conf.write_text(f"""
 global
@@ -132,7 +135,7 @@ frontend fe
     bind 127.0.0.1:{port} {bind_options}
     default_backend be
 backend be
-    server origin 127.0.0.1:{origin} maxconn 1000
+    server origin 127.0.0.1:{origin} maxconn 1000 {server_options}
 """)
     proc = subprocess.Popen(["taskset", "-c", PROXY_CORE, "haproxy", "-db", "-f", str(conf)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,6 +1,6 @@
 """TLS comparison: meshproxy vs HAProxy terminating TLS with the same certificate, same run.
 
-    python -m bench.tls_load [--duration 8] [--rounds 2]
+    python -m bench.tls_load [--duration 8] [--rounds 2] [--upstream-tls]
 
 Two figures per proxy (each pinned to core 0, one worker / nbthread 1; the clients and the
 nginx origin on core 1):
@@ -10,7 +10,10 @@ nginx origin on core 1):
   per second and the proxy's CPU time per request.
 The certificate is one meshproxy's own CA issued (control/ca.py over a CSR made as a
 sidecar makes it, process/identity.py: ECDSA P-256, a SPIFFE URI SAN, the chain to the
-root), served by both proxies; TLS 1.3 is negotiated by both.
+root), served by both proxies; TLS 1.3 is negotiated by both. With `--upstream-tls` the
+nginx origin serves HTTPS with it too and both proxies verify it against the CA, so every
+hop is TLS, as from one sidecar to the next (the keep-alive figure then includes the
+upstream records).
 CPU time comes from /proc (utime + stime), so the figures hold on a busy machine; the ratio
 to HAProxy is the figure to quote.
 
@@ -60,13 +63,21 @@ def make_cert(tmp: Path) -> tuple[Path, Path, Path]:
     return ca_path, chain_path, key_path
 
 
-def start_haproxy_tls(tmp: Path, port: int, origin: int) -> subprocess.Popen:
+def start_haproxy_tls(tmp: Path, port: int, origin: int,
+                      upstream_tls: bool = False) -> subprocess.Popen:
     return start_haproxy(tmp, port, origin,
                          bind_options=f"ssl crt {tmp / 'haproxy.pem'} alpn http/1.1",
-                         global_options="ssl-default-bind-options ssl-min-ver TLSv1.2")
+                         global_options="ssl-default-bind-options ssl-min-ver TLSv1.2",
+                         server_options=f"ssl verify required ca-file {tmp / 'ca.pem'}"
+                         if upstream_tls else "")
 
 
-def start_meshproxy_tls(tmp: Path, port: int, origin: int) -> subprocess.Popen:
+def start_meshproxy_tls(tmp: Path, port: int, origin: int,
+                        upstream_tls: bool = False) -> subprocess.Popen:
+    cluster: dict = {"name": "origin", "max_idle_connections": 1024,
+                     "endpoints": [{"address": "127.0.0.1", "port": origin}]}
+    if upstream_tls:
+        cluster["tls"] = {"trusted_ca": str(tmp / "ca.pem")}
     conf = tmp / "meshproxy-tls.json"
     conf.write_text(json.dumps({
         "listeners": [{"name": "bench", "address": "127.0.0.1", "port": port,
@@ -75,8 +86,7 @@ def start_meshproxy_tls(tmp: Path, port: int, origin: int) -> subprocess.Popen:
                             "private_key": str(tmp / "gateway-key.pem")}]},
                        "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
                            {"match": {"prefix": "/"}, "route": {"cluster": "origin"}}]}]}],
-        "clusters": [{"name": "origin", "max_idle_connections": 1024,
-                      "endpoints": [{"address": "127.0.0.1", "port": origin}]}],
+        "clusters": [cluster],
     }))
     proc = subprocess.Popen(["taskset", "-c", PROXY_CORE, sys.executable, "-m", "meshproxy",
                              "run", "--config", str(conf), "--log-level", "warning",
@@ -112,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--upstream-tls", action="store_true",
+                    help="the origin serves HTTPS too and both proxies verify it: every "
+                         "hop TLS, as between two sidecars")
     args = ap.parse_args(argv)
     for tool in ("haproxy", "nginx", "wrk", "openssl", "taskset"):
         if shutil.which(tool) is None:
@@ -121,14 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, list[tuple[float, float, float, float]]] = {n: [] for n in starters}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        ca, _, _ = make_cert(tmp)
+        ca, chain, key = make_cert(tmp)
         origin = free_port()
-        nginx = start_nginx(tmp, origin)
+        nginx = start_nginx(tmp, origin, tls=(chain, key) if args.upstream_tls else None)
         try:
             for _ in range(args.rounds):
                 for name, start in starters.items():
                     port = free_port()
-                    proc = start(tmp, port, origin)
+                    proc = start(tmp, port, origin, args.upstream_tls)
                     try:
                         handshakes(port, 1, ca)  # warm-up
                         c0 = cpu_seconds(proc.pid)
@@ -151,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     best = {n: (max(r[0] for r in rs), min(r[1] for r in rs), max(r[2] for r in rs),
                 min(r[3] for r in rs)) for n, rs in rows.items()}
     h = best["haproxy"]
-    print(f"\nTLS 1.3, ECDSA P-256, proxy pinned to one core; best of {args.rounds} rounds of "
-          f"{args.duration} s\n")
+    hops = "client and origin" if args.upstream_tls else "client"
+    print(f"\nTLS 1.3 to the {hops}, ECDSA P-256, proxy pinned to one core; best of "
+          f"{args.rounds} rounds of {args.duration} s\n")
     print("| proxy | handshakes/s | CPU per handshake | vs HAProxy | keep-alive req/s "
           "| CPU per request | vs HAProxy |")
     print("|---|---:|---:|---:|---:|---:|---:|")

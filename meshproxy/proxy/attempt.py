@@ -28,8 +28,8 @@ class Resume:
     before any response byte: the attempt goes on on another one), `resp` (the final
     response head, read from `conn` with `ubuf`), `ubuf` alone (the start of a response
     from `conn`, an interim 1xx first: the head is read on, within the per-try
-    `deadline`, after the `unsent` end of the request), or `error` (the attempt
-    failed)."""
+    `deadline`, after the `unsent` end of the request: bytes for the wire, ciphertext
+    on a TLS connection), or `error` (the attempt failed)."""
 
     __slots__ = ("cluster", "ep", "key", "opened", "lb", "lb_index", "started", "state",
                  "stale", "resp", "ubuf", "conn", "error", "deadline", "unsent")

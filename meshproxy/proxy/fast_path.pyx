@@ -12,8 +12,8 @@ Exchange the access log reads, the parser's heads).
 
 What it serves: a request whose head came whole, without a body or with a body already
 received whole (at most FAST_BODY bytes), origin-form, no Upgrade, no Expect, no client
-deadline header, on a route to a cluster (no filters, no tracing, a plaintext upstream),
-over an idle pooled connection; and a response whose head and whole body (Content-Length,
+deadline header, on a route to a cluster (no filters, no tracing), over an idle pooled
+connection (plaintext, or TLS through its compiled record layer); and a response whose head and whole body (Content-Length,
 or none) are read at once, which is not retried, and which the client's socket takes in
 one send. A plaintext connection starts here; a TLS one once its handshake is done (without
 a task either, proxy.tls_accept), its records then read and written by the compiled
@@ -328,7 +328,7 @@ cdef class Flight:
             return self._decline()
         name = choose_cluster(action)
         cluster = ctx.clusters.get(name)
-        if cluster is None or cluster.tls is not None:
+        if cluster is None:
             return self._decline()
         key = hash_key(dc, head, action.hash_policy) if action.hash_policy else 0
         now = dc.reactor.now
@@ -374,6 +374,9 @@ cdef class Flight:
         self.route_deadline = now + timeout if timeout else INF
         per_try = retry.per_try_timeout if retry is not None else 0.0
         self.try_deadline = now + per_try if per_try else 0.0
+        urecords = conn.records
+        if urecords is not None:
+            first = urecords.encrypt(first)  # a TLS upstream: its records, in one send
         cdef Py_ssize_t sent = _send_now(conn.sock, first)
         if sent < 0:
             return self._stale()
@@ -411,11 +414,23 @@ cdef class Flight:
                 return WAITING
             except _reset_errors:
                 data = b""
-            if not data:
+            if data:
+                uch.drained = len(data) < RECV_SIZE
+                urecords = conn.records
+                if urecords is not None:
+                    data = self._decrypt_upstream(urecords, data)
+                    if data is None:
+                        return HANDED
+                    if not data:  # no whole record yet, or session tickets only
+                        if uch.drained and not uch.hup and not urecords.eof:
+                            uch.parked = self.upstream_cb
+                            return WAITING
+                        if not urecords.eof:
+                            continue
+            if not data:  # the origin closed (a FIN, a reset, its close_notify)
                 if not self.ubuf:
                     return self._stale()
                 return self._go_on(self._opened(reset_during_head()))
-            uch.drained = len(data) < RECV_SIZE
             ubuf = self.ubuf + data if self.ubuf else data
             try:
                 resp = self.dc.ctx.parser.parse_response(ubuf, 0)
@@ -427,6 +442,24 @@ cdef class Flight:
             if uch.drained and not uch.hup:
                 uch.parked = self.upstream_cb
                 return WAITING
+
+    cdef object _decrypt_upstream(self, urecords, data):
+        """The plaintext of an upstream TLS connection's `data` (b"": none yet), or None
+        once the exchange went on elsewhere: a broken record or an alert is the
+        connection failing, as a task's relay takes a TLS error (before any response
+        byte the stale connection's resend, after one a reset during the head)."""
+        try:
+            data = urecords.decrypt(data)
+        except RecordError:
+            if not self.ubuf:
+                self._stale()
+            else:
+                self._go_on(self._opened(reset_during_head()))
+            return None
+        answer = urecords.outgoing()  # a KeyUpdate's answer
+        if answer:
+            _send_now(self.conn.sock, answer)
+        return data
 
     cdef int _stale(self) except -1:
         """The reused connection was closed by the origin before any response byte: the

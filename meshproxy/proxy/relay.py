@@ -56,7 +56,7 @@ from meshproxy.proxy.head_rewrite import relayed_trailers, serialize
 from meshproxy.proxy.local_reply import CONTINUE_100, reason
 from meshproxy.proxy.phases import PH_REQ_BODY, PH_RESP_BODY, PH_UPSTREAM
 from meshproxy.proxy.tunnel import tunnel
-from meshproxy.transport.sockio import RECV_SIZE, PeerClosed
+from meshproxy.transport.sockio import RECV_SIZE, PeerClosed, send_all
 from meshproxy.upstream.cluster_manager import REUSE, Cluster
 from meshproxy.upstream.conn_pool import Endpoint, UpstreamConn
 from meshproxy.upstream.connect import establish
@@ -178,7 +178,7 @@ async def resume_response(side: ClientSide, head: MessageHead, conn: UpstreamCon
     try:
         if unsent:
             try:
-                await conn.send(unsent)
+                await send_all(conn.sock, unsent)  # already records on a TLS connection
             except PeerClosed:
                 raise _StaleConnection() from None
         return await response_head(side, head, conn, deadline, initial)

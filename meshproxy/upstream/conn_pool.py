@@ -29,7 +29,7 @@ class UpstreamConn:
     """An open upstream connection; opening and closing it keep the cx gauges true."""
 
     __slots__ = ("ch", "sock", "endpoint", "idle_since", "requests", "open", "born", "recv",
-                 "recv_wait", "send", "tls", "tls_context")
+                 "recv_wait", "send", "tls", "tls_context", "records")
 
     def __init__(self, ch: Channel, endpoint: Endpoint) -> None:
         self.ch = ch
@@ -40,6 +40,9 @@ class UpstreamConn:
         self.recv_wait: Callable[..., Awaitable[bytes]] = partial(recv_after_wait, ch)
         self.send: Callable[[bytes], Awaitable[None]] = partial(send_all, ch.sock)
         self.tls: Any = None  # the TLSStream of a TLS connection
+        # Its compiled record layer on the same SSL object (transport.tls_records), for
+        # the fast path.
+        self.records: Any = None
         # The ClientTLS it was made with, until its session is kept by the endpoint.
         self.tls_context: Any = None
         self.endpoint = endpoint

@@ -16,6 +16,7 @@ from meshproxy.protocol import errors as flags
 from meshproxy.protocol.errors import CONNECT_FAILURE, ProxyError
 from meshproxy.transport.reactor import Reactor
 from meshproxy.transport.sockio import PeerClosed, connect
+from meshproxy.transport.tls_records import Records
 from meshproxy.transport.tls_stream import TLSError, TLSStream, session_reused
 from meshproxy.upstream.cluster_manager import (
     CLOSE_THEN_CONNECT,
@@ -114,6 +115,7 @@ async def _handshake(cluster: Cluster, conn: UpstreamConn) -> None:
     if session_reused(ssl):
         st.block.inc(st.ssl_session_reused)
     conn.tls = stream
+    conn.records = Records(ssl)
     conn.tls_context = tls
     conn.recv, conn.recv_wait = stream.recv, stream.recv_wait
     conn.send = stream.send_all

@@ -5,7 +5,9 @@ are 503 UF with the reason in the access log."""
 from __future__ import annotations
 
 import json
+import os
 import ssl
+import time
 from pathlib import Path
 
 import pytest
@@ -177,5 +179,55 @@ def test_upstream_tls_revoked_endpoint_is_503_uf(tmp_path, pki) -> None:
         assert entry["response_flags"] == "UF"
         assert entry["response_code_details"].endswith(
             "certificate verify failed: certificate revoked")
+    finally:
+        origin.stop()
+
+
+def test_upstream_tls_keep_alive_on_the_fast_path(tmp_path, pki) -> None:
+    """Requests over a pooled mTLS upstream connection are served by the fast path, its
+    records written and read by the compiled record layer: bodies of many records both
+    ways, a connection the origin closes while it is pooled (found stale, the request
+    sent again on a new one), and every answer right."""
+    import socket
+
+    from tests.helpers import Close, echo_handler, ok_response, read_response
+
+    def handler(req, sock):
+        if req.target == b"/then-close":
+            sock.sendall(ok_response(b"bye"))
+            raise Close  # the connection was offered for reuse, then closed
+        if req.target.startswith(b"/big"):
+            return ok_response(b"z" * 40000)  # some three records
+        return echo_handler(req, sock)
+
+    origin = tls_origin(pki)
+    origin.handler = handler
+    fast = os.environ.get("MESHPROXY_FAST_PATH", "on") != "off"
+    try:
+        p = upstream_proxy(tmp_path, origin, pki, match_subject_alt_names=[ORIGIN_ID])
+        with socket.create_connection(("127.0.0.1", p.port), timeout=5) as s:
+            for i in range(20):
+                body = b"y" * (i * 1500)  # up to 28 KB: requests of several records
+                s.sendall(b"POST /t%d HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                          % (i, len(body)) + body)
+                status, _, got = read_response(s)
+                seen = json.loads(got)
+                assert (status, seen["target"], seen["body_len"]) == (200, f"/t{i}", len(body))
+            s.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, got = read_response(s)
+            assert (status, got) == (200, b"z" * 40000)
+            s.sendall(b"GET /then-close HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(s)[2] == b"bye"
+            time.sleep(0.2)  # the origin's FIN reaches the pooled connection
+            s.sendall(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, got = read_response(s)
+            assert (status, json.loads(got)["target"]) == (200, "/after")
+        assert origin.tls_errors == []
+        assert origin.connections == 2
+        assert stat(p, "cluster.web.upstream_rq_retry") == 1  # the stale connection
+        if fast:
+            # The first request connects in a task; the others go the fast way (/big's
+            # response spans reads, so a task relays it).
+            assert stat(p, "http.ingress.fast_path.rq_total") >= 21
     finally:
         origin.stop()
