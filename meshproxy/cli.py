@@ -5,6 +5,9 @@
   meshproxy validate --config F
   meshproxy demo [--port P] [--check]
   meshproxy control --token-file F [--store URL] [--api-address HOST:PORT]
+
+Size: past 400 lines because every subcommand's flags, with their help text, are here and
+only here (the README's flag tables are read from them).
 """
 
 from __future__ import annotations

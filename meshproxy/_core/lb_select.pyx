@@ -25,6 +25,7 @@ look at load get `start(i)` / `finish(i, rtt, now)` around each request.
   two choices on cost.
 
 Hashes are 64-bit FNV-1a with a splitmix64 finalizer (good spread for short keys).
+Size: just past 400 lines, six balancers behind one interface, each about 60.
 """
 
 from libc.math cimport exp

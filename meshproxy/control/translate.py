@@ -38,6 +38,10 @@ Make before break: a route is emitted only with clusters that are emitted with i
 destination whose subset no DestinationPolicy defines is dropped with a warning, and a rule
 left without destinations answers 503 itself (Istio's NC: no cluster), never traffic meant
 for a subset going to another.
+
+Size: past 400 lines because each resource kind's translation is short and they read each
+other's results (a Route's destinations need the DestinationPolicy's subsets and the
+Workloads); one module keeps that order visible.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ Rules:
   rotation does not lock the proxy out); a CSR goes as soon as the stream opens, and again
   at each renewal time (process/identity.py) or when asked (Renew); a pushed config that
   needs the identity waits for it (Envoy's listener warming), then is applied and ACKed.
+
+Size: past 400 lines because the stream, the back-off, the heartbeats and the identity
+renewal share one connection's state; each is a short loop over it.
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ own trio loop and its own SO_REUSEPORT socket on every listener. The supervisor:
   pushed config through the same checks (`adopt`), and says when every worker serves it
   (`applied`); on shutdown it deregisters its workload first, so that callers stop sending
   before the listeners close.
+
+Size: past 400 lines because the worker pool, reloads and the drain all act on the same
+worker table and snapshot version under one lock; the admin server, the stats and the
+discovery client are their own modules.
 """
 
 from __future__ import annotations

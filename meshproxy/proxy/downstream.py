@@ -19,6 +19,11 @@ is cheaper than a scope per wait. `phase` says what was being waited for when it
   request body (idle_timeout per progress)  -> 408, close
   upstream/response (the route timeout)     -> 504 UT, or a reset if the response started
 A scope that fired stays cancelled, so every timeout ends the connection.
+
+TLS termination and the connection's fast-path state are proxy.tls_termination's (the
+base class); a connection on the fast path has no task until a request needs one
+(proxy.fast_path). Size: past 400 lines because the request loop, the timeouts by phase
+and the local replies share the connection's one cancel scope and phase.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
-from OpenSSL import SSL
 
 from meshproxy._core.http1_parser import MessageHead, ParseError
 from meshproxy.config.snapshot import (
@@ -41,8 +45,7 @@ from meshproxy.config.snapshot import (
 from meshproxy.protocol import errors as flags
 from meshproxy.protocol.authority import service_authority, split_absolute_form
 from meshproxy.proxy.attempt import Resume
-from meshproxy.proxy.client_side import ClientSide
-from meshproxy.proxy.context import ListenerContext, ListenerTLS
+from meshproxy.proxy.context import ListenerContext
 from meshproxy.proxy.exchange import Exchange, begin, finish
 from meshproxy.proxy.fast_path import Flight, serves
 from meshproxy.proxy.filter_chain import on_request_headers
@@ -50,10 +53,8 @@ from meshproxy.proxy.local_reply import LocalReply, local_reply
 from meshproxy.proxy.phases import PH_HEAD, PH_IDLE, PH_REQ_BODY
 from meshproxy.proxy.router import answer, forward
 from meshproxy.proxy.tls_accept import Handshake
+from meshproxy.proxy.tls_termination import TLSTermination
 from meshproxy.transport.sockio import PeerClosed, abort, close
-from meshproxy.transport.tls_context import SanRefused
-from meshproxy.transport.tls_records import Records
-from meshproxy.transport.tls_stream import TLSError, TLSStream
 
 # Bound on writing a last error reply to a client after a timeout: it may not be reading.
 FAREWELL_TIMEOUT = 1.0
@@ -71,31 +72,21 @@ class _Park(Exception):
 log = logging.getLogger("meshproxy.downstream")
 
 
-class DownstreamConnection(ClientSide):
+class DownstreamConnection(TLSTermination):
     """The driver of one client connection (the I/O state the layers below share is
-    ClientSide's)."""
+    ClientSide's, TLS termination TLSTermination's)."""
 
-    __slots__ = ("ex", "requests", "cs", "tls", "parked", "flight", "cont", "fast_hint",
-                 "counted", "handshake")
+    __slots__ = ("ex", "requests", "cs", "cont", "counted")
 
     def __init__(self, ctx: ListenerContext, sock: socket.socket, peer: tuple) -> None:
         super().__init__(ctx, sock, peer)
-        self.tls: TLSStream | None = None
         self.ex: Exchange | None = None  # the request being served, until it is logged
         self.requests = 0
         # The reactor's ticker cancels `cs` once `deadline` has passed (see reactor.py).
         self.cs = trio.CancelScope()
-        self.parked = False  # idle, with no task (see PARK_AFTER)
         self.counted = False  # counted in the cx stats and the reactor's timers (open())
-        # The fast path's state for this connection (proxy.fast_path), None when it is off
-        # for the listener; `fast_hint`: the last request went that way, so the connection
-        # parks on it as soon as it is idle; `cont`: what a task does first when the fast
-        # path hands it an exchange it began.
-        self.flight: Flight | None = None
-        self.fast_hint = False
+        # `cont`: what a task does first when the fast path hands it an exchange it began.
         self.cont: Callable[[], Awaitable[bool]] | None = None
-        # A TLS handshake stepped from the reactor without a task (proxy.tls_accept).
-        self.handshake: Handshake | None = None
 
     def open(self) -> None:
         """Count the connection in (cx stats, the reactor's deadlines), once."""
@@ -124,31 +115,6 @@ class DownstreamConnection(ClientSide):
         self.flight = Flight(self)
         self.fast_hint = True
         self.park(self.flight.client_cb)
-
-    def plaintext_start(self) -> None:
-        """PERMISSIVE, and the client's first byte opens no TLS handshake: a plaintext
-        connection on the fast path, with no identity."""
-        self.handshake = None
-        ls = self.ctx.lstats
-        ls.block.inc(ls.downstream_cx_plaintext)
-        self.deadline = self.born + self.ctx.spec.request_headers_timeout
-        flight = self.flight = Flight(self)
-        self.fast_hint = True
-        self.park(flight.client_cb)
-        flight.on_client()  # its first bytes are queued already
-
-    def park(self, wake: Callable[[], None]) -> None:
-        """Idle with no task: the reactor calls `wake` at the next edge."""
-        self.parked = True
-        self.buf, self.pos = b"", 0  # all consumed: the last request's bytes go
-        self.ch.parked = wake
-        ls = self.ctx.lstats
-        ls.block.add(ls.downstream_cx_parked, 1)
-
-    def unpark(self) -> None:
-        self.parked = False
-        ls = self.ctx.lstats
-        ls.block.add(ls.downstream_cx_parked, -1)
 
     def hand_off(self, cont: Callable[[], Awaitable[bool]] | None) -> None:
         """The fast path gives the connection to a task: `cont` runs first (the exchange
@@ -275,91 +241,6 @@ class DownstreamConnection(ClientSide):
         blk.add(ls.downstream_cx_active, -1)
         blk.inc(ls.downstream_cx_destroy)
         blk.add(ws.downstream_cx_active, -1)
-
-    async def _handshake(self) -> bool:
-        """TLS termination: the handshake within the listener's handshake timeout; then
-        every read and write of this connection goes through the TLS stream."""
-        tls = self.ctx.tls
-        assert tls is not None
-        try:
-            plaintext = tls.accept_plaintext and not await self._starts_tls(tls)
-        except trio.TooSlowError:
-            return False
-        if plaintext:
-            ls = self.ctx.lstats
-            ls.block.inc(ls.downstream_cx_plaintext)
-            if self.ctx.state.fast_path:
-                self.flight = Flight(self)
-            return True  # PERMISSIVE, and this client speaks plaintext: no identity
-        return await self.complete_handshake(
-            TLSStream.over_channel(self.ch, tls.server.connection()))
-
-    async def complete_handshake(self, stream: TLSStream) -> bool:
-        """The handshake (or its rest) in a task, within the listener's handshake
-        timeout."""
-        tls = self.ctx.tls
-        assert tls is not None
-        self.tls = stream
-        try:
-            await stream.handshake(self.reactor.now + tls.handshake_timeout)
-        except (TLSError, trio.TooSlowError) as exc:
-            self.handshake_failed(stream.ssl, str(exc) or "TLS handshake timeout")
-            return False
-        self.established(stream, None)
-        return True
-
-    def handshake_failed(self, ssl: SSL.Connection, reason: str) -> None:
-        """Count and log a failed handshake (the caller closes)."""
-        ls = self.ctx.lstats
-        ls.block.inc(ls.ssl_connection_error)
-        refused = ssl.get_app_data()
-        if isinstance(refused, SanRefused):
-            # A trusted, valid certificate of an identity this listener does not take:
-            # the operator's policy, worth a line in the log (the client got
-            # bad_certificate).
-            ls.block.inc(ls.ssl_fail_verify_san)
-            log.info("refused the client certificate of %s: %s", self.peer, refused)
-        else:
-            log.debug("TLS handshake with %s failed: %s", self.peer, reason)
-
-    def established(self, stream: TLSStream, records: Records | None) -> None:
-        """The handshake is done: every read and write of this connection goes through
-        the TLS stream (a task) or its compiled record layer (the fast path)."""
-        tls = self.ctx.tls
-        assert tls is not None
-        self.handshake = None
-        self.tls = stream
-        self.deadline = self.born + self.ctx.spec.request_headers_timeout
-        self.recv = stream.recv
-        self.recv_wait = stream.recv_wait
-        self.send = stream.send_all
-        if self.ctx.state.fast_path:
-            # The compiled record layer, on the same SSL object: the fast path takes the
-            # connection's keep-alive requests.
-            self.flight = Flight(self, records or Records(stream.ssl))
-            self.fast_hint = records is not None
-        self.identity = tls.server.peer(stream.ssl)
-        ls = self.ctx.lstats
-        ls.block.inc(ls.ssl_handshake)
-        if tls.server.mtls and self.identity is None:
-            ls.block.inc(ls.ssl_no_certificate)
-
-    async def _starts_tls(self, tls: ListenerTLS) -> bool:
-        """PERMISSIVE: whether the connection's first byte opens a TLS handshake record
-        (content type 22, RFC 8446 5.1); peeked, so either path reads it again. A client
-        that sends nothing within the handshake timeout is let go like a stalled TLS one."""
-        deadline = self.reactor.now + tls.handshake_timeout
-        while True:
-            try:
-                first = self.sock.recv(1, socket.MSG_PEEK)
-            except BlockingIOError:
-                await self.ch.wait_readable(deadline)
-                continue
-            except (ConnectionResetError, ConnectionAbortedError, TimeoutError) as exc:
-                raise PeerClosed(str(exc)) from None
-            if not first:
-                raise PeerClosed("closed before its first byte")
-            return first[0] == 0x16
 
     # ------------------------------------------------------------------ heads
 

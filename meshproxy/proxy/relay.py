@@ -23,6 +23,9 @@ the client connection, so a truncated body is never mistaken for a complete one.
 The relay reads and writes the client's side through proxy.client_side (its read cursor,
 phase and deadline) and never writes a local reply: failures are ProxyErrors, which the
 router turns into the reply for the driver to write.
+
+Size: past 400 lines because the request-body and response-body loops share the framing,
+the backpressure rules and the errors they raise; the fast path reuses its error makers.
 """
 
 from __future__ import annotations
