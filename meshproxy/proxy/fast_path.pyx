@@ -13,9 +13,9 @@ Exchange the access log reads, the parser's heads).
 What it serves: a request whose head came whole, without a body or with a body already
 received whole (at most FAST_BODY bytes), origin-form, no Upgrade, no Expect, no client
 deadline header, on a route to a cluster (no filters, no tracing), over an idle pooled
-connection (plaintext, or TLS through its compiled record layer); and a response whose head and whole body (Content-Length,
-or none) are read at once, which is not retried, and which the client's socket takes in
-one send. A plaintext connection starts here; a TLS one once its handshake is done (without
+connection (plaintext, or TLS through its compiled record layer); and a response whose
+head and whole body (Content-Length, chunked, or none) are read at once, which is not
+retried, and which the client's socket takes in one send. A plaintext connection starts here; a TLS one once its handshake is done (without
 a task either, proxy.tls_accept), its records then read and written by the compiled
 record layer (transport.tls_records) on the same SSL object. Anything else goes to a task
 at the phase where it left the fast path, and that task carries on with the same code as
@@ -46,15 +46,21 @@ from functools import partial
 from time import perf_counter
 
 from meshproxy._core.http1_conn import (
+    FRAMING_CHUNKED,
     FRAMING_LENGTH,
     FRAMING_NONE,
     plan_response,
     upstream_reusable,
 )
-from meshproxy._core.http1_parser import ParseError
+from meshproxy._core.http1_parser import (
+    ChunkedDecoder,
+    ParseError,
+    encode_chunk,
+    encode_last_chunk,
+)
 from meshproxy.config.snapshot import PRINCIPAL_HEADER, ClusterAction
 from meshproxy.proxy.exchange import BodyState, begin, finish
-from meshproxy.proxy.head_rewrite import build_upstream_head, serialize
+from meshproxy.proxy.head_rewrite import build_upstream_head, relayed_trailers, serialize
 from meshproxy.proxy.local_reply import reason
 from meshproxy.proxy.phases import PH_IDLE, PH_RESP_BODY, PH_UPSTREAM
 from meshproxy.proxy.relay import per_try_timeout, reset_during_head, upstream_protocol_error
@@ -497,10 +503,31 @@ cdef class Flight:
         framing = plan.framing
         cdef Py_ssize_t upos = resp.end
         cdef Py_ssize_t take = 0
+        body = None  # a chunked body as it goes to the client
         if framing == FRAMING_LENGTH:
             take = resp.content_length
             if len(ubuf) - upos < take:
                 return self._go_on(self._with_response(resp, ubuf))  # streamed by the relay
+        elif framing == FRAMING_CHUNKED:
+            # Served here only when the last chunk is already in: one decode of what was
+            # read, then the chunks re-encoded as one (relay._relay_response's rule; raw
+            # for an HTTP/1.0 client, which reads to the close). Anything else, a
+            # malformed chunk included, is the relay's, which decodes from the head on.
+            dec = ChunkedDecoder(error_status=502)
+            try:
+                parts, cend = dec.feed(ubuf, upos)
+            except ParseError:
+                return self._go_on(self._with_response(resp, ubuf))
+            if not dec.done:
+                return self._go_on(self._with_response(resp, ubuf))  # streamed by the relay
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            take = len(data)
+            if plan.down_chunked:
+                body = (encode_chunk(data) if take else b"") + \
+                    encode_last_chunk(relayed_trailers(dec.trailers))
+            else:
+                body = data
+            upos = cend
         elif framing != FRAMING_NONE:
             return self._go_on(self._with_response(resp, ubuf))
         # The whole response is here: router._one_attempt's outcome, relay._relay_response.
@@ -519,7 +546,9 @@ cdef class Flight:
         dc.phase = PH_RESP_BODY
         reusable = upstream_reusable(True, resp, framing)
         ex.response_started = True
-        if take:
+        if body is not None:
+            out += body
+        elif take:
             out += ubuf[upos:upos + take]
             upos += take
         ex.bytes_out = take

@@ -161,6 +161,55 @@ def test_fast_path_streams_a_response_it_cannot_take_whole(proxy_for) -> None:
         assert begun == 5 and handed >= 3  # the first, and each 3 MiB body
 
 
+def test_fast_path_relays_a_whole_chunked_response(proxy_for) -> None:
+    """A chunked response whose last chunk came with its head is served on the fast path:
+    re-encoded as one chunk with its trailers for an HTTP/1.1 client, raw to the close for
+    an HTTP/1.0 one; an empty one and a malformed one behave as on the task path."""
+    chunked = (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-sum\r\n\r\n"
+               b"5\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n")
+    answers = {b"/c": chunked,
+               b"/empty": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+               b"/bad": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nx\r\n"}
+    o, p = proxy_for(lambda req, sock: answers.get(req.target) or ok_response(b"w"))
+    with socket.create_connection(("127.0.0.1", p.port), timeout=5) as s:
+        s.sendall(_get("/warm"))
+        assert read_response(s)[0] == 200
+        for _ in range(2):
+            s.sendall(_get("/c"))
+            got = b""
+            while not got.endswith(b"0\r\nx-sum: 11\r\n\r\n"):
+                data = s.recv(65536)
+                assert data, got
+                got += data
+            head, _, body = got.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head
+            assert body == b"b\r\nhello world\r\n0\r\nx-sum: 11\r\n\r\n"
+        s.sendall(_get("/empty"))
+        status, _, body = read_response(s)
+        assert (status, body) == (200, b"")
+    if FAST_PATH:
+        begun, handed, _ = _counts(p)
+        assert (begun, handed) == (4, 1), (begun, handed)  # only the first connects in a task
+    with socket.create_connection(("127.0.0.1", p.port), timeout=5) as s:
+        s.sendall(b"GET /c HTTP/1.0\r\nHost: a\r\n\r\n")
+        got = b""
+        while data := s.recv(65536):
+            got += data
+        assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"\r\n\r\nhello world")
+        assert b"transfer-encoding" not in got.lower()
+    with socket.create_connection(("127.0.0.1", p.port), timeout=5) as s:
+        s.sendall(_get("/bad"))
+        got = b""
+        try:
+            while data := s.recv(65536):
+                got += data
+        except ConnectionResetError:
+            pass
+        # The response had begun when its body proved broken: the client connection is
+        # cut, never given a truncated body as a whole one (as on the task path).
+        assert got == b""
+
+
 def test_fast_path_slow_reader_gets_the_rest_from_a_task(proxy_for) -> None:
     body = b"r" * 60_000
     o, p = proxy_for(lambda req, sock: ok_response(body))
