@@ -143,6 +143,40 @@ backend be
     return proc
 
 
+def start_nginx_proxy(tmp: Path, port: int, origin: int) -> subprocess.Popen:
+    """nginx as the proxy (a second peer): one worker pinned to the proxy's core, upstream
+    keep-alive (proxy_http_version 1.1, a pool of idle connections), no access log."""
+    d = tmp / f"nginx-proxy-{port}"
+    d.mkdir()
+    conf = d / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    upstream origin {{ server 127.0.0.1:{origin}; keepalive 1024; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering on;
+        }}
+    }}
+}}
+""")
+    proc = subprocess.Popen(["taskset", "-c", PROXY_CORE, "nginx", "-c", str(conf), "-p", str(d)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc
+
+
 def start_meshproxy(tmp: Path, port: int, origin: int, *extra: str,
                     pin: bool = True, resilience: bool = False,
                     access_log: bool = False) -> subprocess.Popen:
@@ -179,6 +213,7 @@ def start_meshproxy(tmp: Path, port: int, origin: int, *extra: str,
 
 VARIANTS: dict[str, object] = {
     "haproxy": start_haproxy,
+    "nginx": start_nginx_proxy,
     "meshproxy": start_meshproxy,
     "meshproxy --no-stats": lambda t, p, o: start_meshproxy(t, p, o, "--no-stats"),
     "meshproxy +resilience": lambda t, p, o: start_meshproxy(t, p, o, resilience=True),

@@ -317,8 +317,15 @@ async def _one_attempt(dc: ClientSide, head: MessageHead, ex: Exchange,
             dc.upstream = None
             return None
         ex.upstream_status = status
-        keep = await deliver(dc, head, ex, action, conn, resp, ubuf, websocket,
-                            state.done or not has_body)
+        try:
+            keep = await deliver(dc, head, ex, action, conn, resp, ubuf, websocket,
+                                state.done or not has_body)
+        except ProxyError as err:
+            # A body that breaks once the response has begun (the driver resets the
+            # client): counted as the same failure before the head would be.
+            if err.stat:
+                blk.inc(getattr(cst, err.stat))
+            raise
         if n > 1 and status < 500:
             blk.inc(cst.upstream_rq_retry_success)
         return keep

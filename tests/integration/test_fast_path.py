@@ -208,6 +208,7 @@ def test_fast_path_relays_a_whole_chunked_response(proxy_for) -> None:
         # The response had begun when its body proved broken: the client connection is
         # cut, never given a truncated body as a whole one (as on the task path).
         assert got == b""
+    assert stat(p, "cluster.web.upstream_cx_protocol_error") == 1
 
 
 def test_fast_path_slow_reader_gets_the_rest_from_a_task(proxy_for) -> None:
