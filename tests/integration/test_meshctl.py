@@ -117,8 +117,14 @@ def test_meshctl_tokens_ca_and_a_workloads_identity(tmp_path: Path, origin_facto
     web.stop()
     web.start()
     wait_for(lambda: web.admin("/config_dump")["control_plane"].get("identity"), 15)
-    r = _meshctl(cp, tmp_path, "describe", "workload", "web-0", "-n", "shop")
-    assert r.returncode == 0, r.stderr
+
+    def described() -> subprocess.CompletedProcess | None:
+        # The proxy's status record reaches the control plane after its certificate does.
+        got = _meshctl(cp, tmp_path, "describe", "workload", "web-0", "-n", "shop")
+        assert got.returncode == 0, got.stderr
+        return got if "SPIFFE ID:     " in got.stdout else None
+
+    r = wait_for(described, 15)
     assert "SPIFFE ID:     spiffe://cluster.local/ns/shop/sa/web" in r.stdout
     serial = web.admin("/config_dump")["control_plane"]["identity"]["serial_number"]
     assert f"Serial:        {serial}" in r.stdout
