@@ -25,6 +25,7 @@ from meshproxy.config.snapshot import (
     ClusterSpec,
     DirectAction,
     HeaderOps,
+    Http2Spec,
     ListenerSpec,
     MatcherKind,
     OutlierSpec,
@@ -206,16 +207,31 @@ def _bundle(path: str | None, material: Mapping[str, bytes]) -> Bundle | None:
     return Bundle(path, material[path]) if path is not None else None
 
 
-def listener_tls(t: schema.ListenerTLS | None, material: Mapping[str, bytes]
-                  ) -> TLSSpec | None:
+# What ALPN offers when the listener's TLS names no protocols: what its codec speaks, h2
+# first (a server picks by its own order, RFC 7301 3.2).
+CODEC_ALPN = {"auto": (b"h2", b"http/1.1"), "http1": (b"http/1.1",), "http2": (b"h2",)}
+
+
+def listener_tls(t: schema.ListenerTLS | None, material: Mapping[str, bytes],
+                 codec: str = "auto") -> TLSSpec | None:
     if t is None:
         return None
+    alpn = tuple(a.encode() for a in t.alpn) if t.alpn is not None else CODEC_ALPN[codec]
     return TLSSpec(tuple(_pair(c.certificate_chain, c.private_key, material)
                          for c in t.certificates),
-                   tuple(a.encode() for a in t.alpn), parse_duration(t.handshake_timeout),
+                   alpn, parse_duration(t.handshake_timeout),
                    _bundle(t.trusted_ca, material), t.require_client_certificate,
                    tuple(t.match_subject_alt_names), _bundle(t.crl, material),
                    t.only_verify_leaf_cert_crl, t.accept_plaintext)
+
+
+def _http2(o: schema.Http2Options) -> Http2Spec:
+    return Http2Spec(o.max_concurrent_streams, o.initial_stream_window_size,
+                     o.initial_connection_window_size, o.hpack_table_size,
+                     o.max_outbound_frames, o.max_outbound_control_frames,
+                     o.max_consecutive_inbound_frames_with_empty_payload,
+                     o.max_inbound_priority_frames_per_stream,
+                     o.max_inbound_window_update_frames_per_data_frame_sent)
 
 
 def upstream_tls(t: schema.UpstreamTLS | None, material: Mapping[str, bytes]
@@ -251,10 +267,11 @@ def compile_config(config: schema.Config, version: int = 1,
             parse_duration(lst.request_headers_timeout), parse_duration(lst.idle_timeout),
             lst.max_request_line, lst.max_request_headers_kb * 1024, lst.max_headers_count,
             _access_log(lst.access_log or config.access_log, access_log_override),
-            parse_duration(lst.max_connection_duration), listener_tls(lst.tls, material),
+            parse_duration(lst.max_connection_duration),
+            listener_tls(lst.tls, material, lst.codec),
             any(r.match.source_principals is not None
                 for vh in lst.virtual_hosts for r in vh.routes), listener_authz,
-            parse_duration(lst.on_demand_timeout)))
+            parse_duration(lst.on_demand_timeout), lst.codec, _http2(lst.http2)))
     clusters = {
         c.name: ClusterSpec(
             c.name, tuple((e.address, e.port, e.weight) for e in c.endpoints),

@@ -337,6 +337,14 @@ def check(config: schema.Config) -> list[str]:
         check_duration(lst.max_connection_duration, f"{p}.max_connection_duration", errors)
         if lst.tls is not None:
             check_duration(lst.tls.handshake_timeout, f"{p}.tls.handshake_timeout", errors)
+            alpn = lst.tls.alpn
+            if alpn is not None:
+                if not alpn:
+                    errors.append(f"{p}.tls.alpn: must not be empty")
+                elif lst.codec == "http1" and "h2" in alpn:
+                    errors.append(f"{p}.tls.alpn: offers h2, but the codec is http1")
+                elif lst.codec == "http2" and "http/1.1" in alpn:
+                    errors.append(f"{p}.tls.alpn: offers http/1.1, but the codec is http2")
             if lst.tls.trusted_ca is None:
                 for fname in ("require_client_certificate", "match_subject_alt_names", "crl"):
                     if getattr(lst.tls, fname):

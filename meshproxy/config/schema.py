@@ -411,7 +411,9 @@ class ListenerTLS(Base, frozen=True):
     then wildcard); the first is the default."""
 
     certificates: Annotated[list[TLSCertificate], Meta(min_length=1)]
-    alpn: list[Literal["http/1.1"]] = msgspec.field(default_factory=lambda: ["http/1.1"])
+    # The protocols offered by ALPN, in the server's order of preference (RFC 7301). None:
+    # what the listener's codec speaks (auto: h2 then http/1.1, as Istio's gateways offer).
+    alpn: list[Literal["h2", "http/1.1"]] | None = None
     # A client must finish its handshake within this (Envoy's
     # transport_socket_connect_timeout).
     handshake_timeout: Duration = "10s"
@@ -433,6 +435,34 @@ class ListenerTLS(Base, frozen=True):
     # record (0x16, RFC 8446 5.1) is served as plaintext, without a peer identity (Envoy's
     # tls_inspector choosing between a TLS and a raw_buffer filter chain).
     accept_plaintext: bool = False
+
+
+class Http2Options(Base, frozen=True):
+    """Envoy's Http2ProtocolOptions, with the defaults Envoy's edge best practices give
+    (its own defaults trust the client with 256 MiB windows and unbounded streams)."""
+
+    # RFC 9113 6.5.2 SETTINGS_MAX_CONCURRENT_STREAMS: streams one client may have open.
+    max_concurrent_streams: Annotated[int, Meta(ge=1, le=2_147_483_647)] = 100
+    # SETTINGS_INITIAL_WINDOW_SIZE: what a client may send on a stream before the proxy
+    # has passed it on; the window is the bound of a stream's request buffer. RFC 9113
+    # 6.9.2: at least the 65,535 of the protocol's own default, at most 2^31-1.
+    initial_stream_window_size: Annotated[int, Meta(ge=65_535, le=2_147_483_647)] = 65_536
+    # The connection's window (a WINDOW_UPDATE on stream 0 right after the preface).
+    initial_connection_window_size: Annotated[
+        int, Meta(ge=65_535, le=2_147_483_647)] = 1_048_576
+    # SETTINGS_HEADER_TABLE_SIZE: the HPACK dynamic table the client may make us keep
+    # (RFC 7541 4.2); 4,096 is the protocol's default.
+    hpack_table_size: Annotated[int, Meta(ge=0, le=65_536)] = 4_096
+    # Flood limits (Envoy's names and defaults, CVE-2019-9512/9515/9518): frames queued
+    # for a client that does not read; control frames (PING/SETTINGS ACKs, RST_STREAM)
+    # among them; frames with an empty payload in a row (empty DATA without END_STREAM,
+    # empty CONTINUATION); PRIORITY frames per stream opened; WINDOW_UPDATEs per DATA
+    # frame sent.
+    max_outbound_frames: Annotated[int, Meta(ge=1)] = 10_000
+    max_outbound_control_frames: Annotated[int, Meta(ge=1)] = 1_000
+    max_consecutive_inbound_frames_with_empty_payload: Annotated[int, Meta(ge=0)] = 1
+    max_inbound_priority_frames_per_stream: Annotated[int, Meta(ge=0)] = 100
+    max_inbound_window_update_frames_per_data_frame_sent: Annotated[int, Meta(ge=1)] = 10
 
 
 class Listener(Base, frozen=True):
@@ -459,6 +489,10 @@ class Listener(Base, frozen=True):
     # virtual host serves asks the control plane for it and waits up to this long for the
     # config that serves it (Envoy's on-demand VHDS/ODCDS), then 404 NR. 0: off.
     on_demand_timeout: Duration = 0
+    # Envoy's codec_type: auto tells HTTP/2 from HTTP/1.1 by the connection preface on
+    # plaintext (RFC 9113 3.4) and by ALPN on TLS; http1 and http2 take only that one.
+    codec: Literal["auto", "http1", "http2"] = "auto"
+    http2: Http2Options = Http2Options()
 
 
 class TracingCollector(Base, frozen=True):

@@ -239,6 +239,21 @@ class UpstreamTLSSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class Http2Spec:
+    """A listener's HTTP/2 settings and flood limits (schema.Http2Options says why)."""
+
+    max_concurrent_streams: int = 100
+    initial_stream_window_size: int = 65_536
+    initial_connection_window_size: int = 1_048_576
+    hpack_table_size: int = 4_096
+    max_outbound_frames: int = 10_000
+    max_outbound_control_frames: int = 1_000
+    max_empty_frames: int = 1
+    max_priority_frames_per_stream: int = 100
+    max_window_updates_per_data_frame: int = 10
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerSpec:
     name: str
     address: str
@@ -258,6 +273,8 @@ class ListenerSpec:
     # (a caller the policies deny learns nothing about which paths exist: 403, not 404).
     authz: Authorizer | None = None
     on_demand_timeout: float = 0.0  # seconds; 0: a missing authority is 404 NR at once
+    codec: str = "auto"  # auto | http1 | http2 (schema.Listener.codec)
+    http2: Http2Spec = field(default_factory=lambda: Http2Spec())
 
 
 @dataclass(frozen=True, slots=True)

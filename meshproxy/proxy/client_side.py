@@ -13,6 +13,11 @@ and alone decides and writes local replies) and the relay (proxy.relay, proxy.tu
   away aborts it (a half-relayed upstream response is never pooled).
 - `recv`, `recv_wait` and `send` are the socket's calls, or the TLS stream's once a TLS
   handshake is done.
+- what is written to the client goes through the side's own methods, so that the layers
+  below never frame a message themselves: `send_local` (a local reply), `informational`
+  (a 1xx), `reset` (a response that broke after it began), and the response relay, which
+  writes HTTP/1.1 bytes with `send` here and HEADERS and DATA frames on an HTTP/2 stream
+  (proxy.h2_stream, the other ClientSide).
 """
 
 from __future__ import annotations
@@ -20,16 +25,24 @@ from __future__ import annotations
 import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
-from meshproxy._core.http1_parser import MessageHead
+from meshproxy._core.http1_parser import MessageHead, serialize_head
+from meshproxy.config.snapshot import RESPONSE_SKIP, RouteFilters
 from meshproxy.proxy.context import ListenerContext
+from meshproxy.proxy.local_reply import reason
 from meshproxy.proxy.phases import PH_HEAD
-from meshproxy.transport.sockio import recv_after_wait, recv_now, send_all
+from meshproxy.transport.sockio import abort, recv_after_wait, recv_now, send_all
 from meshproxy.transport.tls_material import PeerIdentity
 from meshproxy.upstream.conn_pool import UpstreamConn
 
 
 class ClientSide:
+    # The protocol the access log and spans name; None: the head's own (HTTP/1.0 or 1.1).
+    protocol: bytes | None = None
+    # An HTTP/2 stream: the response relay writes frames (proxy.h2_stream).
+    multiplexed = False
+
     __slots__ = ("ctx", "reactor", "ch", "sock", "peer", "peer_ip", "buf", "pos", "phase",
                  "upstream", "deadline", "born", "recv", "recv_wait", "send",
                  "identity", "_remote")
@@ -79,3 +92,31 @@ class ClientSide:
             self.pos += cl
             return True
         return False
+
+    async def send_local(self, ex: Any, head: MessageHead | None, status: int, body: bytes,
+                         flag: str, *, close: bool = False, body_done: bool = False,
+                         extra: list[tuple[bytes, bytes]] | None = None,
+                         content_type: bytes = b"text/plain") -> bool:
+        """Write a local reply; whether the side stays open for another request."""
+        raise NotImplementedError
+
+    def forwarding(self, head: MessageHead, filters: RouteFilters | None) -> None:
+        """The request goes to the router (a hook for the connection's own bookkeeping)."""
+
+    async def informational(self, status: int, headers: list[tuple[bytes, bytes]],
+                            phrase: bytes = b"") -> None:
+        """A 1xx response before the final one (RFC 9110 section 15.2); `phrase`: the
+        origin's reason phrase, relayed as it was."""
+        await self.send(serialize_head(b"HTTP/1.1 %d %s" % (status, phrase or reason(status)),
+                                       headers, RESPONSE_SKIP, []))
+
+    async def relay_response(self, head: MessageHead, ex: Any, action: Any, conn: UpstreamConn,
+                             resp: MessageHead, ubuf: bytes, request_complete: bool) -> bool:
+        """The response relay of a multiplexed side (proxy.h2_stream); an HTTP/1.1
+        connection's is proxy.relay's own."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """A response broke after it began: the client must never take it for complete,
+        so the connection is reset (an HTTP/2 stream resets only itself)."""
+        abort(self.ch)

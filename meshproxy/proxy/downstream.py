@@ -31,27 +31,24 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import trio
 
 from meshproxy._core.http1_parser import MessageHead, ParseError
 from meshproxy.config.snapshot import (
-    PRINCIPAL_HEADER,
     ClusterAction,
-    ListenerSpec,
     RouteFilters,
 )
 from meshproxy.protocol import errors as flags
-from meshproxy.protocol.authority import service_authority, split_absolute_form
+from meshproxy.protocol.http2 import PREFACE_LEN, preface_state
 from meshproxy.proxy.attempt import Resume
 from meshproxy.proxy.context import ListenerContext
+from meshproxy.proxy.dispatch import dispatch, forward_or_reply, reply
+from meshproxy.proxy.downstream_h2 import H2Driver
 from meshproxy.proxy.exchange import Exchange, begin, finish
 from meshproxy.proxy.fast_path import Flight, serves
-from meshproxy.proxy.filter_chain import on_request_headers
 from meshproxy.proxy.local_reply import LocalReply, local_reply
 from meshproxy.proxy.phases import PH_HEAD, PH_IDLE, PH_REQ_BODY
-from meshproxy.proxy.router import answer, forward
 from meshproxy.proxy.tls_accept import Handshake
 from meshproxy.proxy.tls_termination import TLSTermination
 from meshproxy.transport.sockio import PeerClosed, abort, close
@@ -76,7 +73,7 @@ class DownstreamConnection(TLSTermination):
     """The driver of one client connection (the I/O state the layers below share is
     ClientSide's, TLS termination TLSTermination's)."""
 
-    __slots__ = ("ex", "requests", "cs", "cont", "counted")
+    __slots__ = ("ex", "requests", "cs", "cont", "counted", "h2")
 
     def __init__(self, ctx: ListenerContext, sock: socket.socket, peer: tuple) -> None:
         super().__init__(ctx, sock, peer)
@@ -87,6 +84,7 @@ class DownstreamConnection(TLSTermination):
         self.counted = False  # counted in the cx stats and the reactor's timers (open())
         # `cont`: what a task does first when the fast path hands it an exchange it began.
         self.cont: Callable[[], Awaitable[bool]] | None = None
+        self.h2: H2Driver | None = None  # the HTTP/2 codec, once the connection speaks it
 
     def open(self) -> None:
         """Count the connection in (cx stats, the reactor's deadlines), once."""
@@ -112,6 +110,9 @@ class DownstreamConnection(TLSTermination):
             self.handshake = Handshake(self, tls)
             self.handshake.step()
             return
+        if self.ctx.spec.codec == "http2":
+            self.hand_off(None)  # HTTP/2 only: nothing for the HTTP/1.1 fast path
+            return
         self.flight = Flight(self)
         self.fast_hint = True
         self.park(self.flight.client_cb)
@@ -130,6 +131,8 @@ class DownstreamConnection(TLSTermination):
     def between_requests(self) -> bool:
         """Idle keep-alive, or nothing of a request received yet: closing now loses no
         request (a drain closes such connections at once; a timeout closes them quietly)."""
+        if self.h2 is not None:
+            return not self.h2.streams
         phase = self.phase
         return phase == PH_IDLE or (phase == PH_HEAD and self.ex is None
                                     and self.pos >= len(self.buf))
@@ -138,7 +141,9 @@ class DownstreamConnection(TLSTermination):
         """The deadline has passed (the reactor's ticker), or the worker drains an idle
         connection: a running connection's scope is cancelled and the phase decides what
         to answer; a parked one is idle by definition and just closes."""
-        if self.parked:
+        if self.h2 is not None:
+            self.h2.expire()
+        elif self.parked:
             self.close_parked()
         elif self.handshake is not None:
             self.handshake.expire()
@@ -238,6 +243,9 @@ class DownstreamConnection(TLSTermination):
         self.reactor.timed.discard(self)
         ls, ws = self.ctx.lstats, self.ctx.state.stats
         blk = ls.block
+        if self.h2 is None:
+            hs = self.ctx.hstats
+            hs.block.inc(hs.downstream_cx_http1_total)
         blk.add(ls.downstream_cx_active, -1)
         blk.inc(ls.downstream_cx_destroy)
         blk.add(ws.downstream_cx_active, -1)
@@ -310,13 +318,21 @@ class DownstreamConnection(TLSTermination):
 
     async def _one_request(self) -> bool:
         """Serve one request; True when the connection stays open for another."""
+        if not self.requests and self.h2 is None and self.ctx.spec.codec != "http1":
+            initial = await self._speaks_h2()
+            if initial is not None:
+                self.fast_hint = False
+                self.flight = None  # the fast path is HTTP/1.1's
+                driver = self.h2 = H2Driver(self)
+                await driver.run(initial)
+                return False
         try:
             head = await self._read_head()
         except ParseError as exc:
             hs = self.ctx.hstats
             hs.block.inc(hs.downstream_cx_protocol_error)
             ex = self._begin(None)
-            await self._send_local(ex, None, exc.status, exc.reason.encode() + b"\n",
+            await self.send_local(ex, None, exc.status, exc.reason.encode() + b"\n",
                                    flags.DOWNSTREAM_PROTOCOL_ERROR, close=True)
             self._finish(ex)
             return False
@@ -326,9 +342,35 @@ class DownstreamConnection(TLSTermination):
         self.requests += 1
         self.pos = head.end
         ex = self._begin(head)
-        keep = await self._dispatch(head, ex)
+        keep = await dispatch(self, head, ex)
         self._finish(ex)
         return keep
+
+    async def _speaks_h2(self) -> bytes | None:
+        """Whether the connection is HTTP/2, and if so what was read of it: ALPN h2 on TLS
+        (RFC 9113 3.2), else the connection preface of a client with prior knowledge
+        (3.3), told from an HTTP/1.1 request line by its first bytes (Envoy's AUTO codec);
+        None for HTTP/1.1 (or a client that closed before saying)."""
+        codec = self.ctx.spec.codec
+        if self.tls is not None:
+            alpn = self.tls.ssl.get_alpn_proto_negotiated()
+            if alpn == b"h2" or (codec == "http2" and not alpn):
+                return self.buf[self.pos:]
+            return None
+        if codec == "http2":
+            return self.buf[self.pos:]
+        buf, pos = self.buf, self.pos
+        while True:
+            state = preface_state(buf[pos:pos + PREFACE_LEN])
+            if state < 0:
+                return None
+            if state > 0:
+                return buf[pos:]
+            data = await self.recv()
+            if not data:
+                return None
+            buf, pos = buf[pos:] + data, 0
+            self.buf, self.pos = buf, 0
 
     def _begin(self, head: MessageHead | None) -> Exchange:
         ex = self.ex = begin(self, head)
@@ -340,95 +382,23 @@ class DownstreamConnection(TLSTermination):
             self.ex = None
         finish(self, ex)
 
-    # ------------------------------------------------------------------ routing
-
-    async def _on_demand(self, host: bytes, method: bytes, target: bytes,
-                         headers: list[tuple[bytes, bytes]]) -> tuple[ListenerSpec, Any]:
-        """No virtual host serves `host` yet: ask the control plane for it (through the
-        supervisor) and hold the request until a snapshot serves it, for at most the
-        listener's on_demand_timeout (then the caller answers 404 NR)."""
-        state = self.ctx.state
-        spec = self.ctx.spec
-        authority = service_authority(host)
-        if authority is None:
-            return spec, None
-        if authority not in state.asked:
-            state.asked.add(authority)
-            state.demand(authority)
-        with trio.move_on_after(spec.on_demand_timeout):
-            while True:
-                await state.changed.wait()
-                spec = self.ctx.spec
-                _vh, route = spec.route_table.route(host, method, target, headers)
-                if route is not None:
-                    return spec, route
-                if authority not in state.asked:  # asked again after that snapshot
-                    state.asked.add(authority)
-                    state.demand(authority)
-        return self.ctx.spec, None
-
-    async def _dispatch(self, head: MessageHead, ex: Exchange) -> bool:
-        target = head.target
-        host = head.host or b""
-        if target[:1] != b"/":
-            split = split_absolute_form(target)
-            if split is not None:
-                # RFC 9112 section 3.2.2: the authority of an absolute-form target replaces
-                # the Host header.
-                host, target = split
-            elif not (target == b"*" and head.method == b"OPTIONS"):
-                return await self._send_local(ex, head, 400, b"unsupported request target\n",
-                                              flags.DOWNSTREAM_PROTOCOL_ERROR, close=True)
-        ex.host = host
-        ex.target = target
-        spec = self.ctx.spec
-        headers = head.headers
-        if spec.match_principal and self.identity is not None:
-            headers = headers + [(PRINCIPAL_HEADER, self.identity.principal)]
-        _vh, route = spec.route_table.route(host, head.method, target, headers)
-        if route is None and spec.on_demand_timeout and self.ctx.state.demand is not None:
-            spec, route = await self._on_demand(host, head.method, target, headers)
-        if route is None:
-            if spec.authz is not None:
-                refusal = on_request_headers(self, RouteFilters(spec.authz, None), head, ex,
-                                             host, target)
-                if refusal is not None:
-                    return await self._reply(ex, head, refusal)
-            return await self._send_local(ex, head, 404, b"", flags.NO_ROUTE)
-        action = route.action
-        filters = action.filters
-        if filters is not None:
-            refusal = on_request_headers(self, filters, head, ex, host, target)
-            if refusal is not None:
-                return await self._reply(ex, head, refusal)
-        kind = type(action)
-        if kind is ClusterAction:
-            # Requests like this one are the fast path's: the connection parks on it.
-            self.fast_hint = (self.flight is not None and filters is None
-                              and self.ctx.tracer is None and serves(head))
-            return await self._forward(head, ex, action, None)
-        return await self._reply(ex, head, answer(action, self.ctx.scheme, host, target))
-
-    async def _forward(self, head: MessageHead, ex: Exchange, action: ClusterAction,
-                       resume: Resume | None) -> bool:
-        result = await forward(self, head, ex, action, resume)
-        if type(result) is bool:
-            return result
-        assert isinstance(result, LocalReply)
-        return await self._reply(ex, head, result)
+    def forwarding(self, head: MessageHead, filters: RouteFilters | None) -> None:
+        """Requests like this one are the fast path's: the connection parks on it."""
+        self.fast_hint = (self.flight is not None and filters is None
+                          and self.ctx.tracer is None and serves(head))
 
     # ------------------------------------------------------------------ from the fast path
 
     async def go_on(self, head: MessageHead, ex: Exchange, action: ClusterAction,
                     resume: Resume) -> bool:
         """An exchange the fast path began goes on in the router, from `resume`."""
-        keep = await self._forward(head, ex, action, resume)
+        keep = await forward_or_reply(self, head, ex, action, resume)
         self._finish(ex)
         return keep
 
-    async def answer_with(self, head: MessageHead, ex: Exchange, reply: LocalReply) -> bool:
+    async def answer_with(self, head: MessageHead, ex: Exchange, answer: LocalReply) -> bool:
         """The fast path's request is answered locally (the router's failure reply)."""
-        keep = await self._reply(ex, head, reply)
+        keep = await reply(self, ex, head, answer)
         self._finish(ex)
         return keep
 
@@ -439,12 +409,7 @@ class DownstreamConnection(TLSTermination):
 
     # ------------------------------------------------------------------ local replies
 
-    async def _reply(self, ex: Exchange, head: MessageHead, r: LocalReply) -> bool:
-        return await self._send_local(ex, head, r.status, r.body, r.flag, close=r.close,
-                                      body_done=r.body_done, extra=r.extra,
-                                      content_type=r.content_type)
-
-    async def _send_local(self, ex: Exchange, head: MessageHead | None, status: int, body: bytes,
+    async def send_local(self, ex: Exchange, head: MessageHead | None, status: int, body: bytes,
                           flag: str, *, close: bool = False, body_done: bool = False,
                           extra: list[tuple[bytes, bytes]] | None = None,
                           content_type: bytes = b"text/plain") -> bool:
@@ -486,7 +451,7 @@ class DownstreamConnection(TLSTermination):
             status, flag, body = 504, flags.UPSTREAM_REQUEST_TIMEOUT, b"upstream request timeout\n"
         with trio.move_on_after(FAREWELL_TIMEOUT):
             try:
-                await self._send_local(ex, ex.head, status, body, flag, close=True)
+                await self.send_local(ex, ex.head, status, body, flag, close=True)
             except PeerClosed:
                 pass
         self._finish(ex)

@@ -113,6 +113,13 @@ def finish(side: ClientSide, ex: Exchange) -> None:
         _log(side, ex, int(elapsed_ms))
 
 
+def protocol(side: ClientSide, head: MessageHead | None) -> bytes:
+    """The request's protocol as the access log and spans name it."""
+    if side.protocol is not None:
+        return side.protocol
+    return b"HTTP/1.0" if head is not None and head.version == 10 else b"HTTP/1.1"
+
+
 def _span(side: ClientSide, tracer: Tracer, ex: Exchange) -> None:
     """Envoy's span tags for this request."""
     head = ex.head
@@ -122,8 +129,7 @@ def _span(side: ClientSide, tracer: Tracer, ex: Exchange) -> None:
         "component": "proxy",
         "http.method": text(ex.method),
         "http.url": f"{side.ctx.scheme.decode()}://{host}{text(ex.target)}",
-        "http.protocol": "HTTP/1.0" if head is not None and head.version == 10
-        else "HTTP/1.1",
+        "http.protocol": protocol(side, head).decode(),
         "http.status_code": str(ex.status),
         "response_flags": ex.flags,
         "upstream_cluster": ex.cluster,
@@ -147,14 +153,14 @@ def _log(side: ClientSide, ex: Exchange, duration_ms: int) -> None:
     identity = side.identity
     if head is None:
         logger.log_request(
-            ex.wall_start or time.time(), ex.method, ex.target, b"HTTP/1.1", ex.status,
+            ex.wall_start or time.time(), ex.method, ex.target, protocol(side, None), ex.status,
             ex.flags, ex.bytes_in, ex.bytes_out, duration_ms, ex.upstream_host,
             ex.request_id, side.remote(), ex.host or None, None, None,
             identity.spiffe_id or "-" if identity else "-", ex.details)
         return
     logger.log_request(
-        ex.wall_start or time.time(), ex.method, ex.target,
-        b"HTTP/1.0" if head.version == 10 else b"HTTP/1.1", ex.status, ex.flags,
+        ex.wall_start or time.time(), ex.method, ex.target, protocol(side, head),
+        ex.status, ex.flags,
         ex.bytes_in, ex.bytes_out, duration_ms, ex.upstream_host,
         ex.request_id or head.request_id, side.remote(), ex.host or head.host,
         head.get(b"user-agent"), head.forwarded_for,

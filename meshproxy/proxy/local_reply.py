@@ -26,7 +26,6 @@ _REASONS = {
     503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
 }
 
-CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 _date_cache: tuple[int, bytes] = (0, b"")
 

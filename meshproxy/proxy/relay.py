@@ -48,15 +48,15 @@ from meshproxy._core.http1_parser import (
     ParseError,
     encode_chunk,
     encode_last_chunk,
-    serialize_head,
 )
-from meshproxy.config.snapshot import RESPONSE_SKIP, ClusterAction
+from meshproxy.config.snapshot import ClusterAction
 from meshproxy.protocol import errors as flags
 from meshproxy.protocol.errors import PER_TRY_TIMEOUT, RESET, ProxyError
 from meshproxy.proxy.client_side import ClientSide
 from meshproxy.proxy.exchange import BodyState, Exchange
 from meshproxy.proxy.head_rewrite import relayed_trailers, serialize
-from meshproxy.proxy.local_reply import CONTINUE_100, reason
+from meshproxy.proxy.local_reply import reason
+from meshproxy.proxy.origin_body import OriginBody, upstream_protocol_error
 from meshproxy.proxy.phases import PH_REQ_BODY, PH_RESP_BODY, PH_UPSTREAM
 from meshproxy.proxy.tunnel import tunnel
 from meshproxy.transport.sockio import RECV_SIZE, PeerClosed, send_all
@@ -233,6 +233,8 @@ async def deliver(side: ClientSide, head: MessageHead, ex: Exchange,
                              "upstream switched protocols without being asked")
         await tunnel(side, ex, conn, resp, ubuf)
         return False
+    if side.multiplexed:
+        return await side.relay_response(head, ex, action, conn, resp, ubuf, request_complete)
     return await _relay_response(side, head, ex, action, conn, resp, ubuf, request_complete)
 
 
@@ -247,7 +249,7 @@ async def _send_request_body(side: ClientSide, head: MessageHead, ex: Exchange,
     side.phase = PH_REQ_BODY
     if want_continue:
         # RFC 9110 section 10.1.1: the client waits for this before sending the body.
-        await side.send(CONTINUE_100)
+        await side.informational(100, [])
     try:
         if dec is not None:
             while not dec.done:
@@ -311,9 +313,7 @@ async def _read_response_head(side: ClientSide, head: MessageHead,
             resp = parser.parse_response(ubuf, upos)
             while resp is not None and resp.status < 200 and resp.status != 101:
                 if relay_informational(head, resp.status):
-                    await side.send(serialize_head(
-                        b"HTTP/1.1 %d %s" % (resp.status, resp.reason or reason(resp.status)),
-                        resp.headers, RESPONSE_SKIP, []))
+                    await side.informational(resp.status, resp.headers, resp.reason)
                 upos = resp.end
                 resp = parser.parse_response(ubuf, upos) if upos < len(ubuf) else None
         except ParseError as exc:
@@ -330,107 +330,47 @@ async def _read_response_head(side: ClientSide, head: MessageHead,
         upos = 0
 
 
-def upstream_protocol_error(exc: ParseError) -> ProxyError:
-    return ProxyError(502, flags.UPSTREAM_PROTOCOL_ERROR, "upstream",
-                      f"upstream protocol error: {exc.reason}",
-                      stat="upstream_cx_protocol_error")
-
-
 def reset_during_head() -> ProxyError:
     return ProxyError(503, flags.UPSTREAM_CONNECTION_TERMINATION, "upstream",
                       "upstream disconnect/reset before the response was complete",
                       stat="upstream_cx_destroy_remote_with_active_rq")
 
 
-def _truncated() -> ProxyError:
-    return ProxyError(502, flags.UPSTREAM_CONNECTION_TERMINATION, "upstream",
-                      "upstream closed before the response body was complete",
-                      stat="upstream_cx_destroy_remote_with_active_rq")
-
-
 async def _relay_response(side: ClientSide, head: MessageHead, ex: Exchange,
                           action: ClusterAction, conn: UpstreamConn, resp: MessageHead,
                           ubuf: bytes, request_complete: bool) -> bool:
-    send_d, recv_u = side.send, conn.recv
+    """The origin's response to an HTTP/1.1 client, re-framed as plan_response decided
+    (chunked re-encoded for an HTTP/1.1 client, raw for an HTTP/1.0 one); the head goes
+    in one send with what was read of the body, the last chunk with the end."""
+    send_d = side.send
     status = resp.status
     plan = plan_response(head, resp, request_complete,
                          not side.ctx.state.draining and not side.too_old())
     framing, keep, down_chunked, extra = plan.framing, plan.keep, plan.down_chunked, plan.extra
     if ex.resp_extra:
         extra += ex.resp_extra
-    out = serialize(b"HTTP/1.1 %d %s" % (status, resp.reason or reason(status)), resp,
-                     action.ops.response_skip, action.ops.response_add, extra)
+    pending = serialize(b"HTTP/1.1 %d %s" % (status, resp.reason or reason(status)), resp,
+                        action.ops.response_skip, action.ops.response_add, extra)
     ex.status = ex.upstream_status = status
     side.phase = PH_RESP_BODY
-    upos = resp.end
     reusable = upstream_reusable(request_complete, resp, framing)
     ex.response_started = True
-    if framing == F_NONE:
-        await send_d(out)
-    elif framing == F_LENGTH:
-        remaining = resp.content_length
-        take = min(len(ubuf) - upos, remaining)
-        await send_d(out + ubuf[upos:upos + take] if take else out)
-        remaining -= take
-        upos += take
-        ex.bytes_out = take
-        while remaining:
-            try:
-                data = await recv_u(min(remaining, RECV_SIZE))
-            except PeerClosed:
-                data = b""
-            if not data:
-                raise _truncated()
-            await send_d(data)
-            remaining -= len(data)
+    body = OriginBody(conn, resp, ubuf, framing)
+    data = body.take()
+    while True:
+        if data:
             ex.bytes_out += len(data)
-    elif framing == F_CHUNKED:
-        dec = ChunkedDecoder(error_status=502)
-        pending = out
-        while True:
-            try:
-                parts, upos = dec.feed(ubuf, upos)
-            except ParseError as exc:
-                raise upstream_protocol_error(exc) from None
-            if parts:
-                data = parts[0] if len(parts) == 1 else b"".join(parts)
-                ex.bytes_out += len(data)
-                pending += encode_chunk(data) if down_chunked else data
-            if dec.done:
-                if down_chunked:
-                    pending += encode_last_chunk(relayed_trailers(dec.trailers))
-                await send_d(pending)
-                break
-            if pending:
-                await send_d(pending)
-                pending = b""
-            try:
-                ubuf, upos = await recv_u(), 0
-            except PeerClosed:
-                ubuf = b""
-            if not ubuf:
-                raise _truncated()
-    else:
-        pending, data = out, ubuf[upos:]
-        while True:
-            if data:
-                ex.bytes_out += len(data)
-                pending += encode_chunk(data) if down_chunked else data
-            if pending:
-                await send_d(pending)
-                pending = b""
-            try:
-                data = await recv_u()
-            except PeerClosed:
-                raise _truncated() from None  # a reset is not an end of body
-            if not data:
-                break
-        if down_chunked:
-            await send_d(encode_last_chunk())
-        upos = len(ubuf)
+            pending += encode_chunk(data) if down_chunked else data
+        if body.done:
+            break
+        if pending:
+            await send_d(pending)
+            pending = b""
+        data = await body.read()
+    if down_chunked:
+        pending += encode_last_chunk(body.trailers)
+    if pending:
+        await send_d(pending)
     side.upstream = None
-    if reusable and upos >= len(ubuf):
-        conn.endpoint.release(conn, side.reactor.now)
-    else:
-        conn.close()
+    body.finish(reusable, side.reactor.now)
     return keep

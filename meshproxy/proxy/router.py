@@ -47,7 +47,6 @@ from meshproxy.proxy.retry_policy import (
     retriable_failure,
     retriable_status,
 )
-from meshproxy.transport.sockio import abort
 from meshproxy.upstream.cluster_manager import Cluster
 from meshproxy.upstream.conn_pool import Endpoint
 
@@ -236,7 +235,7 @@ async def forward(dc: ClientSide, head: MessageHead, ex: Exchange,
         if ex.response_started:
             ex.flags = err.flag
             ex.details = err.detail
-            abort(dc.ch)  # a broken response must never look complete
+            dc.reset()  # a broken response must never look complete
             return False
         return failure_reply(ex, err, state.started and not state.done, state.done)
     except trio.Cancelled:

@@ -103,6 +103,33 @@ HTTP = (
     counter("fast_path.declined",
             "requests the fast path read and left to a task whole (filters, tracing, "
             "a body still coming, a partial or bad head, no route, ...)"),
+    # Connections by codec, and Envoy's http2.* codec stats (proxy.downstream_h2).
+    counter("downstream_cx_http1_total", "connections served as HTTP/1.1"),
+    counter("downstream_cx_http2_total", "connections served as HTTP/2"),
+    gauge("downstream_cx_http2_active", "HTTP/2 connections open"),
+    gauge("http2.streams_active", "HTTP/2 streams open"),
+    counter("http2.rx_reset", "streams the client reset (RST_STREAM received)"),
+    counter("http2.tx_reset", "streams the proxy reset (RST_STREAM sent)"),
+    counter("http2.goaway_sent", "GOAWAY frames sent (drain, age, idle, errors)"),
+    counter("http2.rx_messaging_error",
+            "connections closed on a protocol error (invalid frame, header or state)"),
+    counter("http2.header_overflow", "header lists past max_request_headers_kb"),
+    counter("http2.too_many_streams",
+            "streams refused past max_concurrent_streams (REFUSED_STREAM)"),
+    counter("http2.trailers", "request trailers received"),
+    counter("http2.inbound_empty_frames_flood",
+            "connections closed on frames with empty payloads in a row"),
+    counter("http2.inbound_priority_frames_flood",
+            "connections closed on too many PRIORITY frames"),
+    counter("http2.inbound_window_update_frames_flood",
+            "connections closed on too many WINDOW_UPDATE frames"),
+    counter("http2.outbound_flood", "connections closed with too many frames unread"),
+    counter("http2.outbound_control_flood",
+            "connections closed with too many control frames (PING, SETTINGS) unread"),
+    counter("http2.keepalive_timeout", "connections closed idle (idle_timeout)"),
+    counter("downstream_rq_too_many_premature_resets",
+            "connections closed because most of their streams were reset at once "
+            "(rapid reset, CVE-2023-44487)"),
 )
 
 CLUSTER = (

@@ -160,3 +160,35 @@ def test_config_load_regex_checked_as_the_route_table_compiles_it() -> None:
     errs = errors_of(doc)
     assert any(e.startswith("listeners[0].virtual_hosts[0].routes[0].match.regex: invalid regex")
                for e in errs), errs
+
+
+_TLS = {"certificates": [{"certificate_chain": "c.pem", "private_key": "k.pem"}]}
+
+
+@pytest.mark.parametrize("listener,expected", [
+    ({"codec": "http1", "tls": dict(_TLS, alpn=["h2", "http/1.1"])},
+     "listeners[0].tls.alpn: offers h2, but the codec is http1"),
+    ({"codec": "http2", "tls": dict(_TLS, alpn=["http/1.1"])},
+     "listeners[0].tls.alpn: offers http/1.1, but the codec is http2"),
+    ({"tls": dict(_TLS, alpn=[])}, "listeners[0].tls.alpn: must not be empty"),
+    ({"codec": "h3"}, "listeners[0].codec: invalid enum value"),
+    ({"http2": {"initial_stream_window_size": 1000}},
+     "listeners[0].http2.initial_stream_window_size: expected int >= 65535"),
+])
+def test_config_load_http2_options(listener, expected: str) -> None:
+    doc = raw()
+    doc["listeners"][0].update(listener)
+    errs = errors_of(doc)
+    assert any(e.startswith(expected) for e in errs), errs
+
+
+def test_config_load_alpn_follows_the_codec() -> None:
+    from meshproxy.config.compile import CODEC_ALPN, listener_tls
+    from meshproxy.config.schema import ListenerTLS, TLSCertificate
+
+    t = ListenerTLS([TLSCertificate("c.pem", "k.pem")])
+    material = {"c.pem": b"c", "k.pem": b"k"}
+    assert CODEC_ALPN["auto"] == (b"h2", b"http/1.1")
+    for codec, alpn in CODEC_ALPN.items():
+        spec = listener_tls(t, material, codec)
+        assert spec is not None and spec.alpn == alpn

@@ -1,0 +1,261 @@
+"""HTTP/2 for the proxy's client connections, sans-IO: the h2 library's state machine with
+the listener's settings, the defences HTTP/2 needs, and the translation between a
+stream's fields and the head the rest of the data path reads.
+
+What h2 enforces (RFC 9113 sections 4 to 8, RFC 7541), and what is added here:
+- framing, stream states, flow-control windows, SETTINGS values, pseudo-headers, field
+  names and values (8.2.1: no uppercase, no CR/LF/NUL, no surrounding whitespace),
+  connection-specific fields (8.2.2), `te` other than "trailers", Host against
+  :authority, content-length against the DATA received (8.1.1): all are h2's, and a
+  violation is a connection error (GOAWAY PROTOCOL_ERROR), which RFC 9113 5.4.1 allows
+  for any stream error and which Envoy's default does too;
+- the HPACK decoder is bounded by the listener's max_request_headers_kb (the "HPACK
+  bomb": a small block that decodes into a huge list, RFC 7541 7.3), and a header block
+  by h2's 64 CONTINUATION frames (CVE-2024-27316's unbounded buffering);
+- floods, counted here with Envoy's names and limits (CVE-2019-9512 ping, 9515 settings,
+  9518 empty frames; Envoy's PRIORITY and WINDOW_UPDATE budgets), and rapid reset
+  (CVE-2023-44487) as Envoy counts it: premature resets, a stream the client resets
+  within a second of opening it; past 500 streams, a connection whose streams were half
+  premature resets is closed.
+
+A request is handed on as HTTP/1.1 head bytes made from its fields and parsed by the
+compiled parser (`request_head`): the same MessageHead, limits and derived fields
+(content length, request id, deadlines) as a request of an HTTP/1.1 client, and a second
+check of every field before it can reach an HTTP/1.1 origin. A body without
+content-length is marked chunked there, so the relay frames it for the origin.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    DataReceived,
+    Event,
+    PriorityUpdated,
+    RemoteSettingsChanged,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import DenialOfServiceError, ProtocolError, TooManyStreamsError
+from h2.settings import SettingCodes
+
+from meshproxy._core.http1_parser import MessageHead
+from meshproxy.config.snapshot import RESPONSE_SKIP, Http2Spec
+
+# RFC 9113 section 3.4: every HTTP/2 connection opens with this, before any frame.
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+PREFACE_LEN = len(PREFACE)
+
+# Rapid reset (Envoy's premature_reset_min_stream_lifetime_seconds and
+# premature_reset_total_stream_count): a reset this soon after the stream opened is
+# premature; the check runs once the connection has opened this many streams (a client
+# that cancels a few requests is normal).
+PREMATURE_RESET_LIFETIME = 1.0
+PREMATURE_RESET_MIN_STREAMS = 500
+
+# Fields an HTTP/1.1 response carries that HTTP/2 forbids (RFC 9113 8.2.2), plus those
+# the proxy restates itself (content-length).
+_RESPONSE_DROP = RESPONSE_SKIP
+
+
+class H2Failure(Exception):
+    """The connection must end: a protocol error or a flood. `stat` is the http2.* counter
+    to count (the attribute name), `code` the GOAWAY error code already queued."""
+
+    def __init__(self, stat: str, reason: str, code: int = ErrorCodes.PROTOCOL_ERROR) -> None:
+        super().__init__(reason)
+        self.stat = stat
+        self.reason = reason
+        self.code = code
+
+
+def preface_state(data: bytes) -> int:
+    """1: `data` opens with the HTTP/2 preface; 0: it may still (a prefix of it);
+    -1: it does not (an HTTP/1.1 request, RFC 9113 3.4)."""
+    n = min(len(data), PREFACE_LEN)
+    if data[:n] != PREFACE[:n]:
+        return -1
+    return 1 if n == PREFACE_LEN else 0
+
+
+class ServerCodec:
+    """One client connection's HTTP/2 state: h2's machine plus the flood accounting."""
+
+    __slots__ = ("h2", "spec", "empty_run", "priority_frames", "window_updates",
+                 "streams_opened", "data_frames_sent", "premature_resets")
+
+    def __init__(self, spec: Http2Spec, max_header_bytes: int) -> None:
+        self.spec = spec
+        # Inbound fields are validated and normalized (cookies joined, RFC 9113 8.2.3);
+        # outbound ones are the proxy's own, from a parsed head (already valid), so h2's
+        # per-field checks are not run twice; normalization stays on: it lowercases and
+        # keeps credentials out of the HPACK table (RFC 7541 7.1.3).
+        config = H2Configuration(client_side=False, header_encoding=None,
+                                 validate_inbound_headers=True,
+                                 normalize_inbound_headers=True,
+                                 validate_outbound_headers=False,
+                                 normalize_outbound_headers=True)
+        conn = self.h2 = H2Connection(config)
+        conn.local_settings = conn.local_settings.__class__(
+            client=False, initial_values={
+                SettingCodes.MAX_CONCURRENT_STREAMS: spec.max_concurrent_streams,
+                SettingCodes.INITIAL_WINDOW_SIZE: spec.initial_stream_window_size,
+                SettingCodes.HEADER_TABLE_SIZE: spec.hpack_table_size,
+                SettingCodes.MAX_HEADER_LIST_SIZE: max_header_bytes,
+                SettingCodes.ENABLE_PUSH: 0,
+            })
+        conn.decoder.max_header_list_size = max_header_bytes
+        conn.decoder.max_allowed_table_size = spec.hpack_table_size
+        self.empty_run = 0
+        self.priority_frames = 0
+        self.window_updates = 0
+        self.streams_opened = 0
+        self.data_frames_sent = 0
+        self.premature_resets = 0
+
+    def start(self) -> None:
+        """Queue the server's preface: SETTINGS, then the connection window's increase."""
+        conn = self.h2
+        conn.initiate_connection()
+        extra = self.spec.initial_connection_window_size - 65_535
+        if extra > 0:
+            conn.increment_flow_control_window(extra)
+
+    def receive(self, data: bytes) -> list[Event]:
+        """Feed received bytes; the events they make. Raises H2Failure once the connection
+        must end (a GOAWAY is queued then)."""
+        try:
+            events = self.h2.receive_data(data)
+        except TooManyStreamsError as exc:
+            raise H2Failure("http2_too_many_streams", str(exc)) from None
+        except DenialOfServiceError as exc:
+            raise H2Failure("http2_header_overflow", str(exc),
+                            ErrorCodes.ENHANCE_YOUR_CALM) from None
+        except ProtocolError as exc:
+            raise H2Failure("http2_rx_messaging_error", str(exc) or type(exc).__name__,
+                            getattr(exc, "error_code", ErrorCodes.PROTOCOL_ERROR)) from None
+        self._count(events)
+        return events
+
+    def _count(self, events: list[Event]) -> None:
+        spec = self.spec
+        ev: Any  # narrowed by `kind`, which mypy does not follow
+        for ev in events:
+            kind = type(ev)
+            if kind is DataReceived:
+                if ev.data or ev.stream_ended is not None:
+                    self.empty_run = 0
+                else:
+                    self.empty_run += 1
+                    if self.empty_run > spec.max_empty_frames:
+                        self.fail("http2_inbound_empty_frames_flood",
+                                  "too many frames with an empty payload in a row")
+                continue
+            self.empty_run = 0
+            if kind is PriorityUpdated:
+                self.priority_frames += 1
+                if self.priority_frames > spec.max_priority_frames_per_stream * (
+                        1 + self.streams_opened):
+                    self.fail("http2_inbound_priority_frames_flood", "PRIORITY flood")
+            elif kind is WindowUpdated:
+                self.window_updates += 1
+                # Envoy's budget: 5 + 2 * (streams opened + the per-DATA allowance).
+                if self.window_updates > 5 + 2 * (
+                        self.streams_opened
+                        + spec.max_window_updates_per_data_frame * self.data_frames_sent):
+                    self.fail("http2_inbound_window_update_frames_flood",
+                              "WINDOW_UPDATE flood")
+
+    def fail(self, stat: str, reason: str) -> None:
+        """End the connection for a flood: GOAWAY ENHANCE_YOUR_CALM (RFC 9113 7)."""
+        self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+        raise H2Failure(stat, reason, ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def opened(self) -> None:
+        self.streams_opened += 1
+
+    def premature_reset(self) -> bool:
+        """A client reset a young stream; True once the connection should close."""
+        self.premature_resets += 1
+        opened = self.streams_opened
+        return opened >= PREMATURE_RESET_MIN_STREAMS and self.premature_resets * 2 >= opened
+
+
+def request_head(fields: list[tuple[bytes, bytes]], end_stream: bool) -> bytes:
+    """A request's fields as the HTTP/1.1 head the compiled parser reads (h2 validated
+    them: one of each pseudo-header, lowercase names, no connection-specific fields).
+    :authority becomes Host (RFC 9113 8.3.1); a body that will follow without a
+    content-length is marked chunked, which is how the relay frames it upstream."""
+    method = path = authority = b""
+    lines = []
+    has_length = has_host = False
+    for name, value in fields:
+        if name[:1] == b":":
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+            elif name == b":authority":
+                authority = value
+            continue
+        if name == b"content-length":
+            has_length = True
+        elif name == b"host":
+            has_host = True
+        lines.append(name + b": " + value)
+    if authority and not has_host:
+        lines.append(b"host: " + authority)
+    if not end_stream and not has_length:
+        lines.append(b"transfer-encoding: chunked")
+    if method == b"CONNECT" and not path:
+        path = authority  # RFC 9113 8.5: authority-form
+    lines.append(b"\r\n")
+    return method + b" " + path + b" HTTP/1.1\r\n" + b"\r\n".join(lines)
+
+
+def response_fields(status: int, resp: MessageHead, skip: frozenset[bytes],
+                    add: tuple[tuple[bytes, bytes], ...],
+                    extra: list[tuple[bytes, bytes]] | None,
+                    length: int) -> list[tuple[bytes, bytes]]:
+    """An HTTP/1.1 response head as HTTP/2 fields: connection-specific fields and those the
+    Connection header names dropped (RFC 9113 8.2.2), the route's removals and additions
+    applied, and content-length stated when the length is known (`length` >= 0)."""
+    out = [(b":status", b"%d" % status)]
+    drop = _RESPONSE_DROP | skip
+    if resp.conn_extra:
+        drop = drop | frozenset(resp.conn_extra)
+    for field in resp.headers:
+        if field[0] not in drop:
+            out.append(field)
+    if length >= 0:
+        out.append((b"content-length", b"%d" % length))
+    if extra:
+        out += extra
+    if add:
+        out += add
+    return out
+
+
+def local_fields(status: int, length: int, content_type: bytes,
+                 extra: list[tuple[bytes, bytes]] | None) -> list[tuple[bytes, bytes]]:
+    """A local reply's fields (the HTTP/1.1 reply's, less the connection's own)."""
+    out = [(b":status", b"%d" % status)]
+    if length:
+        out.append((b"content-type", content_type))
+    out.append((b"content-length", b"%d" % length))
+    if extra:
+        out += extra
+    return out
+
+
+def remote_settings_window(ev: RemoteSettingsChanged) -> bool:
+    """Whether a SETTINGS change moved every stream's send window (RFC 9113 6.9.2)."""
+    return SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings
+
+
+def reset_code(ev: StreamReset) -> int:
+    return int(ev.error_code)

@@ -1,0 +1,116 @@
+"""A request's way through the listener: its target, the route, the filters, then the
+router or a local answer. One function for every codec: an HTTP/1.1 connection and an
+HTTP/2 stream are both a ClientSide, which writes the local reply its own way
+(`send_local`) and alone decides what the reply does to its connection.
+
+Order (Envoy's HTTP connection manager, then its router):
+ 1. the target: origin-form, or absolute-form whose authority replaces Host (RFC 9112
+    3.2.2), or `OPTIONS *`; anything else is 400;
+ 2. the route (the caller's principal is a pseudo-header when a route matches on it); no
+    route asks the control plane for the authority when on-demand discovery is on;
+ 3. the listener's authorization policies for a request no route serves (a denied caller
+    learns nothing about which paths exist), else 404 NR;
+ 4. the route's filters (authz, rate limits) may answer; then the router forwards, or a
+    direct response / redirect is answered here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from meshproxy._core.http1_parser import MessageHead
+from meshproxy.config.snapshot import PRINCIPAL_HEADER, ClusterAction, ListenerSpec, RouteFilters
+from meshproxy.protocol import errors as flags
+from meshproxy.protocol.authority import service_authority, split_absolute_form
+from meshproxy.proxy.attempt import Resume
+from meshproxy.proxy.client_side import ClientSide
+from meshproxy.proxy.exchange import Exchange
+from meshproxy.proxy.filter_chain import on_request_headers
+from meshproxy.proxy.local_reply import LocalReply
+from meshproxy.proxy.router import answer, forward
+
+
+async def dispatch(side: ClientSide, head: MessageHead, ex: Exchange) -> bool:
+    """Serve one request; whether the side stays open for another (HTTP/1.1)."""
+    target = head.target
+    host = head.host or b""
+    if target[:1] != b"/":
+        split = split_absolute_form(target)
+        if split is not None:
+            # RFC 9112 section 3.2.2: the authority of an absolute-form target replaces
+            # the Host header.
+            host, target = split
+        elif not (target == b"*" and head.method == b"OPTIONS"):
+            return await side.send_local(ex, head, 400, b"unsupported request target\n",
+                                         flags.DOWNSTREAM_PROTOCOL_ERROR, close=True)
+    ex.host = host
+    ex.target = target
+    spec = side.ctx.spec
+    headers = head.headers
+    if spec.match_principal and side.identity is not None:
+        headers = headers + [(PRINCIPAL_HEADER, side.identity.principal)]
+    _vh, route = spec.route_table.route(host, head.method, target, headers)
+    if route is None and spec.on_demand_timeout and side.ctx.state.demand is not None:
+        spec, route = await _on_demand(side, host, head.method, target, headers)
+    if route is None:
+        if spec.authz is not None:
+            refusal = on_request_headers(side, RouteFilters(spec.authz, None), head, ex,
+                                         host, target)
+            if refusal is not None:
+                return await reply(side, ex, head, refusal)
+        return await side.send_local(ex, head, 404, b"", flags.NO_ROUTE)
+    action = route.action
+    filters = action.filters
+    if filters is not None:
+        refusal = on_request_headers(side, filters, head, ex, host, target)
+        if refusal is not None:
+            return await reply(side, ex, head, refusal)
+    if type(action) is ClusterAction:
+        side.forwarding(head, filters)
+        return await forward_or_reply(side, head, ex, action, None)
+    return await reply(side, ex, head, answer(action, side.ctx.scheme, host, target))
+
+
+async def forward_or_reply(side: ClientSide, head: MessageHead, ex: Exchange,
+                           action: ClusterAction, resume: Resume | None) -> bool:
+    """The router forwards; a request it could not (no cluster, no healthy upstream, a
+    failure before the response began) is answered with the reply it returns."""
+    result = await forward(side, head, ex, action, resume)
+    if type(result) is bool:
+        return result
+    assert isinstance(result, LocalReply)
+    return await reply(side, ex, head, result)
+
+
+async def reply(side: ClientSide, ex: Exchange, head: MessageHead, r: LocalReply) -> bool:
+    return await side.send_local(ex, head, r.status, r.body, r.flag, close=r.close,
+                                 body_done=r.body_done, extra=r.extra,
+                                 content_type=r.content_type)
+
+
+async def _on_demand(side: ClientSide, host: bytes, method: bytes, target: bytes,
+                     headers: list[tuple[bytes, bytes]]) -> tuple[ListenerSpec, Any]:
+    """No virtual host serves `host` yet: ask the control plane for it (through the
+    supervisor) and hold the request until a snapshot serves it, for at most the
+    listener's on_demand_timeout (then the caller answers 404 NR)."""
+    state = side.ctx.state
+    spec = side.ctx.spec
+    authority = service_authority(host)
+    if authority is None:
+        return spec, None
+    if authority not in state.asked:
+        state.asked.add(authority)
+        state.demand(authority)
+    with trio.move_on_after(spec.on_demand_timeout):
+        while True:
+            await state.changed.wait()
+            spec = side.ctx.spec
+            _vh, route = spec.route_table.route(host, method, target, headers)
+            if route is not None:
+                return spec, route
+            if authority not in state.asked:  # asked again after that snapshot
+                state.asked.add(authority)
+                state.demand(authority)
+    return side.ctx.spec, None

@@ -1,0 +1,425 @@
+"""One downstream HTTP/2 connection: the frames in, a task per stream, the frames out.
+
+The connection's task (DownstreamConnection.run, once the preface or ALPN said h2) reads
+and feeds the codec (protocol.http2); each request opens a stream (proxy.h2_stream) served
+by its own task, which goes through the same dispatch, filter chain and router as an
+HTTP/1.1 request. Tasks live in one nursery that bounds them: when the connection ends,
+every stream still open is abandoned with it (its exchange logged with DC).
+
+Writes: streams queue frames into h2's buffer and wake one writer task, which sends what
+is queued in one write; a stream that has queued more than WRITE_HIGH_WATER waits for it
+to be written, so the bytes the proxy holds for a client are bounded by that and the
+streams' windows, however slowly the client reads. Control frames the client makes us
+queue (PING and SETTINGS acknowledgements) while it reads nothing are counted: past
+max_outbound_control_frames (or max_outbound_frames of any kind) the connection is a
+flood and is closed.
+
+Ends (Envoy's behaviour): the client closes, or sends GOAWAY and its streams finish; a
+protocol error or flood (GOAWAY with the error, then close); idle_timeout with no stream
+open (GOAWAY NO_ERROR); max_connection_duration or the worker draining: a graceful
+GOAWAY naming the last stream taken, the streams in flight finish, new ones are refused
+(REFUSED_STREAM, RFC 9113 8.7: the client may retry them elsewhere), then close.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    PingReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError as H2ProtocolError
+from hyperframe.frame import GoAwayFrame
+
+from meshproxy._core.http1_parser import ParseError
+from meshproxy.protocol import errors as flags
+from meshproxy.protocol.http2 import (
+    PREMATURE_RESET_LIFETIME,
+    H2Failure,
+    ServerCodec,
+    request_head,
+)
+from meshproxy.proxy.client_side import ClientSide
+from meshproxy.proxy.dispatch import dispatch
+from meshproxy.proxy.exchange import begin, finish
+from meshproxy.proxy.h2_stream import NO_DEADLINE, H2Stream
+from meshproxy.proxy.head_rewrite import relayed_trailers
+from meshproxy.transport.sockio import PeerClosed
+
+log = logging.getLogger("meshproxy.downstream")
+
+# Bytes queued for the client beyond which a stream's writes wait for the writer: one
+# socket write's worth (a TCP send buffer is of this order), so queuing never runs far
+# ahead of what the client takes.
+WRITE_HIGH_WATER = 65_536
+# Bound on the last write (a GOAWAY) to a client that may not be reading.
+FAREWELL_TIMEOUT = 1.0
+
+
+class H2Driver:
+    __slots__ = ("dc", "ctx", "codec", "streams", "nursery", "want_write", "drained",
+                 "queued_bytes", "control_queued", "frames_queued", "extra_out",
+                 "going_away", "peer_away", "read_scope", "ended", "hs")
+
+    def __init__(self, dc: ClientSide) -> None:
+        """`dc`: the connection (proxy.downstream), as the ClientSide its streams share."""
+        self.dc = dc
+        ctx = self.ctx = dc.ctx
+        self.hs = ctx.hstats
+        self.codec = ServerCodec(ctx.spec.http2, ctx.spec.max_header_bytes)
+        self.streams: dict[int, H2Stream] = {}
+        self.nursery: trio.Nursery | None = None
+        self.want_write = trio.Event()
+        self.drained = trio.Event()
+        self.queued_bytes = 0
+        self.control_queued = 0
+        self.frames_queued = 0
+        self.extra_out = b""   # our own frames after h2's (a graceful GOAWAY)
+        self.going_away = False
+        self.peer_away = False
+        self.read_scope = trio.CancelScope()
+        self.ended = False
+
+    # ------------------------------------------------------------------ the connection
+
+    async def run(self, initial: bytes) -> None:
+        """Serve the connection until it ends; `initial`: bytes read before the codec
+        was chosen (the preface and what followed it)."""
+        dc = self.dc
+        blk = self.hs.block
+        blk.inc(self.hs.downstream_cx_http2_total)
+        blk.add(self.hs.downstream_cx_http2_active, 1)
+        self.codec.start()
+        self._idle()
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self._writer)
+                self.kick()
+                with self.read_scope:
+                    await self._read(initial)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.ended = True
+            for st in list(self.streams.values()):
+                st.lost()
+            blk.add(self.hs.downstream_cx_http2_active, -1)
+            data = self.codec.h2.data_to_send() + self.extra_out
+            self.extra_out = b""
+            if data and dc.sock.fileno() >= 0:
+                with trio.move_on_after(FAREWELL_TIMEOUT) as scope:
+                    scope.shield = True
+                    try:
+                        await dc.send(data)
+                    except (PeerClosed, OSError):
+                        pass
+
+    async def _read(self, data: bytes) -> None:
+        dc = self.dc
+        codec = self.codec
+        while True:
+            if data:
+                try:
+                    events = codec.receive(data)
+                except H2Failure as exc:
+                    self._failed(exc)
+                    return
+                try:
+                    self._handle(events)
+                except H2Failure as exc:
+                    self._failed(exc)
+                    return
+                self.kick()
+            if (self.going_away or self.peer_away) and not self.streams:
+                return
+            try:
+                data = await dc.recv()
+            except PeerClosed:
+                return
+            if not data:
+                return
+
+    def _failed(self, exc: H2Failure) -> None:
+        """A protocol error or a flood: the GOAWAY h2 queued goes out, then the close."""
+        hs = self.hs
+        hs.block.inc(getattr(hs, exc.stat))
+        hs.block.inc(hs.http2_goaway_sent)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("HTTP/2 connection from %s ends: %s", self.dc.peer, exc.reason)
+
+    def _handle(self, events: list[Event]) -> None:
+        streams = self.streams
+        hs = self.hs
+        ev: Any  # narrowed by `kind`, which mypy does not follow
+        for ev in events:
+            kind = type(ev)
+            if kind is DataReceived:
+                st = streams.get(ev.stream_id)
+                if st is not None:
+                    st.feed(ev.data, ev.flow_controlled_length)
+                    if ev.stream_ended is not None:
+                        st.end()
+                elif ev.flow_controlled_length:
+                    # A stream already answered: its data is dropped, the window reopened.
+                    self.consumed(ev.stream_id, ev.flow_controlled_length)
+            elif kind is RequestReceived:
+                self._open(ev)
+            elif kind is StreamEnded:
+                st = streams.get(ev.stream_id)
+                if st is not None:
+                    st.end()
+            elif kind is WindowUpdated:
+                if ev.stream_id == 0:
+                    for st in streams.values():
+                        st.window()
+                else:
+                    st = streams.get(ev.stream_id)
+                    if st is not None:
+                        st.window()
+            elif kind is TrailersReceived:
+                hs.block.inc(hs.http2_trailers)
+                st = streams.get(ev.stream_id)
+                if st is not None:
+                    st.trailers = relayed_trailers([(k, v) for k, v in ev.headers])
+                    if ev.stream_ended is not None:
+                        st.end()
+            elif kind is StreamReset:
+                hs.block.inc(hs.http2_rx_reset)
+                st = streams.get(ev.stream_id)
+                if st is not None:
+                    premature = (not st.response_done
+                                 and self.dc.reactor.now - st.born < PREMATURE_RESET_LIFETIME)
+                    st.lost()
+                    if premature and self.codec.premature_reset():
+                        self.codec.fail("downstream_rq_too_many_premature_resets",
+                                        "too many streams reset as soon as opened")
+            elif kind is PingReceived:
+                self._control()
+            elif kind is RemoteSettingsChanged:
+                self._control()
+                for st in streams.values():
+                    st.window()  # INITIAL_WINDOW_SIZE moves every stream's window
+            elif kind is ConnectionTerminated:
+                self.peer_away = True
+
+    def _control(self) -> None:
+        """A control frame queued in reply (PING or SETTINGS ACK): a client that sends
+        them without reading the replies floods (CVE-2019-9512, 9515)."""
+        self.control_queued += 1
+        if self.control_queued > self.codec.spec.max_outbound_control_frames:
+            self.codec.fail("http2_outbound_control_flood",
+                            "control frames queued for a client that does not read")
+
+    def _open(self, ev: RequestReceived) -> None:
+        sid = ev.stream_id
+        ended = ev.stream_ended is not None
+        if self.going_away:
+            # Past our GOAWAY's last stream: refused, never processed (RFC 9113 8.7).
+            self.codec.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            return
+        fields = ev.headers
+        st = H2Stream(self, sid, request_head(fields, ended), ended)
+        st.chunked = not ended and not any(f[0] == b"content-length" for f in fields)
+        self.codec.opened()
+        self.streams[sid] = st
+        hs = self.hs
+        hs.block.add(hs.http2_streams_active, 1)
+        self.dc.deadline = self._age_limit()
+        assert self.nursery is not None
+        self.nursery.start_soon(self._serve, st)
+        if self.ctx.state.draining:
+            self.go_away()
+
+    # ------------------------------------------------------------------ streams
+
+    async def _serve(self, st: H2Stream) -> None:
+        """One stream, from its head to its end, however it ends."""
+        ctx = self.ctx
+        timed = self.dc.reactor.timed
+        timed.add(st)
+        try:
+            with st.cs:
+                try:
+                    head = ctx.parser.parse_request(st.head_bytes)
+                except ParseError as exc:
+                    head = None
+                    ex = st.ex = begin(st, None)
+                    await st.send_local(ex, None, exc.status, exc.reason.encode() + b"\n",
+                                        flags.DOWNSTREAM_PROTOCOL_ERROR)
+                if head is not None:
+                    ex = st.ex = begin(st, head)
+                    st.take_buffered()
+                    await dispatch(st, head, ex)
+            if st.cs.cancelled_caught and st.timed_out and not st.gone:
+                await st.on_timeout()
+        except PeerClosed:
+            pass
+        except Exception:
+            # A bug costs this stream (reset), never the connection's other streams.
+            log.exception("internal error on a stream from %s", self.dc.peer)
+        finally:
+            timed.discard(st)
+            if st.upstream is not None:
+                st.upstream.abort()
+                st.upstream = None
+            done = st.ex
+            if done is not None:
+                ex = done
+                if st.gone and not st.response_done and ex.status == 0:
+                    ex.flags = flags.DOWNSTREAM_CONNECTION_TERMINATION
+                finish(st, ex)
+            self._closed(st)
+
+    def _closed(self, st: H2Stream) -> None:
+        hs = self.hs
+        hs.block.add(hs.http2_streams_active, -1)
+        self.streams.pop(st.sid, None)
+        if self.ended:
+            return
+        if not st.gone:
+            if not st.response_done:
+                self.reset(st, ErrorCodes.INTERNAL_ERROR)  # ended without a response
+            elif not st.ended:
+                # Answered before the request body ended: the client may stop sending it
+                # (RFC 9113 8.1, RST_STREAM NO_ERROR).
+                self.reset(st, ErrorCodes.NO_ERROR)
+        # Whatever the relay left unread is reopened in the connection's window.
+        left = sum(n for _d, n in st.inbox)
+        if left:
+            st.inbox.clear()
+            self.consumed(0, left)
+        if not self.streams:
+            if self.going_away or self.peer_away:
+                self.read_scope.cancel()
+            elif self.ctx.state.draining or self.dc.too_old():
+                self.go_away()
+                self.read_scope.cancel()
+            else:
+                self._idle()
+
+    def reset(self, st: H2Stream, code: int) -> None:
+        """RST_STREAM from the proxy (a broken response, a timeout, an early answer)."""
+        st.response_done = True
+        try:
+            self.codec.h2.reset_stream(st.sid, code)
+        except H2ProtocolError:
+            return  # already closed both ways
+        if code != ErrorCodes.NO_ERROR:
+            hs = self.hs
+            hs.block.inc(hs.http2_tx_reset)
+        st.gone = True
+        self.kick()
+
+    def consumed(self, sid: int, n: int) -> None:
+        """The relay took n flow-controlled bytes: the client's windows reopen."""
+        h2 = self.codec.h2
+        try:
+            if sid:
+                h2.acknowledge_received_data(n, sid)
+            else:
+                h2.increment_flow_control_window(n)
+        except H2ProtocolError:
+            return  # the stream closed meanwhile (its share of the window came back)
+        self.kick()
+
+    # ------------------------------------------------------------------ timeouts
+
+    def _idle(self) -> None:
+        """No stream open: the connection closes after idle_timeout (and no later than
+        max_connection_duration)."""
+        spec = self.ctx.spec
+        dc = self.dc
+        deadline = dc.reactor.now + spec.idle_timeout
+        limit = self._age_limit()
+        dc.deadline = min(deadline, limit)
+
+    def _age_limit(self) -> float:
+        limit = self.ctx.spec.max_connection_duration
+        return self.dc.born + limit if limit else NO_DEADLINE
+
+    def expire(self) -> None:
+        """The connection's deadline passed (reactor), or the worker drains: idle, it
+        closes; with streams open (max_connection_duration), a graceful GOAWAY."""
+        self.dc.deadline = NO_DEADLINE
+        if not self.streams:
+            if not self.ctx.state.draining and not self.dc.too_old():
+                hs = self.hs
+                hs.block.inc(hs.http2_keepalive_timeout)
+            self.go_away()
+            self.read_scope.cancel()
+        else:
+            self.go_away()
+
+    def go_away(self) -> None:
+        """A graceful GOAWAY (NO_ERROR) naming the last stream taken; sent once. Built by
+        hand: h2's close_connection would end its state machine, and the streams in
+        flight still need their frames."""
+        if self.going_away:
+            return
+        self.going_away = True
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = self.codec.h2.highest_inbound_stream_id
+        frame.error_code = ErrorCodes.NO_ERROR
+        self.extra_out += frame.serialize()
+        hs = self.hs
+        hs.block.inc(hs.http2_goaway_sent)
+        self.kick()
+
+    # ------------------------------------------------------------------ writes
+
+    def kick(self) -> None:
+        self.want_write.set()
+
+    async def queued(self, n: int) -> None:
+        """A stream queued a frame of n payload bytes: wake the writer, and wait for it
+        while more than WRITE_HIGH_WATER is queued."""
+        self.queued_bytes += n
+        self.frames_queued += 1
+        self.codec.data_frames_sent += n > 0
+        if self.frames_queued > self.codec.spec.max_outbound_frames and not self.ended:
+            # The client reads nothing while streams keep answering: the connection ends
+            # (GOAWAY, then its streams are abandoned with it).
+            try:
+                self.codec.fail("http2_outbound_flood",
+                                "frames queued for a client that does not read")
+            except H2Failure as exc:
+                self._failed(exc)
+            self.read_scope.cancel()
+        self.want_write.set()
+        while self.queued_bytes > WRITE_HIGH_WATER and not self.ended:
+            await self.drained.wait()
+
+    async def _writer(self) -> None:
+        """Send what is queued, in one write per wake-up."""
+        dc = self.dc
+        h2 = self.codec.h2
+        while True:
+            await self.want_write.wait()
+            self.want_write = trio.Event()
+            data = h2.data_to_send()
+            if self.extra_out:
+                data += self.extra_out
+                self.extra_out = b""
+            if data:
+                try:
+                    await dc.send(data)
+                except PeerClosed:
+                    self.read_scope.cancel()
+                    return
+            self.queued_bytes = 0
+            self.frames_queued = 0
+            self.control_queued = 0
+            drained, self.drained = self.drained, trio.Event()
+            drained.set()
