@@ -36,12 +36,10 @@ from h2.events import (
     DataReceived,
     Event,
     PriorityUpdated,
-    RemoteSettingsChanged,
-    StreamReset,
     WindowUpdated,
 )
 from h2.exceptions import DenialOfServiceError, ProtocolError, TooManyStreamsError
-from h2.settings import SettingCodes
+from h2.settings import SettingCodes, Settings
 
 from meshproxy._core.http1_parser import MessageHead
 from meshproxy.config.snapshot import RESPONSE_SKIP, Http2Spec
@@ -57,9 +55,6 @@ PREFACE_LEN = len(PREFACE)
 PREMATURE_RESET_LIFETIME = 1.0
 PREMATURE_RESET_MIN_STREAMS = 500
 
-# Fields an HTTP/1.1 response carries that HTTP/2 forbids (RFC 9113 8.2.2), plus those
-# the proxy restates itself (content-length).
-_RESPONSE_DROP = RESPONSE_SKIP
 
 
 class H2Failure(Exception):
@@ -100,7 +95,7 @@ class ServerCodec:
                                  validate_outbound_headers=False,
                                  normalize_outbound_headers=True)
         conn = self.h2 = H2Connection(config)
-        conn.local_settings = conn.local_settings.__class__(
+        conn.local_settings = Settings(
             client=False, initial_values={
                 SettingCodes.MAX_CONCURRENT_STREAMS: spec.max_concurrent_streams,
                 SettingCodes.INITIAL_WINDOW_SIZE: spec.initial_stream_window_size,
@@ -185,11 +180,12 @@ class ServerCodec:
         return opened >= PREMATURE_RESET_MIN_STREAMS and self.premature_resets * 2 >= opened
 
 
-def request_head(fields: list[tuple[bytes, bytes]], end_stream: bool) -> bytes:
+def request_head(fields: list[tuple[bytes, bytes]], end_stream: bool) -> tuple[bytes, bool]:
     """A request's fields as the HTTP/1.1 head the compiled parser reads (h2 validated
     them: one of each pseudo-header, lowercase names, no connection-specific fields).
     :authority becomes Host (RFC 9113 8.3.1); a body that will follow without a
-    content-length is marked chunked, which is how the relay frames it upstream."""
+    content-length is marked chunked, which is how the relay frames it upstream; the
+    second value says so."""
     method = path = authority = b""
     lines = []
     has_length = has_host = False
@@ -209,12 +205,13 @@ def request_head(fields: list[tuple[bytes, bytes]], end_stream: bool) -> bytes:
         lines.append(name + b": " + value)
     if authority and not has_host:
         lines.append(b"host: " + authority)
-    if not end_stream and not has_length:
+    chunked = not end_stream and not has_length
+    if chunked:
         lines.append(b"transfer-encoding: chunked")
     if method == b"CONNECT" and not path:
         path = authority  # RFC 9113 8.5: authority-form
     lines.append(b"\r\n")
-    return method + b" " + path + b" HTTP/1.1\r\n" + b"\r\n".join(lines)
+    return method + b" " + path + b" HTTP/1.1\r\n" + b"\r\n".join(lines), chunked
 
 
 def response_fields(status: int, resp: MessageHead, skip: frozenset[bytes],
@@ -225,7 +222,9 @@ def response_fields(status: int, resp: MessageHead, skip: frozenset[bytes],
     Connection header names dropped (RFC 9113 8.2.2), the route's removals and additions
     applied, and content-length stated when the length is known (`length` >= 0)."""
     out = [(b":status", b"%d" % status)]
-    drop = _RESPONSE_DROP | skip
+    # RESPONSE_SKIP: the fields HTTP/2 forbids (RFC 9113 8.2.2) and content-length, which
+    # is restated from the framing.
+    drop = RESPONSE_SKIP | skip
     if resp.conn_extra:
         drop = drop | frozenset(resp.conn_extra)
     for field in resp.headers:
@@ -250,12 +249,3 @@ def local_fields(status: int, length: int, content_type: bytes,
     if extra:
         out += extra
     return out
-
-
-def remote_settings_window(ev: RemoteSettingsChanged) -> bool:
-    """Whether a SETTINGS change moved every stream's send window (RFC 9113 6.9.2)."""
-    return SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings
-
-
-def reset_code(ev: StreamReset) -> int:
-    return int(ev.error_code)

@@ -30,7 +30,7 @@ from typing import Any
 from meshproxy._core.http1_parser import MessageHead, serialize_head
 from meshproxy.config.snapshot import RESPONSE_SKIP, RouteFilters
 from meshproxy.proxy.context import ListenerContext
-from meshproxy.proxy.local_reply import reason
+from meshproxy.proxy.local_reply import local_reply, reason
 from meshproxy.proxy.phases import PH_HEAD
 from meshproxy.transport.sockio import abort, recv_after_wait, recv_now, send_all
 from meshproxy.transport.tls_material import PeerIdentity
@@ -94,11 +94,29 @@ class ClientSide:
         return False
 
     async def send_local(self, ex: Any, head: MessageHead | None, status: int, body: bytes,
-                         flag: str, *, close: bool = False, body_done: bool = False,
-                         extra: list[tuple[bytes, bytes]] | None = None,
-                         content_type: bytes = b"text/plain") -> bool:
-        """Write a local reply; whether the side stays open for another request."""
-        raise NotImplementedError
+                          flag: str, *, close: bool = False, body_done: bool = False,
+                          extra: list[tuple[bytes, bytes]] | None = None,
+                          content_type: bytes = b"text/plain") -> bool:
+        """Write a local reply in one send; whether the connection stays open for the
+        next request (only when the request allows keep-alive and its unread body, if
+        any, is already here to skip)."""
+        keep = (head is not None and not close and head.keep_alive
+                and not self.ctx.state.draining and not self.too_old()
+                and (body_done or self.body_skippable(head)))
+        hdrs = list(extra or ())
+        if ex.resp_extra:
+            hdrs += ex.resp_extra
+        if keep and head is not None and head.version == 10:
+            hdrs.append((b"connection", b"keep-alive"))
+        head_only = head is not None and head.method == b"HEAD"
+        data = local_reply(status, body, close=not keep, head_only=head_only,
+                           content_type=content_type, extra=hdrs)
+        ex.status = status
+        ex.flags = flag
+        ex.response_started = True
+        ex.bytes_out = 0 if head_only else len(body)
+        await self.send(data)
+        return keep
 
     def forwarding(self, head: MessageHead, filters: RouteFilters | None) -> None:
         """The request goes to the router (a hook for the connection's own bookkeeping)."""
@@ -109,12 +127,6 @@ class ClientSide:
         origin's reason phrase, relayed as it was."""
         await self.send(serialize_head(b"HTTP/1.1 %d %s" % (status, phrase or reason(status)),
                                        headers, RESPONSE_SKIP, []))
-
-    async def relay_response(self, head: MessageHead, ex: Any, action: Any, conn: UpstreamConn,
-                             resp: MessageHead, ubuf: bytes, request_complete: bool) -> bool:
-        """The response relay of a multiplexed side (proxy.h2_stream); an HTTP/1.1
-        connection's is proxy.relay's own."""
-        raise NotImplementedError
 
     def reset(self) -> None:
         """A response broke after it began: the client must never take it for complete,

@@ -47,7 +47,7 @@ from meshproxy.proxy.dispatch import dispatch, forward_or_reply, reply
 from meshproxy.proxy.downstream_h2 import H2Driver
 from meshproxy.proxy.exchange import Exchange, begin, finish
 from meshproxy.proxy.fast_path import Flight, serves
-from meshproxy.proxy.local_reply import LocalReply, local_reply
+from meshproxy.proxy.local_reply import LocalReply
 from meshproxy.proxy.phases import PH_HEAD, PH_IDLE, PH_REQ_BODY
 from meshproxy.proxy.tls_accept import Handshake
 from meshproxy.proxy.tls_termination import TLSTermination
@@ -408,28 +408,6 @@ class DownstreamConnection(TLSTermination):
         return False
 
     # ------------------------------------------------------------------ local replies
-
-    async def send_local(self, ex: Exchange, head: MessageHead | None, status: int, body: bytes,
-                          flag: str, *, close: bool = False, body_done: bool = False,
-                          extra: list[tuple[bytes, bytes]] | None = None,
-                          content_type: bytes = b"text/plain") -> bool:
-        keep = (head is not None and not close and head.keep_alive
-                and not self.ctx.state.draining and not self.too_old()
-                and (body_done or self.body_skippable(head)))
-        hdrs = list(extra or ())
-        if ex.resp_extra:
-            hdrs += ex.resp_extra
-        if keep and head is not None and head.version == 10:
-            hdrs.append((b"connection", b"keep-alive"))
-        head_only = head is not None and head.method == b"HEAD"
-        data = local_reply(status, body, close=not keep, head_only=head_only,
-                           content_type=content_type, extra=hdrs)
-        ex.status = status
-        ex.flags = flag
-        ex.response_started = True
-        ex.bytes_out = 0 if head_only else len(body)
-        await self.send(data)
-        return keep
 
     async def _on_timeout(self) -> None:
         ex, phase = self.ex, self.phase

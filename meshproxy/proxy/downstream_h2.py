@@ -229,9 +229,9 @@ class H2Driver:
             # Past our GOAWAY's last stream: refused, never processed (RFC 9113 8.7).
             self.codec.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             return
-        fields = ev.headers
-        st = H2Stream(self, sid, request_head(fields, ended), ended)
-        st.chunked = not ended and not any(f[0] == b"content-length" for f in fields)
+        head_bytes, chunked = request_head(ev.headers, ended)
+        st = H2Stream(self, sid, head_bytes, ended)
+        st.chunked = chunked
         self.codec.opened()
         self.streams[sid] = st
         hs = self.hs

@@ -31,6 +31,7 @@ the backpressure rules and the errors they raise; the fast path reuses its error
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Protocol, cast
 
 import trio
 
@@ -68,6 +69,12 @@ from meshproxy.upstream.connect import establish
 # the origin closes.
 F_NONE, F_LENGTH, F_CHUNKED = FRAMING_NONE, FRAMING_LENGTH, FRAMING_CHUNKED
 NO_DEADLINE = float("inf")
+
+
+class _Multiplexed(Protocol):
+    async def relay_response(self, head: MessageHead, ex: Exchange, action: ClusterAction,
+                             conn: UpstreamConn, resp: MessageHead, ubuf: bytes,
+                             request_complete: bool) -> bool: ...
 
 
 class _StaleConnection(Exception):
@@ -234,7 +241,10 @@ async def deliver(side: ClientSide, head: MessageHead, ex: Exchange,
         await tunnel(side, ex, conn, resp, ubuf)
         return False
     if side.multiplexed:
-        return await side.relay_response(head, ex, action, conn, resp, ubuf, request_complete)
+        # An HTTP/2 stream writes frames (proxy.h2_stream, which imports this module).
+        stream = cast(_Multiplexed, side)
+        return await stream.relay_response(head, ex, action, conn, resp, ubuf,
+                                           request_complete)
     return await _relay_response(side, head, ex, action, conn, resp, ubuf, request_complete)
 
 
