@@ -82,13 +82,15 @@ class Result:
 
 
 def start_nginx(tmp: Path, port: int, body_size: int = BODY_SIZE,
-                tls: tuple[Path, Path] | None = None) -> subprocess.Popen:
-    """The origin; with `tls` (chain, key) it serves HTTPS (TLS 1.3) on the port."""
+                tls: tuple[Path, Path] | None = None, http2: bool = False) -> subprocess.Popen:
+    """The origin; with `tls` (chain, key) it serves HTTPS (TLS 1.3) on the port; with
+    `http2`, HTTP/2 (h2c with prior knowledge on plaintext)."""
     (tmp / "body.txt").write_bytes(b"x" * body_size)
     # nginx's workers drop root for nobody: the directory must be readable to them.
     os.chmod(tmp, 0o755)
     os.chmod(tmp / "body.txt", 0o644)
     conf = tmp / "nginx.conf"
+    listen_extra = (" ssl" if tls else "") + (" http2" if http2 else "")
     conf.write_text(f"""
 worker_processes 1;
 daemon off;
@@ -100,7 +102,7 @@ http {{
     keepalive_requests 1000000;
     keepalive_timeout 300s;
     server {{
-        listen 127.0.0.1:{port} reuseport backlog=4096{" ssl" if tls else ""};
+        listen 127.0.0.1:{port} reuseport backlog=4096{listen_extra};
         {f"ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]};" if tls else ""}
         root {tmp};
         location / {{ default_type text/plain; try_files /body.txt =404; }}
@@ -179,11 +181,13 @@ http {{
 
 def start_meshproxy(tmp: Path, port: int, origin: int, *extra: str,
                     pin: bool = True, resilience: bool = False,
-                    access_log: bool = False) -> subprocess.Popen:
+                    access_log: bool = False, cluster_options: dict | None = None,
+                    listener_options: dict | None = None) -> subprocess.Popen:
     conf = tmp / "meshproxy.json"
     route: dict = {"cluster": "origin"}
     cluster: dict = {"name": "origin", "max_idle_connections": 1024,
-                     "endpoints": [{"address": "127.0.0.1", "port": origin}]}
+                     "endpoints": [{"address": "127.0.0.1", "port": origin}],
+                     **(cluster_options or {})}
     if resilience:
         # Everything on the request path that resilience adds: a retry policy with a
         # per-try timeout, explicit breakers with a retry budget, outlier detection.
@@ -195,6 +199,7 @@ def start_meshproxy(tmp: Path, port: int, origin: int, *extra: str,
     listener: dict = {"name": "bench", "address": "127.0.0.1", "port": port,
                       "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
                           {"match": {"prefix": "/"}, "route": route}]}]}
+    listener.update(listener_options or {})
     if access_log:
         # Envoy's default text format, one line per request, to a file.
         listener["access_log"] = {"path": str(tmp / f"access-{port}.log")}

@@ -188,8 +188,15 @@ def headers_frame(sid: int, block: bytes, end_stream: bool = True,
 class RawConnection:
     """A socket that speaks frames: sends bytes, reads frames until the server closes."""
 
-    def __init__(self, port: int, settings: bool = True, timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, settings: bool = True, timeout: float = 5.0,
+                 rcvbuf: int = 0) -> None:
+        """`rcvbuf`: a small receive buffer, for a client that reads nothing (set before
+        connecting, so the window it advertises is small from the start)."""
+        self.sock = socket.socket()
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect(("127.0.0.1", port))
         self.timeout = timeout
         self.buf = b""
         if settings:

@@ -78,28 +78,27 @@ def echo_handler(req: Req, sock: socket.socket) -> bytes:
 Handler = Callable[[Req, socket.socket], "bytes | None"]
 
 
-@dataclass
-class Origin:
-    handler: Handler = echo_handler
-    port: int = 0
-    requests: list[Req] = field(default_factory=list)
-    connections: int = 0
-    raw_bytes: int = 0
-    # Serve HTTPS: the handshake happens in the connection's thread; failures are kept.
-    tls: ssl.SSLContext | None = None
-    tls_errors: list[str] = field(default_factory=list)
-    tls_resumed: list[bool] = field(default_factory=list)  # per TLS connection
-    tls_clean_closes: int = 0  # connections the client ended with close_notify
-    # Every byte received, per connection id, exactly as it arrived (what the proxy sent).
-    raw: dict[int, bytearray] = field(default_factory=dict)
+def listen_socket(port: int = 0) -> socket.socket:
+    """A listening socket on 127.0.0.1 (`port` 0: any free one), for the test origins."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(128)
+    return sock
 
-    def start(self) -> Origin:
-        self._lsock = socket.socket()
-        self._lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._lsock.bind(("127.0.0.1", self.port))
-        self._lsock.listen(128)
+
+class ThreadedServer:
+    """A listening socket on 127.0.0.1 served by a thread per connection: the test origins'
+    shared accept loop. A subclass defines `_serve(sock, conn_id)`."""
+
+    port: int
+    connections: int
+
+    def start(self):  # -> Self
+        self._lsock = listen_socket(self.port)
         self.port = self._lsock.getsockname()[1]
         self._stop = False
+        self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
         return self
 
@@ -116,9 +115,33 @@ class Origin:
                 sock, _ = self._lsock.accept()
             except OSError:
                 return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(sock, self.connections),
-                             daemon=True).start()
+            with self._lock:
+                self.connections += 1
+                conn_id = self.connections
+            self._accepted(sock)
+            threading.Thread(target=self._serve, args=(sock, conn_id), daemon=True).start()
+
+    def _accepted(self, sock: socket.socket) -> None:
+        """Called in the accept thread, before the connection's thread starts."""
+
+    def _serve(self, sock: socket.socket, conn_id: int) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class Origin(ThreadedServer):
+    handler: Handler = echo_handler
+    port: int = 0
+    requests: list[Req] = field(default_factory=list)
+    connections: int = 0
+    raw_bytes: int = 0
+    # Serve HTTPS: the handshake happens in the connection's thread; failures are kept.
+    tls: ssl.SSLContext | None = None
+    tls_errors: list[str] = field(default_factory=list)
+    tls_resumed: list[bool] = field(default_factory=list)  # per TLS connection
+    tls_clean_closes: int = 0  # connections the client ended with close_notify
+    # Every byte received, per connection id, exactly as it arrived (what the proxy sent).
+    raw: dict[int, bytearray] = field(default_factory=dict)
 
     def _serve(self, sock: socket.socket, conn_id: int) -> None:
         leftover = b""

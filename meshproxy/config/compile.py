@@ -36,8 +36,10 @@ from meshproxy.config.snapshot import (
     Snapshot,
     TLSSpec,
     TracingSpec,
+    UpstreamHttp2Spec,
     UpstreamTLSSpec,
     conditions,
+    grpc_conditions,
 )
 from meshproxy.config.wire import wire_bytes
 from meshproxy.filters.authz import Authorizer, compile_policies, wildcard_regex
@@ -140,7 +142,8 @@ def _retry(rp: schema.RetryPolicy | None) -> RetrySpec | None:
     return RetrySpec(conditions(rp.retry_on), rp.num_retries, parse_duration(rp.per_try_timeout),
                      frozenset(rp.retriable_status_codes), base,
                      parse_duration(cap) if cap is not None else 10 * base,
-                     rp.include_attempt_count, rp.retry_buffer_limit)
+                     rp.include_attempt_count, rp.retry_buffer_limit,
+                     grpc_conditions(rp.retry_on))
 
 
 def _breakers(cb: schema.CircuitBreakers, workers: int) -> BreakerSpec:
@@ -231,7 +234,8 @@ def _http2(o: schema.Http2Options) -> Http2Spec:
                      o.max_outbound_frames, o.max_outbound_control_frames,
                      o.max_consecutive_inbound_frames_with_empty_payload,
                      o.max_inbound_priority_frames_per_stream,
-                     o.max_inbound_window_update_frames_per_data_frame_sent)
+                     o.max_inbound_window_update_frames_per_data_frame_sent,
+                     o.allow_connect)
 
 
 def upstream_tls(t: schema.UpstreamTLS | None, material: Mapping[str, bytes]
@@ -286,7 +290,11 @@ def compile_config(config: schema.Config, version: int = 1,
             tuple((e.priority, e.locality) for e in c.endpoints),
             tuple(sorted(c.locality_weights.items())) if c.locality_weights is not None
             else None,
-            c.overprovisioning_factor / 100, upstream_tls(c.tls, material))
+            c.overprovisioning_factor / 100, upstream_tls(c.tls, material), c.protocol,
+            UpstreamHttp2Spec(c.http2.max_concurrent_streams,
+                              c.http2.initial_stream_window_size,
+                              c.http2.initial_connection_window_size,
+                              c.http2.hpack_table_size))
         for c in config.clusters
     }
     return Snapshot(version, config, tuple(listeners), clusters, _tracing(config.tracing))

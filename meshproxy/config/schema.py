@@ -104,9 +104,12 @@ class OutlierDetection(Base, frozen=True):
 class HealthCheck(Base, frozen=True):
     """Active health checking, run once per proxy by the supervisor (Envoy's fields)."""
 
-    type: Literal["http", "tcp"] = "http"
+    type: Literal["http", "tcp", "grpc"] = "http"
     path: str = "/healthz"           # http: the request target
-    host: str | None = None          # http: Host header (default: the cluster name)
+    # http: the Host header, grpc: :authority (default: the cluster name)
+    host: str | None = None
+    # grpc: the service whose health is asked (grpc.health.v1; "": the server's overall).
+    service_name: str = ""
     expected_statuses: list[Annotated[int, Meta(ge=100, le=599)]] = msgspec.field(
         default_factory=lambda: [200])
     interval: Duration = "5s"
@@ -133,6 +136,26 @@ class UpstreamTLS(Base, frozen=True):
     # Revocation lists for the endpoints' certificates (as on listeners).
     crl: NonEmptyStr | None = None
     only_verify_leaf_cert_crl: bool = False
+
+
+class UpstreamHttp2Options(Base, frozen=True):
+    """Envoy's Http2ProtocolOptions for a cluster's HTTP/2 connections to its endpoints."""
+
+    # Streams the proxy opens on one connection before it opens another one to the same
+    # endpoint; the origin's SETTINGS_MAX_CONCURRENT_STREAMS applies when it is lower.
+    # Envoy's default: 2^31-1, so that the origin's setting decides.
+    max_concurrent_streams: Annotated[int, Meta(ge=1, le=2_147_483_647)] = 2_147_483_647
+    # SETTINGS_INITIAL_WINDOW_SIZE for responses: what an origin may send on a stream
+    # before the proxy has passed it on to the client, so the bound of a stream's response
+    # buffer however slowly the client reads (Envoy's edge best practice, 64 KiB).
+    initial_stream_window_size: Annotated[int, Meta(ge=65_535, le=2_147_483_647)] = 65_536
+    # The connection's window: what all its streams together may buffer. Reopened as the
+    # streams' data is taken, so it must be large enough that clients that stop reading
+    # (each holding a stream window) do not stall the others: 256 such streams at 64 KiB.
+    initial_connection_window_size: Annotated[
+        int, Meta(ge=65_535, le=2_147_483_647)] = 16_777_216
+    # SETTINGS_HEADER_TABLE_SIZE: the HPACK table the origin may make us keep.
+    hpack_table_size: Annotated[int, Meta(ge=0, le=65_536)] = 4_096
 
 
 class Cluster(Base, frozen=True):
@@ -174,6 +197,11 @@ class Cluster(Base, frozen=True):
     # more capacity than needed can lose 1 - 100/140 of its endpoints before traffic moves.
     overprovisioning_factor: Annotated[int, Meta(ge=100, le=1000)] = 140
     tls: UpstreamTLS | None = None
+    # The protocol spoken to the endpoints (Envoy's explicit http_protocol_options,
+    # http2_protocol_options, or use_downstream_protocol_config): HTTP/2 multiplexes a
+    # worker's requests to an endpoint on one connection; over TLS it is offered by ALPN.
+    protocol: Literal["http1", "http2", "downstream"] = "http1"
+    http2: UpstreamHttp2Options = UpstreamHttp2Options()
 
 
 class QueryParameterMatch(Base, frozen=True):
@@ -218,7 +246,9 @@ class WeightedCluster(Base, frozen=True):
 
 
 RETRY_ON = ("5xx", "gateway-error", "reset", "connect-failure", "retriable-4xx",
-            "refused-stream", "retriable-status-codes")
+            "refused-stream", "retriable-status-codes",
+            # gRPC (Envoy's x-envoy-retry-grpc-on): a trailers-only answer with that status
+            "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable")
 
 
 class RetryBackOff(Base, frozen=True):
@@ -463,6 +493,11 @@ class Http2Options(Base, frozen=True):
     max_consecutive_inbound_frames_with_empty_payload: Annotated[int, Meta(ge=0)] = 1
     max_inbound_priority_frames_per_stream: Annotated[int, Meta(ge=0)] = 100
     max_inbound_window_update_frames_per_data_frame_sent: Annotated[int, Meta(ge=1)] = 10
+    # Envoy's allow_connect: SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC 8441), the extended
+    # CONNECT that carries a WebSocket over an HTTP/2 stream to an HTTP/1.1 WebSocket
+    # origin. On by default (Envoy's is off) because the HTTP/1.1 WebSocket upgrade is on
+    # by default here, and the two should agree.
+    allow_connect: bool = True
 
 
 class Listener(Base, frozen=True):

@@ -33,12 +33,24 @@ _BITS = {"5xx": RETRY_5XX, "gateway-error": RETRY_GATEWAY, "reset": RETRY_RESET,
          "refused-stream": RETRY_REFUSED, "retriable-status-codes": RETRY_STATUS}
 
 
+# Envoy's gRPC retry_on conditions (x-envoy-retry-grpc-on): the grpc-status each
+# retries, read from a trailers-only response's headers (protocol.grpc's codes).
+GRPC_RETRY_CODES = {"cancelled": 1, "deadline-exceeded": 4, "resource-exhausted": 8,
+                    "internal": 13, "unavailable": 14}
+
+
 def conditions(retry_on: str) -> int:
     """A retry_on list ("5xx,reset") as bits; the schema has checked every name."""
     bits = 0
     for c in retry_on.split(","):
-        bits |= _BITS[c.strip()]
+        bits |= _BITS.get(c.strip(), 0)
     return bits
+
+
+def grpc_conditions(retry_on: str) -> frozenset[int]:
+    """The gRPC statuses a retry_on list retries."""
+    return frozenset(GRPC_RETRY_CODES[c.strip()] for c in retry_on.split(",")
+                     if c.strip() in GRPC_RETRY_CODES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +63,7 @@ class RetrySpec:
     max_interval: float
     include_attempt_count: bool
     buffer_limit: int
+    grpc_codes: frozenset[int] = frozenset()
 
 
 MatcherKind = Literal["exact", "prefix", "suffix", "regex", "present", "absent"]
@@ -185,6 +198,16 @@ class DirectAction:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamHttp2Spec:
+    """A cluster's HTTP/2 settings (schema.UpstreamHttp2Options says why)."""
+
+    max_concurrent_streams: int = 2_147_483_647
+    initial_stream_window_size: int = 65_536
+    initial_connection_window_size: int = 16_777_216
+    hpack_table_size: int = 4_096
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterSpec:
     name: str
     endpoints: tuple[tuple[str, int, int], ...]  # (address, port, weight)
@@ -203,6 +226,8 @@ class ClusterSpec:
     locality_weights: tuple[tuple[str, int], ...] | None = None
     overprovisioning: float = 1.4
     tls: UpstreamTLSSpec | None = None
+    protocol: str = "http1"  # http1 | http2 | downstream
+    http2: UpstreamHttp2Spec = UpstreamHttp2Spec()
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +276,7 @@ class Http2Spec:
     max_empty_frames: int = 1
     max_priority_frames_per_stream: int = 100
     max_window_updates_per_data_frame: int = 10
+    allow_connect: bool = True
 
 
 @dataclass(frozen=True, slots=True)

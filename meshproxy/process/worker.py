@@ -109,7 +109,8 @@ class Worker:
         """Adopt a snapshot (see the module docstring). Returns the bound listeners."""
         assert self._nursery is not None
         self.snapshot = snapshot
-        clusters = ClusterManager(snapshot.clusters, self.sink, previous=self.clusters)
+        clusters = ClusterManager(snapshot.clusters, self.sink, previous=self.clusters,
+                                  spawn=self._nursery.start_soon)
         self.clusters = clusters
         self._apply_tracing(snapshot)
         loggers: dict[AccessLogSpec, AccessLogger] = {}

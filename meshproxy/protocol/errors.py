@@ -26,7 +26,7 @@ class ProxyError(Exception):
         self.detail = detail
         # The cluster stat (stats.names.CLUSTER) that counts this failure, if any.
         self.stat = stat
-        # For an attempt that got no response: CONNECT_FAILURE, RESET or
+        # For an attempt that got no response: CONNECT_FAILURE, RESET, REFUSED or
         # PER_TRY_TIMEOUT below; the retry policy decides what to do.
         self.failure = failure
 
@@ -34,6 +34,7 @@ class ProxyError(Exception):
 # What went wrong with an attempt that produced no response (ProxyError.failure).
 CONNECT_FAILURE = "connect-failure"
 RESET = "reset"
+REFUSED = "refused-stream"  # HTTP/2: the origin did not process the stream (RFC 9113 8.7)
 PER_TRY_TIMEOUT = "per-try-timeout"
 
 

@@ -27,12 +27,15 @@ content-length is marked chunked there, so the relay frames it for the origin.
 
 from __future__ import annotations
 
+import base64
+import os
 from typing import Any
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
+    ConnectionTerminated,
     DataReceived,
     Event,
     PriorityUpdated,
@@ -42,7 +45,7 @@ from h2.exceptions import DenialOfServiceError, ProtocolError, TooManyStreamsErr
 from h2.settings import SettingCodes, Settings
 
 from meshproxy._core.http1_parser import MessageHead
-from meshproxy.config.snapshot import RESPONSE_SKIP, Http2Spec
+from meshproxy.config.snapshot import RESPONSE_SKIP, Http2Spec, UpstreamHttp2Spec
 
 # RFC 9113 section 3.4: every HTTP/2 connection opens with this, before any frame.
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -68,6 +71,24 @@ class H2Failure(Exception):
         self.code = code
 
 
+def _config(client: bool) -> H2Configuration:
+    """Both sides' h2 configuration. Inbound fields are validated and normalized (cookies
+    joined, RFC 9113 8.2.3); outbound ones are the proxy's own, from a parsed head (already
+    valid), so h2's per-field checks are not run twice; normalization stays on: it
+    lowercases and keeps credentials out of the HPACK table (RFC 7541 7.1.3)."""
+    return H2Configuration(client_side=client, header_encoding=None,
+                           validate_inbound_headers=True, normalize_inbound_headers=True,
+                           validate_outbound_headers=False, normalize_outbound_headers=True)
+
+
+def _start(conn: H2Connection, window: int) -> None:
+    """The preface's SETTINGS, then the connection window raised from the protocol's
+    65,535 (RFC 9113 6.9.2: only a WINDOW_UPDATE on stream 0 can change it)."""
+    conn.initiate_connection()
+    if window > 65_535:
+        conn.increment_flow_control_window(window - 65_535)
+
+
 def preface_state(data: bytes) -> int:
     """1: `data` opens with the HTTP/2 preface; 0: it may still (a prefix of it);
     -1: it does not (an HTTP/1.1 request, RFC 9113 3.4)."""
@@ -85,16 +106,7 @@ class ServerCodec:
 
     def __init__(self, spec: Http2Spec, max_header_bytes: int) -> None:
         self.spec = spec
-        # Inbound fields are validated and normalized (cookies joined, RFC 9113 8.2.3);
-        # outbound ones are the proxy's own, from a parsed head (already valid), so h2's
-        # per-field checks are not run twice; normalization stays on: it lowercases and
-        # keeps credentials out of the HPACK table (RFC 7541 7.1.3).
-        config = H2Configuration(client_side=False, header_encoding=None,
-                                 validate_inbound_headers=True,
-                                 normalize_inbound_headers=True,
-                                 validate_outbound_headers=False,
-                                 normalize_outbound_headers=True)
-        conn = self.h2 = H2Connection(config)
+        conn = self.h2 = H2Connection(_config(False))
         conn.local_settings = Settings(
             client=False, initial_values={
                 SettingCodes.MAX_CONCURRENT_STREAMS: spec.max_concurrent_streams,
@@ -102,6 +114,8 @@ class ServerCodec:
                 SettingCodes.HEADER_TABLE_SIZE: spec.hpack_table_size,
                 SettingCodes.MAX_HEADER_LIST_SIZE: max_header_bytes,
                 SettingCodes.ENABLE_PUSH: 0,
+                # RFC 8441 3: extended CONNECT (a WebSocket on a stream), when allowed.
+                SettingCodes.ENABLE_CONNECT_PROTOCOL: int(spec.allow_connect),
             })
         conn.decoder.max_header_list_size = max_header_bytes
         conn.decoder.max_allowed_table_size = spec.hpack_table_size
@@ -114,11 +128,7 @@ class ServerCodec:
 
     def start(self) -> None:
         """Queue the server's preface: SETTINGS, then the connection window's increase."""
-        conn = self.h2
-        conn.initiate_connection()
-        extra = self.spec.initial_connection_window_size - 65_535
-        if extra > 0:
-            conn.increment_flow_control_window(extra)
+        _start(self.h2, self.spec.initial_connection_window_size)
 
     def receive(self, data: bytes) -> list[Event]:
         """Feed received bytes; the events they make. Raises H2Failure once the connection
@@ -173,6 +183,19 @@ class ServerCodec:
     def opened(self) -> None:
         self.streams_opened += 1
 
+    def header_block_pending(self) -> bool:
+        """A request's header block has begun and not ended: a HEADERS frame without
+        END_HEADERS awaits its CONTINUATION, or a HEADERS or CONTINUATION frame is still
+        arriving. Nothing else may come on the connection until it ends (RFC 9113 6.10),
+        so a client that stalls here (slowloris in HTTP/2) holds the whole connection:
+        request_headers_timeout bounds it. (Reads h2 4.4's frame buffer: its pending
+        header frames, and the type octet of a partly received frame, RFC 9113 4.1.)"""
+        buf = self.h2.incoming_buffer
+        if buf._headers_buffer:
+            return True
+        data = buf._data
+        return len(data) >= 4 and data[3] in (0x1, 0x9)
+
     def premature_reset(self) -> bool:
         """A client reset a young stream; True once the connection should close."""
         self.premature_resets += 1
@@ -180,15 +203,26 @@ class ServerCodec:
         return opened >= PREMATURE_RESET_MIN_STREAMS and self.premature_resets * 2 >= opened
 
 
-def request_head(fields: list[tuple[bytes, bytes]], end_stream: bool) -> tuple[bytes, bool]:
+# How a stream's DATA is read, as request_head decides it: as it comes (a content-length,
+# or no body), re-framed chunked (a body without a content-length), or a tunnel's bytes.
+BODY_AS_IS, BODY_CHUNKED, BODY_TUNNEL = 0, 1, 2
+
+
+def request_head(fields: list[tuple[bytes, bytes]], end_stream: bool) -> tuple[bytes, int]:
     """A request's fields as the HTTP/1.1 head the compiled parser reads (h2 validated
     them: one of each pseudo-header, lowercase names, no connection-specific fields).
     :authority becomes Host (RFC 9113 8.3.1); a body that will follow without a
     content-length is marked chunked, which is how the relay frames it upstream; the
-    second value says so."""
-    method = path = authority = b""
+    second value is the body's reading (BODY_*).
+
+    An extended CONNECT (RFC 8441 4: CONNECT with :protocol) becomes the HTTP/1.1 upgrade
+    it stands for, as Envoy translates it: GET :path with `Upgrade: <protocol>` and
+    `Connection: upgrade`; for a WebSocket the Sec-WebSocket-Key HTTP/2 does without
+    (RFC 8441 5) is made up, since an HTTP/1.1 origin requires one (RFC 6455 4.1). The
+    stream's DATA is then the tunnel's bytes, never chunk-framed."""
+    method = path = authority = protocol = b""
     lines = []
-    has_length = has_host = False
+    has_length = has_host = has_key = False
     for name, value in fields:
         if name[:1] == b":":
             if name == b":method":
@@ -197,21 +231,45 @@ def request_head(fields: list[tuple[bytes, bytes]], end_stream: bool) -> tuple[b
                 path = value
             elif name == b":authority":
                 authority = value
+            elif name == b":protocol":
+                protocol = value
             continue
         if name == b"content-length":
             has_length = True
         elif name == b"host":
             has_host = True
+        elif name == b"sec-websocket-key":
+            has_key = True
         lines.append(name + b": " + value)
     if authority and not has_host:
         lines.append(b"host: " + authority)
-    chunked = not end_stream and not has_length
-    if chunked:
-        lines.append(b"transfer-encoding: chunked")
-    if method == b"CONNECT" and not path:
-        path = authority  # RFC 9113 8.5: authority-form
+    body = BODY_AS_IS
+    if protocol:
+        body = BODY_TUNNEL
+        method = b"GET"
+        lines.append(b"connection: upgrade")
+        lines.append(b"upgrade: " + protocol)
+        if protocol.lower() == b"websocket" and not has_key:
+            lines.append(b"sec-websocket-key: " + base64.b64encode(os.urandom(16)))
+    else:
+        if not end_stream and not has_length:
+            body = BODY_CHUNKED
+            lines.append(b"transfer-encoding: chunked")
+        if method == b"CONNECT" and not path:
+            path = authority  # RFC 9113 8.5: authority-form
     lines.append(b"\r\n")
-    return method + b" " + path + b" HTTP/1.1\r\n" + b"\r\n".join(lines), chunked
+    return method + b" " + path + b" HTTP/1.1\r\n" + b"\r\n".join(lines), body
+
+
+def tunnel_fields(resp: MessageHead) -> list[tuple[bytes, bytes]]:
+    """An origin's 101 to a translated extended CONNECT as the HTTP/2 answer: 200, less
+    the connection-specific fields and Sec-WebSocket-Accept (RFC 8441 5: the handshake's
+    key and accept are HTTP/1.1's alone)."""
+    out = [(b":status", b"200")]
+    for field in resp.headers:
+        if field[0] not in RESPONSE_SKIP and field[0] != b"sec-websocket-accept":
+            out.append(field)
+    return out
 
 
 def response_fields(status: int, resp: MessageHead, skip: frozenset[bytes],
@@ -249,3 +307,109 @@ def local_fields(status: int, length: int, content_type: bytes,
     if extra:
         out += extra
     return out
+
+
+# ---------------------------------------------------------------- the upstream side
+
+# Request fields that do not go to an HTTP/2 origin (RFC 9113 8.2.2: connection-specific;
+# Host becomes :authority, 8.3.1). `te` goes on only as "trailers", below.
+UPSTREAM_SKIP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
+    b"host", b"te",
+})
+TE_TRAILERS = (b"te", b"trailers")
+
+
+class _GracefulClient(H2Connection):
+    """h2 as the client, except that a graceful GOAWAY (NO_ERROR) does not end the
+    connection's state machine: RFC 9113 6.8 lets the streams up to its last_stream_id
+    finish, and h2 would refuse their frames (its GOAWAY handling closes everything,
+    even frames that arrive in the same read). The event is the same ConnectionTerminated;
+    the connection takes no new stream (upstream.h2_origin)."""
+
+    def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[Event]]:
+        if frame.error_code != ErrorCodes.NO_ERROR:
+            return super()._receive_goaway_frame(frame)
+        event = ConnectionTerminated()
+        event.error_code = ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
+class ClientCodec:
+    """One connection to an HTTP/2 origin: h2's machine as the client, with the
+    cluster's settings (a malformed response is the origin's protocol error)."""
+
+    __slots__ = ("h2", "spec")
+
+    def __init__(self, spec: UpstreamHttp2Spec) -> None:
+        self.spec = spec
+        conn = self.h2 = _GracefulClient(_config(True))
+        conn.local_settings = Settings(
+            client=True, initial_values={
+                SettingCodes.INITIAL_WINDOW_SIZE: spec.initial_stream_window_size,
+                SettingCodes.HEADER_TABLE_SIZE: spec.hpack_table_size,
+                SettingCodes.ENABLE_PUSH: 0,
+            })
+        conn.decoder.max_allowed_table_size = spec.hpack_table_size
+
+    def start(self) -> None:
+        """Queue the client's preface (RFC 9113 3.4), SETTINGS, the connection window."""
+        _start(self.h2, self.spec.initial_connection_window_size)
+
+    def max_streams(self) -> int:
+        """Streams this connection may carry at once: ours and the origin's limit."""
+        return min(self.spec.max_concurrent_streams,
+                   self.h2.remote_settings.max_concurrent_streams)
+
+
+def upstream_fields(up: MessageHead, scheme: bytes, te_trailers: bool
+                    ) -> list[tuple[bytes, bytes]]:
+    """The head built for the origin (proxy.head_rewrite, as HTTP/1.1 and parsed again)
+    as HTTP/2 fields: Host as :authority (RFC 9113 8.3.1), the connection-specific
+    fields dropped (8.2.2), `te: trailers` kept when the client asked for trailers
+    (gRPC needs it, 8.2.2 allows no other value)."""
+    path = up.target
+    out = [(b":method", up.method), (b":scheme", scheme),
+           (b":authority", up.host or b""), (b":path", path)]
+    skip = UPSTREAM_SKIP
+    if up.conn_extra:
+        skip = skip | frozenset(up.conn_extra)
+    for field in up.headers:
+        if field[0] not in skip:
+            out.append(field)
+    if te_trailers:
+        out.append(TE_TRAILERS)
+    return out
+
+
+def asks_trailers(head: MessageHead) -> bool:
+    """The client's TE field lists "trailers" (RFC 9110 10.1.4)."""
+    te = head.get(b"te")
+    return te is not None and b"trailers" in te.lower()
+
+
+def response_head(fields: list[tuple[bytes, bytes]], end_stream: bool,
+                  method: bytes) -> bytes:
+    """An HTTP/2 origin's response fields as the HTTP/1.1 head the compiled parser reads,
+    so that its response goes through the same checks and relays as an HTTP/1.1 origin's.
+    Without content-length the body ends with the stream: the head states no framing
+    (close-delimited, which the relays re-frame for the client), or a zero length when
+    the HEADERS ended the stream on a response that has a body."""
+    status = b"502"
+    lines = []
+    has_length = False
+    for name, value in fields:
+        if name[:1] == b":":
+            if name == b":status":
+                status = value
+            continue
+        if name == b"content-length":
+            has_length = True
+        lines.append(name + b": " + value)
+    if (end_stream and not has_length and method != b"HEAD" and status[:1] != b"1"
+            and status not in (b"204", b"304")):
+        lines.append(b"content-length: 0")
+    lines.append(b"\r\n")
+    return b"HTTP/1.1 " + status + b" \r\n" + b"\r\n".join(lines)

@@ -28,6 +28,7 @@ import msgspec
 import trio
 
 from meshproxy.config.snapshot import AccessLogSpec
+from meshproxy.protocol.grpc import status_name
 
 log = logging.getLogger("meshproxy.access_log")
 
@@ -50,6 +51,7 @@ class Entry(msgspec.Struct, omit_defaults=False):
     x_forwarded_for: str
     downstream_peer_uri_san: str = "-"
     response_code_details: str = "-"
+    grpc_status: str = "-"  # Envoy's %GRPC_STATUS%: the call's status by name
 
 
 def format_time(t: float) -> str:
@@ -102,7 +104,8 @@ class AccessLogger:
                     code: int, flags: str, received: int, sent: int, duration: int,
                     upstream_host: str, request_id: bytes | None, remote: bytes,
                     authority: bytes | None, user_agent: bytes | None,
-                    forwarded_for: bytes | None, peer_san: str, details: str) -> None:
+                    forwarded_for: bytes | None, peer_san: str, details: str,
+                    grpc_status: int = -1) -> None:
         """One request's line, from its fields as the data path has them."""
         if self._json:
             line = self._encoder.encode(Entry(
@@ -112,7 +115,8 @@ class AccessLogger:
                 upstream_host=upstream_host, x_request_id=text(request_id),
                 downstream_remote_address=text(remote), authority=text(authority),
                 user_agent=text(user_agent), x_forwarded_for=text(forwarded_for),
-                downstream_peer_uri_san=peer_san, response_code_details=details)) + b"\n"
+                downstream_peer_uri_san=peer_san, response_code_details=details,
+                grpc_status=status_name(grpc_status))) + b"\n"
         else:
             # The date-time part of the timestamp is formatted once a second.
             secs = int(start)

@@ -46,6 +46,8 @@ from hyperframe.frame import GoAwayFrame
 from meshproxy._core.http1_parser import ParseError
 from meshproxy.protocol import errors as flags
 from meshproxy.protocol.http2 import (
+    BODY_CHUNKED,
+    BODY_TUNNEL,
     PREMATURE_RESET_LIFETIME,
     H2Failure,
     ServerCodec,
@@ -71,7 +73,7 @@ FAREWELL_TIMEOUT = 1.0
 class H2Driver:
     __slots__ = ("dc", "ctx", "codec", "streams", "nursery", "want_write", "drained",
                  "queued_bytes", "control_queued", "frames_queued", "extra_out",
-                 "going_away", "peer_away", "read_scope", "ended", "hs")
+                 "going_away", "peer_away", "read_scope", "ended", "hs", "headers_by")
 
     def __init__(self, dc: ClientSide) -> None:
         """`dc`: the connection (proxy.downstream), as the ClientSide its streams share."""
@@ -91,6 +93,9 @@ class H2Driver:
         self.peer_away = False
         self.read_scope = trio.CancelScope()
         self.ended = False
+        # While a header block is in progress: when it must have ended (the listener's
+        # request_headers_timeout from its first byte), else NO_DEADLINE.
+        self.headers_by = NO_DEADLINE
 
     # ------------------------------------------------------------------ the connection
 
@@ -142,6 +147,17 @@ class H2Driver:
                     self._failed(exc)
                     return
                 self.kick()
+                if codec.header_block_pending():
+                    if self.headers_by == NO_DEADLINE:
+                        self.headers_by = (dc.reactor.now
+                                           + self.ctx.spec.request_headers_timeout)
+                        dc.deadline = min(dc.deadline, self.headers_by)
+                elif self.headers_by != NO_DEADLINE:
+                    self.headers_by = NO_DEADLINE
+                    if self.streams:
+                        dc.deadline = self._age_limit()
+                    else:
+                        self._idle()
             if (self.going_away or self.peer_away) and not self.streams:
                 return
             try:
@@ -229,12 +245,19 @@ class H2Driver:
             # Past our GOAWAY's last stream: refused, never processed (RFC 9113 8.7).
             self.codec.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             return
-        head_bytes, chunked = request_head(ev.headers, ended)
+        head_bytes, body = request_head(ev.headers, ended)
+        hs = self.hs
+        if body == BODY_TUNNEL and not self.codec.spec.allow_connect:
+            # RFC 8441 3: :protocol only to a server that sent ENABLE_CONNECT_PROTOCOL;
+            # otherwise the request is malformed, a stream error (RFC 9113 8.1.1).
+            hs.block.inc(hs.http2_rx_messaging_error)
+            self.codec.h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+            return
         st = H2Stream(self, sid, head_bytes, ended)
-        st.chunked = chunked
+        st.chunked = body == BODY_CHUNKED
+        st.tunnel = body == BODY_TUNNEL
         self.codec.opened()
         self.streams[sid] = st
-        hs = self.hs
         hs.block.add(hs.http2_streams_active, 1)
         self.dc.deadline = self._age_limit()
         assert self.nursery is not None
@@ -261,7 +284,12 @@ class H2Driver:
                 if head is not None:
                     ex = st.ex = begin(st, head)
                     st.take_buffered()
-                    await dispatch(st, head, ex)
+                    if st.tunnel and (head.upgrade or b"").lower() != b"websocket":
+                        # Only the WebSocket upgrade is relayed (Envoy: 403, upgrade_failed).
+                        ex.details = "upgrade_failed"
+                        await st.send_local(ex, head, 403, b"upgrade not allowed\n", "-")
+                    else:
+                        await dispatch(st, head, ex)
             if st.cs.cancelled_caught and st.timed_out and not st.gone:
                 await st.on_timeout()
         except PeerClosed:
@@ -351,8 +379,19 @@ class H2Driver:
 
     def expire(self) -> None:
         """The connection's deadline passed (reactor), or the worker drains: idle, it
-        closes; with streams open (max_connection_duration), a graceful GOAWAY."""
-        self.dc.deadline = NO_DEADLINE
+        closes; with streams open (max_connection_duration), a graceful GOAWAY. A header
+        block still unfinished at its deadline closes the connection at once: nothing
+        else can pass on it before that block ends (RFC 9113 6.10)."""
+        dc = self.dc
+        if self.headers_by <= dc.reactor.now:
+            hs = self.hs
+            hs.block.inc(hs.downstream_rq_timeout)
+            self.headers_by = NO_DEADLINE
+            dc.deadline = NO_DEADLINE
+            self.go_away()
+            self.read_scope.cancel()
+            return
+        dc.deadline = NO_DEADLINE
         if not self.streams:
             if not self.ctx.state.draining and not self.dc.too_old():
                 hs = self.hs

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import time
 from time import perf_counter
+from typing import Any
 
 from meshproxy._core.http1_parser import MessageHead
 from meshproxy.protocol import errors as flags
+from meshproxy.protocol.grpc import STATUS_COUNT, is_call
 from meshproxy.proxy.access_log import text
 from meshproxy.proxy.client_side import ClientSide
 from meshproxy.tracing.tracer import Active, Tracer
@@ -22,7 +24,8 @@ class Exchange:
 
     __slots__ = ("head", "method", "target", "host", "start", "wall_start", "status", "flags",
                  "bytes_in", "bytes_out", "upstream_host", "request_id", "response_started",
-                 "upstream_status", "trace", "cluster", "details", "resp_extra", "logged")
+                 "upstream_status", "trace", "cluster", "details", "resp_extra", "logged",
+                 "grpc", "grpc_status")
 
     def __init__(self, head: MessageHead | None, start: float) -> None:
         self.head = head
@@ -36,6 +39,8 @@ class Exchange:
         self.bytes_in = 0
         self.bytes_out = 0
         self.upstream_host = "-"
+        self.grpc = False  # a gRPC call (protocol.grpc): answered and counted as one
+        self.grpc_status = -1  # the status it ended with (-1: none seen)
         self.request_id: bytes | None = None
         self.response_started = False
         self.upstream_status = 0
@@ -51,7 +56,7 @@ class BodyState:
     """How far the request body got, and a copy of what was sent upstream for replay
     while it fits the retry buffer (None once it does not, or when retries are off)."""
 
-    __slots__ = ("started", "done", "replay", "size", "limit", "timer_started")
+    __slots__ = ("started", "done", "replay", "size", "limit", "timer_started", "trailers")
 
     def __init__(self, limit: int) -> None:
         self.started = False
@@ -60,6 +65,9 @@ class BodyState:
         self.replay: list[bytes] | None = [] if limit > 0 else None
         self.size = 0
         self.limit = limit
+        # An HTTP/2 origin's request trailers, replayed with the body (an HTTP/1.1 one's
+        # are part of the chunked bytes kept).
+        self.trailers: list[tuple[bytes, bytes]] = []
 
     def keep(self, data: bytes) -> None:
         if self.replay is not None:
@@ -74,6 +82,8 @@ def begin(side: ClientSide, head: MessageHead | None) -> Exchange:
     """A new request on `side` (head None: one that broke before its head was whole)."""
     ctx = side.ctx
     ex = Exchange(head, perf_counter())
+    if side.multiplexed and head is not None and is_call(head):
+        ex.grpc = True
     if ctx.logger is not None:
         ex.wall_start = time.time()
     if ctx.tracer is not None and head is not None:
@@ -105,12 +115,34 @@ def finish(side: ClientSide, ex: Exchange) -> None:
         blk.inc(hs.downstream_rq_timeout)
     elif flag == flags.DOWNSTREAM_CONNECTION_TERMINATION:
         blk.inc(hs.downstream_rq_rx_reset)
+    if ex.grpc:
+        _count_call(ctx, ex)
     elapsed_ms = (perf_counter() - ex.start) * 1000.0
     blk.observe(hs.downstream_rq_time, elapsed_ms)
     if ex.trace is not None and ex.trace.sampled and ctx.tracer is not None:
         _span(side, ctx.tracer, ex)
     if ctx.logger is not None:
         _log(side, ex, int(elapsed_ms))
+
+
+def _count_call(ctx: Any, ex: Exchange) -> None:
+    """Per-call stats by gRPC status (Envoy's grpc_stats names, without the per-method
+    part): the listener's, and the cluster's when the call was routed to one. A call that
+    ended without a status (reset, or an answer that never said) counts as none."""
+    code = ex.grpc_status
+    scopes = [ctx.hstats]
+    cluster = ctx.clusters.get(ex.cluster) if ex.cluster else None
+    if cluster is not None:
+        scopes.append(cluster.stats)
+    for st in scopes:
+        blk = st.block
+        blk.inc(st.grpc_total)
+        if code == 0:
+            blk.inc(st.grpc_success)
+        else:
+            blk.inc(st.grpc_failure)
+        if 0 <= code < STATUS_COUNT:
+            blk.inc(st.grpc_0 + code)
 
 
 def protocol(side: ClientSide, head: MessageHead | None) -> bytes:
@@ -164,4 +196,4 @@ def _log(side: ClientSide, ex: Exchange, duration_ms: int) -> None:
         ex.bytes_in, ex.bytes_out, duration_ms, ex.upstream_host,
         ex.request_id or head.request_id, side.remote(), ex.host or head.host,
         head.get(b"user-agent"), head.forwarded_for,
-        identity.spiffe_id or "-" if identity else "-", ex.details)
+        identity.spiffe_id or "-" if identity else "-", ex.details, ex.grpc_status)

@@ -63,8 +63,8 @@ from meshproxy.proxy.exchange import BodyState, begin, finish
 from meshproxy.proxy.head_rewrite import build_upstream_head, relayed_trailers, serialize
 from meshproxy.proxy.local_reply import reason
 from meshproxy.proxy.phases import PH_IDLE, PH_RESP_BODY, PH_UPSTREAM
-from meshproxy.proxy.origin_body import upstream_protocol_error
-from meshproxy.proxy.relay import per_try_timeout, reset_during_head
+from meshproxy.proxy.origin_body import per_try_timeout, upstream_protocol_error
+from meshproxy.proxy.relay import reset_during_head
 from meshproxy.proxy.retry_policy import retriable_status
 from meshproxy.proxy.attempt import Resume, close_attempt, failure_reply, open_attempt, overflow
 from meshproxy.proxy.router import choose_cluster, hash_key

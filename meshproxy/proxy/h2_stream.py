@@ -40,11 +40,12 @@ from meshproxy._core.http1_parser import (
 )
 from meshproxy.config.snapshot import RESPONSE_SKIP, ClusterAction
 from meshproxy.protocol import errors as flags
+from meshproxy.protocol.grpc import local_status, status_of, trailers_only
 from meshproxy.protocol.http2 import local_fields, response_fields
 from meshproxy.proxy.client_side import ClientSide
 from meshproxy.proxy.exchange import Exchange
-from meshproxy.proxy.origin_body import OriginBody
-from meshproxy.proxy.phases import PH_REQ_BODY, PH_RESP_BODY, PH_UPSTREAM
+from meshproxy.proxy.origin_body import open_body
+from meshproxy.proxy.phases import PH_REQ_BODY, PH_RESP_BODY, PH_TUNNEL, PH_UPSTREAM
 from meshproxy.transport.sockio import RECV_SIZE, PeerClosed
 from meshproxy.upstream.conn_pool import UpstreamConn
 
@@ -58,7 +59,7 @@ class H2Stream(ClientSide):
 
     __slots__ = ("conn", "sid", "cs", "inbox", "ended", "chunked", "trailers", "gone",
                  "waiter", "window_waiter", "response_done", "ex", "head_bytes",
-                 "headers_sent", "timed_out", "tail_sent")
+                 "headers_sent", "timed_out", "tail_sent", "tunnel")
 
     def __init__(self, conn: Any, sid: int, head_bytes: bytes, ended: bool) -> None:
         """`conn`: the proxy.downstream_h2.H2Driver of the connection (which imports this
@@ -92,6 +93,7 @@ class H2Stream(ClientSide):
         self.inbox: deque[tuple[bytes, int]] = deque()
         self.ended = ended        # END_STREAM received
         self.chunked = False      # the body is re-framed chunked (no content-length)
+        self.tunnel = False       # an extended CONNECT (RFC 8441): DATA is a tunnel's bytes
         self.trailers: list[tuple[bytes, bytes]] = []
         self.tail_sent = False
         self.gone = False         # reset by the client, or the connection is gone
@@ -241,14 +243,28 @@ class H2Stream(ClientSide):
     def reset(self) -> None:
         self.conn.reset(self, ErrorCodes.INTERNAL_ERROR)
 
+    def cancel(self) -> None:
+        """A tunnel's other side was reset: RST_STREAM CANCEL (RFC 8441 5, a TCP RST)."""
+        self.conn.reset(self, ErrorCodes.CANCEL)
+
     async def send_local(self, ex: Any, head: MessageHead | None, status: int, body: bytes,
                          flag: str, *, close: bool = False, body_done: bool = False,
                          extra: list[tuple[bytes, bytes]] | None = None,
                          content_type: bytes = b"text/plain") -> bool:
-        """A local reply on this stream (`close` is the connection's: a stream ends anyway)."""
+        """A local reply on this stream (`close` is the connection's: a stream ends anyway).
+        To a gRPC call it is trailers-only, with the gRPC status for it (protocol.grpc)."""
         hdrs = list(extra or ())
         if ex.resp_extra:
             hdrs += ex.resp_extra
+        if ex.grpc:
+            code = local_status(status, flag == flags.UPSTREAM_REQUEST_TIMEOUT)
+            ex.status = 200
+            ex.grpc_status = code
+            ex.flags = flag
+            ex.response_started = True
+            ex.bytes_out = 0
+            await self.send_head(trailers_only(code, body.strip(), hdrs), True)
+            return False
         head_only = head is not None and head.method == b"HEAD"
         fields = local_fields(status, len(body), content_type, hdrs)
         ex.status = status
@@ -282,7 +298,9 @@ class H2Stream(ClientSide):
         self.phase = PH_RESP_BODY
         reusable = upstream_reusable(request_complete, resp, framing)
         ex.response_started = True
-        body = OriginBody(conn, resp, ubuf, framing)
+        if ex.grpc:
+            ex.grpc_status = status_of(resp.headers)  # a trailers-only answer's
+        body = open_body(conn, resp, ubuf, framing)
         data = body.take()
         # END_STREAM rides on the last frame: the head when there is no body, else the
         # last DATA, or the trailers' HEADERS (RFC 9113 8.1).
@@ -297,6 +315,10 @@ class H2Stream(ClientSide):
                 break
             data = await body.read()
         if body.trailers:
+            if ex.grpc:
+                code = status_of(body.trailers)
+                if code >= 0:
+                    ex.grpc_status = code
             await self.send_trailers(body.trailers)
         self.upstream = None
         body.finish(reusable, self.reactor.now)
@@ -310,6 +332,10 @@ class H2Stream(ClientSide):
             self.upstream.abort()
             self.upstream = None
         if ex is None:
+            return
+        if self.phase == PH_TUNNEL:
+            ex.flags = flags.STREAM_IDLE_TIMEOUT  # a tunnel silent for idle_timeout
+            self.cancel()
             return
         if ex.response_started:
             ex.flags = flags.UPSTREAM_REQUEST_TIMEOUT

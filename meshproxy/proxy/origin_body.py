@@ -21,7 +21,7 @@ from __future__ import annotations
 from meshproxy._core.http1_conn import FRAMING_CHUNKED, FRAMING_LENGTH, FRAMING_NONE
 from meshproxy._core.http1_parser import ChunkedDecoder, MessageHead, ParseError
 from meshproxy.protocol import errors as flags
-from meshproxy.protocol.errors import ProxyError
+from meshproxy.protocol.errors import PER_TRY_TIMEOUT, ProxyError
 from meshproxy.proxy.head_rewrite import relayed_trailers
 from meshproxy.transport.sockio import RECV_SIZE, PeerClosed
 from meshproxy.upstream.conn_pool import UpstreamConn
@@ -31,6 +31,20 @@ def upstream_protocol_error(exc: ParseError) -> ProxyError:
     return ProxyError(502, flags.UPSTREAM_PROTOCOL_ERROR, "upstream",
                       f"upstream protocol error: {exc.reason}",
                       stat="upstream_cx_protocol_error")
+
+
+def per_try_timeout() -> ProxyError:
+    return ProxyError(504, flags.UPSTREAM_REQUEST_TIMEOUT, "upstream",
+                      "upstream per-try timeout", retriable=True,
+                      stat="upstream_rq_per_try_timeout", failure=PER_TRY_TIMEOUT)
+
+
+def open_body(conn: UpstreamConn, resp: MessageHead, ubuf: bytes, framing: int) -> OriginBody:
+    """The reader of `resp`'s body: an HTTP/2 origin's stream reads its own DATA
+    (upstream.h2_origin.OriginStream, the same interface), else an OriginBody."""
+    if conn.multiplexed:
+        return conn.begin_body(framing)  # type: ignore[attr-defined]
+    return OriginBody(conn, resp, ubuf, framing)
 
 
 def truncated() -> ProxyError:

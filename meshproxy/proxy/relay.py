@@ -52,13 +52,14 @@ from meshproxy._core.http1_parser import (
 )
 from meshproxy.config.snapshot import ClusterAction
 from meshproxy.protocol import errors as flags
-from meshproxy.protocol.errors import PER_TRY_TIMEOUT, RESET, ProxyError
+from meshproxy.protocol.errors import RESET, ProxyError
 from meshproxy.proxy.client_side import ClientSide
 from meshproxy.proxy.exchange import BodyState, Exchange
 from meshproxy.proxy.head_rewrite import relayed_trailers, serialize
 from meshproxy.proxy.local_reply import reason
-from meshproxy.proxy.origin_body import OriginBody, upstream_protocol_error
+from meshproxy.proxy.origin_body import open_body, per_try_timeout, upstream_protocol_error
 from meshproxy.proxy.phases import PH_REQ_BODY, PH_RESP_BODY, PH_UPSTREAM
+from meshproxy.proxy.relay_h2 import attempt_h2
 from meshproxy.proxy.tunnel import tunnel
 from meshproxy.transport.sockio import RECV_SIZE, PeerClosed, send_all
 from meshproxy.upstream.cluster_manager import REUSE, Cluster
@@ -99,7 +100,12 @@ async def attempt(side: ClientSide, head: MessageHead, ex: Exchange, cluster: Cl
     """One attempt: connect (or reuse), send the request, read the final response head.
     The first attempt streams the body from the client; later ones replay the copy.
     `stale_retry`: a reused connection was already found closed (the one resend that
-    allows is spent)."""
+    allows is spent). An HTTP/2 cluster's attempt is proxy.relay_h2's (a WebSocket
+    upgrade or CONNECT goes as HTTP/1.1: see the README)."""
+    if (cluster.spec.protocol != "http1" and cluster.speaks_h2(side.multiplexed)
+            and head.upgrade is None and head.method != b"CONNECT"):
+        return await attempt_h2(side, head, ex, cluster, ep, up_head, state,  # type: ignore[return-value]
+                                per_try, route_timeout)
     cl = head.content_length
     has_body = head.chunked or cl > 0
     first_attempt = not state.started
@@ -201,12 +207,6 @@ def _reset_before_headers() -> ProxyError:
                       "upstream connect error or disconnect/reset before headers",
                       retriable=True, stat="upstream_cx_destroy_remote_with_active_rq",
                       failure=RESET)
-
-
-def per_try_timeout() -> ProxyError:
-    return ProxyError(504, flags.UPSTREAM_REQUEST_TIMEOUT, "upstream",
-                      "upstream per-try timeout", retriable=True,
-                      stat="upstream_rq_per_try_timeout", failure=PER_TRY_TIMEOUT)
 
 
 def _decode_chunks(dec: ChunkedDecoder, buf: bytes, pos: int,
@@ -365,7 +365,7 @@ async def _relay_response(side: ClientSide, head: MessageHead, ex: Exchange,
     side.phase = PH_RESP_BODY
     reusable = upstream_reusable(request_complete, resp, framing)
     ex.response_started = True
-    body = OriginBody(conn, resp, ubuf, framing)
+    body = open_body(conn, resp, ubuf, framing)
     data = body.take()
     while True:
         if data:

@@ -27,11 +27,12 @@ from meshproxy.config.snapshot import (
     RETRY_5XX,
     RETRY_CONNECT,
     RETRY_GATEWAY,
+    RETRY_REFUSED,
     RETRY_RESET,
     RETRY_STATUS,
     RetrySpec,
 )
-from meshproxy.protocol.errors import CONNECT_FAILURE
+from meshproxy.protocol.errors import CONNECT_FAILURE, REFUSED
 
 DEADLINE_HEADER = b"x-meshproxy-deadline-ms"
 GRPC_TIMEOUT = b"grpc-timeout"
@@ -55,6 +56,8 @@ def retriable_failure(spec: RetrySpec, failure: str) -> bool:
         return True
     if failure == CONNECT_FAILURE:
         return bool(c & (RETRY_CONNECT | RETRY_RESET))
+    if failure == REFUSED:
+        return bool(c & (RETRY_REFUSED | RETRY_RESET))
     return bool(c & RETRY_RESET)
 
 

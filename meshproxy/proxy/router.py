@@ -26,6 +26,7 @@ from meshproxy._core.lb_select import hash_bytes
 from meshproxy.config.snapshot import ClusterAction, DirectAction, RedirectAction
 from meshproxy.protocol import errors as flags
 from meshproxy.protocol.errors import ProxyError
+from meshproxy.protocol.grpc import status_of
 from meshproxy.proxy.attempt import (
     Resume,
     close_attempt,
@@ -309,13 +310,23 @@ async def _one_attempt(dc: ClientSide, head: MessageHead, ex: Exchange,
         if retry_held:
             retry_held = False
             _end_retry(cluster)
-        if (retry is not None and status >= 400 and retriable_status(retry, status)
-                and replayable and _admit_retry(cluster, retry, n, dc.reactor.now)):
+        grpc_code = status_of(resp.headers) if ex.grpc else -1
+        if (retry is not None and replayable
+                and ((status >= 400 and retriable_status(retry, status))
+                     or (grpc_code > 0 and grpc_code in retry.grpc_codes))
+                and _admit_retry(cluster, retry, n, dc.reactor.now)):
             blk.inc(est.rq_error)
             conn.close()  # the response is not relayed: its body is dropped with the connection
             dc.upstream = None
             return None
         ex.upstream_status = status
+        if ex.grpc and status != 200 and grpc_code < 0:
+            # An origin's non-gRPC answer to a call (a proxy's or a server's HTTP error):
+            # the client gets the gRPC status for it (protocol.grpc), never an HTML page.
+            conn.close()
+            dc.upstream = None
+            raise ProxyError(status, "-", "upstream",
+                             f"upstream answered HTTP {status} to a gRPC call")
         try:
             keep = await deliver(dc, head, ex, action, conn, resp, ubuf, websocket,
                                 state.done or not has_body)

@@ -4,17 +4,23 @@ After the origin's 101 the proxy stops speaking HTTP on both connections: bytes 
 ways until both sides are done. A half-close is passed on (a FIN becomes a shutdown of
 the other side's write half, RFC 9293); a reset on either side ends the tunnel. The
 listener's idle_timeout, renewed by traffic either way, bounds a silent tunnel.
+
+A client on an HTTP/2 stream asked with an extended CONNECT (RFC 8441; protocol.http2
+translated it to the HTTP/1.1 upgrade): the 101 is answered 200 on the stream, the bytes
+go as DATA both ways, a FIN is END_STREAM and a reset is RST_STREAM CANCEL (RFC 8441 5).
 """
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Protocol, cast
 
 import trio
 
 from meshproxy._core.http1_parser import MessageHead, serialize_head
 from meshproxy.config.snapshot import RESPONSE_SKIP
+from meshproxy.protocol.http2 import tunnel_fields
 from meshproxy.proxy.client_side import ClientSide
 from meshproxy.proxy.exchange import Exchange
 from meshproxy.proxy.head_rewrite import CONN_UPGRADE
@@ -23,24 +29,68 @@ from meshproxy.transport.sockio import PeerClosed
 from meshproxy.upstream.conn_pool import UpstreamConn
 
 
+class _Stream(Protocol):
+    """proxy.h2_stream.H2Stream, as the tunnel writes it."""
+
+    async def send_head(self, fields: list[tuple[bytes, bytes]], end: bool) -> None: ...
+    async def send_body(self, data: bytes, end: bool) -> None: ...
+    def cancel(self) -> None: ...
+
+
+def _stream_writers(stream: _Stream) -> tuple[Callable[[bytes], Awaitable[None]],
+                                              Callable[[], Awaitable[None]]]:
+    async def send(data: bytes) -> None:
+        await stream.send_body(data, False)
+
+    async def end() -> None:
+        await stream.send_body(b"", True)  # END_STREAM: the origin's FIN
+    return send, end
+
+
+def _shutdown(sock: socket.socket) -> Callable[[], Awaitable[None]]:
+    async def end() -> None:
+        try:
+            sock.shutdown(socket.SHUT_WR)  # pass the half-close on (RFC 9293 FIN)
+        except OSError:
+            pass
+    return end
+
+
 async def tunnel(side: ClientSide, ex: Exchange, conn: UpstreamConn, resp: MessageHead,
                  ubuf: bytes) -> None:
-    extra = [CONN_UPGRADE, (b"upgrade", resp.upgrade or b"websocket")]
-    out = serialize_head(b"HTTP/1.1 101 %s" % (resp.reason or b"Switching Protocols"),
-                         resp.headers, RESPONSE_SKIP, extra)
-    ex.status = ex.upstream_status = 101
+    rest = ubuf[resp.end:]
+    ex.upstream_status = 101
     ex.response_started = True
     side.phase = PH_TUNNEL
     idle = side.ctx.spec.idle_timeout
     side.deadline = side.reactor.now + idle
-    await side.send(out + ubuf[resp.end:])
+    stream: _Stream | None = None
+    if side.multiplexed:
+        stream = cast(_Stream, side)
+        ex.status = 200
+        await stream.send_head(tunnel_fields(resp), False)
+        if rest:
+            await stream.send_body(rest, False)
+        down_send, down_end = _stream_writers(stream)
+    else:
+        extra = [CONN_UPGRADE, (b"upgrade", resp.upgrade or b"websocket")]
+        out = serialize_head(b"HTTP/1.1 101 %s" % (resp.reason or b"Switching Protocols"),
+                             resp.headers, RESPONSE_SKIP, extra)
+        ex.status = 101
+        await side.send(out + rest)
+        down_send, down_end = side.send, _shutdown(side.sock)
+    ex.bytes_out += len(rest)
     if side.pos < len(side.buf):
         await conn.send(side.buf[side.pos:])
+        ex.bytes_in += len(side.buf) - side.pos
         side.pos = len(side.buf)
+    broken = False
 
     async def pump(recv: Callable[[], Awaitable[bytes]],
-                   send: Callable[[bytes], Awaitable[None]], dst: socket.socket,
+                   send: Callable[[bytes], Awaitable[None]],
+                   end: Callable[[], Awaitable[None]],
                    upstream_bound: bool, nursery: trio.Nursery) -> None:
+        nonlocal broken
         try:
             while True:
                 data = await recv()
@@ -52,16 +102,15 @@ async def tunnel(side: ClientSide, ex: Exchange, conn: UpstreamConn, resp: Messa
                     ex.bytes_in += len(data)
                 else:
                     ex.bytes_out += len(data)
+            await end()
         except PeerClosed:
+            broken = True
             nursery.cancel_scope.cancel()  # a reset on one side ends the tunnel
-            return
-        try:
-            dst.shutdown(socket.SHUT_WR)  # pass the half-close on (RFC 9293 FIN)
-        except OSError:
-            pass
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(pump, side.recv, conn.send, conn.sock, True, nursery)
-        nursery.start_soon(pump, conn.recv, side.send, side.sock, False, nursery)
+        nursery.start_soon(pump, side.recv, conn.send, _shutdown(conn.sock), True, nursery)
+        nursery.start_soon(pump, conn.recv, down_send, down_end, False, nursery)
     side.upstream = None
     conn.close()
+    if broken and stream is not None:
+        stream.cancel()

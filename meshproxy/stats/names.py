@@ -60,6 +60,18 @@ def _statuses(prefix: str, what: str) -> list[Stat]:
     return [counter(f"{prefix}_{c}xx", f"{what} with a {c}xx status") for c in range(1, 6)]
 
 
+def _grpc(what: str) -> list[Stat]:
+    """Per-call stats by gRPC status (protocol.grpc; Envoy's grpc_stats names without the
+    per-method part, which would make names from requests): grpc.0 to grpc.16 in code
+    order, so a call's slot is grpc.0 plus its code."""
+    return [counter("grpc.total", f"gRPC calls {what}"),
+            counter("grpc.success", f"gRPC calls {what} that ended with status 0 (OK)"),
+            counter("grpc.failure", f"gRPC calls {what} that ended with another status, "
+                    "or none"),
+            *[counter(f"grpc.{c}", f"gRPC calls {what} that ended with status {c}")
+              for c in range(17)]]
+
+
 LISTENER = (
     counter("downstream_cx_total", "connections accepted"),
     gauge("downstream_cx_active", "connections open", ends_as="downstream_cx_destroy"),
@@ -95,6 +107,7 @@ HTTP = (
     counter("http_local_rate_limit.ok", "requests within the limit"),
     counter("http_local_rate_limit.rate_limited", "requests over the limit (429 RL)"),
     histogram("downstream_rq_time", "request duration, first byte in to last byte out (ms)"),
+    *_grpc("on this listener"),
     # The compiled fast path (proxy.fast_path): what it served, and what it gave to a task.
     counter("fast_path.rq_total", "requests the fast path began"),
     counter("fast_path.handed_off",
@@ -156,6 +169,10 @@ CLUSTER = (
     counter("upstream_cx_destroy_remote_with_active_rq",
             "upstream connections closed by the origin during a request (UC)"),
     counter("upstream_cx_protocol_error", "upstream responses with broken framing (UPE)"),
+    counter("upstream_cx_http2_total", "upstream connections that speak HTTP/2"),
+    counter("upstream_cx_close_notify", "upstream HTTP/2 connections the origin ended "
+            "with GOAWAY"),
+    counter("upstream_rq_rx_reset", "upstream streams the origin reset (RST_STREAM)"),
     counter("ssl.handshake", "upstream TLS handshakes completed"),
     counter("ssl.session_reused", "upstream TLS handshakes that resumed a session"),
     counter("ssl.connection_error", "upstream TLS handshakes that failed (503 UF)"),
@@ -191,6 +208,7 @@ CLUSTER = (
     counter("health_check.failure", "active health checks failed"),
     gauge("health_check.healthy", "endpoints the active health check finds healthy"),
     histogram("upstream_rq_time", "upstream request time, request sent to response complete (ms)"),
+    *_grpc("routed to this cluster"),
 )
 
 ENDPOINT = (

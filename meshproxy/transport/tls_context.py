@@ -268,9 +268,9 @@ class ClientTLS:
         self.match_sans = frozenset(match_sans)
 
     @classmethod
-    def from_spec(cls, spec: Any) -> ClientTLS:
-        """From a cluster's compiled UpstreamTLSSpec (config.compile)."""
-        return cls(spec.sni, spec.certificate, spec.trusted_ca, spec.match_sans,
+    def from_spec(cls, spec: Any, alpn: Sequence[bytes] = DEFAULT_ALPN) -> ClientTLS:
+        """From a cluster's compiled UpstreamTLSSpec (config.compile), offering `alpn`."""
+        return cls(spec.sni, spec.certificate, spec.trusted_ca, spec.match_sans, alpn,
                    crl=spec.crl, crl_leaf_only=spec.crl_leaf_only)
 
     def connection(self) -> SSL.Connection:

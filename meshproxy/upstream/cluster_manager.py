@@ -7,15 +7,18 @@ of `_core.lb_select`; a cluster with no endpoint answers `pick() -> None` (503 U
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import trio
 
 from meshproxy._core.circuit_state import Breaker, RetryBudget
 from meshproxy._core.lb_select import Balancer, make
 from meshproxy.config.snapshot import BreakerSpec, ClusterSpec
+from meshproxy.protocol.http2 import ClientCodec
 from meshproxy.stats.sink import Sink
 from meshproxy.transport.tls_context import ClientTLS
 from meshproxy.upstream.conn_pool import Endpoint, UpstreamConn
+from meshproxy.upstream.h2_origin import READY, H2Origin
 from meshproxy.upstream.locality import choose, health, locality_weights, priority_loads
 from meshproxy.upstream.outlier import OutlierDetector
 
@@ -27,6 +30,7 @@ CONNECT = 1         # below max_connections: open a new one
 CLOSE_THEN_CONNECT = 2  # at the limit: close the idle connection returned, then open one
 WAIT = 3            # at the limit, nothing idle to give way: wait as a pending request
 OVERFLOW = 4        # max_pending_requests reached as well: 503 UO
+JOIN = 5            # HTTP/2: a stream on a connection still being made, once it is ready
 
 
 class _Group:
@@ -44,11 +48,15 @@ class _Group:
 
 class Cluster:
     __slots__ = ("spec", "name", "endpoints", "lb", "stats", "breaker", "budget", "_freed",
-                 "outlier", "levels", "tls")
+                 "outlier", "levels", "tls", "tls_h2", "spawn")
 
     def __init__(self, spec: ClusterSpec, sink: Sink,
-                 previous: dict[tuple[str, int], Endpoint] | None = None) -> None:
+                 previous: dict[tuple[str, int], Endpoint] | None = None,
+                 spawn: Any = None) -> None:
         self.spec = spec
+        # Starts a task in the worker's nursery: an HTTP/2 connection's (upstream.h2_origin)
+        # outlives the request that opened it.
+        self.spawn = spawn
         self.name = spec.name
         self.stats = sink.cluster(spec.name)
         # Circuit breakers: this worker's share of the pool-wide thresholds (BreakerSpec).
@@ -61,6 +69,9 @@ class Cluster:
         # Upstream TLS: new connections use this context (rebuilt when the material
         # rotates); pooled connections keep the session they were made with.
         self.tls = ClientTLS.from_spec(spec.tls) if spec.tls is not None else None
+        # HTTP/2 over TLS is offered by ALPN h2 (RFC 9113 3.2), on a context of its own.
+        self.tls_h2 = (ClientTLS.from_spec(spec.tls, (b"h2",))
+                       if spec.tls is not None and spec.protocol != "http1" else None)
         self.endpoints = []
         for a, p, w in spec.endpoints:
             old = previous.get((a, p)) if previous else None
@@ -131,13 +142,46 @@ class Cluster:
         for other in self.endpoints:
             if other is not ep and other.idle:
                 return CLOSE_THEN_CONNECT, other.idle.pop(0)
-        if not breaker.try_pending():
+        return self._pend(), None
+
+    def _pend(self) -> int:
+        """At max_connections: WAIT with a pending slot taken, or OVERFLOW."""
+        cst = self.stats
+        blk = cst.block
+        if not self.breaker.try_pending():
             blk.inc(cst.upstream_rq_pending_overflow)
-            return OVERFLOW, None
+            return OVERFLOW
         blk.inc(cst.upstream_rq_pending_total)
         blk.add(cst.upstream_rq_pending_active, 1)
         self.publish()
-        return WAIT, None
+        return WAIT
+
+    def speaks_h2(self, client_multiplexed: bool) -> bool:
+        """Whether a request goes to the endpoints as HTTP/2 (Envoy's
+        use_downstream_protocol: as the client spoke)."""
+        proto = self.spec.protocol
+        return proto == "http2" or (proto == "downstream" and client_multiplexed)
+
+    def admit_h2(self, ep: Endpoint, now: float) -> tuple[int, H2Origin | None]:
+        """admit's HTTP/2 counterpart: a stream slot reserved on the first connection of
+        `ep` with room (REUSE when it is ready, JOIN while it connects); else a new
+        connection, its first slot reserved, for the caller to start (CONNECT); else, at
+        max_connections, WAIT or OVERFLOW as for HTTP/1.1. Requests are bounded by
+        max_requests (open_attempt), so connections stay few."""
+        for origin in ep.h2:
+            if origin.capacity() > 0:
+                origin.reserved += 1
+                return (REUSE if origin.state == READY else JOIN), origin
+        breaker, cst = self.breaker, self.stats
+        blk = cst.block
+        if breaker.connection_room(self.open_connections()):
+            origin = H2Origin(ep, ClientCodec(self.spec.http2), now)
+            origin.notify = self._notify
+            origin.reserved = 1
+            ep.h2.append(origin)
+            return CONNECT, origin
+        blk.inc(cst.upstream_cx_overflow)
+        return self._pend(), None
 
     def end_pending(self) -> None:
         """A request that waited (WAIT) has its connection, or gave up."""
@@ -147,7 +191,8 @@ class Cluster:
         self.publish()
 
     def open_connections(self) -> int:
-        return sum(ep.open for ep in self.endpoints)
+        # HTTP/2 connections being made count too: requests meanwhile join them.
+        return sum(ep.open + sum(1 for o in ep.h2 if o.conn is None) for ep in self.endpoints)
 
     def publish(self) -> None:
         """Envoy's circuit_breakers.default.remaining_* gauges, this worker's share."""
@@ -230,7 +275,7 @@ class Cluster:
 
     def _pick_in(self, eps: list[Endpoint], lb: Balancer, now: float,
                  tried: list[Endpoint] | None, key: int, healthy_enough: bool | None
-                 ) -> Endpoint:
+                 ) -> Endpoint | None:
         """healthy_enough: True when the caller ruled out panic mode, False when it
         declared it, None when it is decided here, for `eps`."""
         ep = eps[lb.pick(key, 0)]
@@ -248,18 +293,26 @@ class Cluster:
                 return ep
             # consistent hashing: the next alternative point for the same key
             ep = eps[lb.pick(key, attempt)]
-        return ep
+        if not healthy_enough:
+            return ep
+        # The balancer's alternatives were all unusable: any usable endpoint (one not
+        # tried first); none at all with panic mode off (threshold 0) is 503 UH, as Envoy.
+        usable = [e for e in eps if self._usable(e, now)]
+        for e in usable:
+            if tried is None or e not in tried:
+                return e
+        return usable[0] if usable else None
 
 
 class ClusterManager:
     def __init__(self, specs: dict[str, ClusterSpec], sink: Sink,
-                 previous: ClusterManager | None = None) -> None:
+                 previous: ClusterManager | None = None, spawn: Any = None) -> None:
         self.clusters: dict[str, Cluster] = {}
         kept: set[int] = set()
         for name, spec in specs.items():
             old = previous.clusters.get(name) if previous is not None else None
             prev_eps = {(e.address, e.port): e for e in old.endpoints} if old else None
-            cluster = Cluster(spec, sink, prev_eps)
+            cluster = Cluster(spec, sink, prev_eps, spawn)
             kept.update(id(e) for e in cluster.endpoints)
             self.clusters[name] = cluster
         if previous is not None:
@@ -270,6 +323,14 @@ class ClusterManager:
                     if id(ep) not in kept:
                         ep.close_all()
                         ep.max_idle = 0
+                for ep in cluster.endpoints:
+                    if id(ep) in kept and cluster.spec.protocol != getattr(
+                            specs.get(cluster.name), "protocol", None):
+                        for origin in ep.h2:  # the protocol changed: new connections
+                            origin.go_away()
+                        for conn in ep.idle:
+                            conn.close()
+                        ep.idle.clear()
 
     def get(self, name: str) -> Cluster | None:
         return self.clusters.get(name)
@@ -284,7 +345,7 @@ class ClusterManager:
         second)."""
         for cluster in self.clusters.values():
             for ep in cluster.endpoints:
-                if ep.idle:
+                if ep.idle or ep.h2:
                     ep.sweep(now)
 
     def close_all(self) -> None:

@@ -28,6 +28,8 @@ from meshproxy.transport.sockio import abort, close, recv_after_wait, recv_now, 
 class UpstreamConn:
     """An open upstream connection; opening and closing it keep the cx gauges true."""
 
+    multiplexed = False  # an HTTP/1.1 connection (upstream.h2_origin's streams say True)
+
     __slots__ = ("ch", "sock", "endpoint", "idle_since", "requests", "open", "born", "recv",
                  "recv_wait", "send", "tls", "tls_context", "records")
 
@@ -86,7 +88,7 @@ class Endpoint:
 
     __slots__ = ("address", "port", "weight", "label", "idle", "idle_timeout", "max_idle",
                  "stats", "cstats", "open", "notify", "changed", "outlier", "hc", "index",
-                 "max_duration", "lb", "secure", "tls_session")
+                 "max_duration", "lb", "secure", "tls_session", "h2")
 
     def __init__(self, address: str, port: int, weight: int, idle_timeout: float,
                  max_idle: int, stats: Any, cstats: Any) -> None:
@@ -110,6 +112,9 @@ class Endpoint:
         # (ClientTLS, session) of its last TLS connection: new connections made with the
         # same context resume it (an abbreviated handshake, no certificate exchange).
         self.tls_session: tuple[Any, Any] | None = None
+        # HTTP/2 connections (upstream.h2_origin.H2Origin), oldest first: connecting, ready
+        # or going away; a request takes a stream on the first with room.
+        self.h2: list[Any] = []
         # Set by the cluster that owns the endpoint: `notify` wakes requests waiting for a
         # connection slot; `changed` republishes the remaining_cx gauge.
         self.notify: Callable[[], None] = _nothing
@@ -142,6 +147,9 @@ class Endpoint:
         self.notify()  # a pending request may take it
 
     def sweep(self, now: float) -> None:
+        for origin in self.h2:
+            if origin.idle_expired(now, self.idle_timeout, self.max_duration):
+                origin.go_away()
         idle = self.idle
         expired = 0
         for conn in idle:
@@ -156,6 +164,8 @@ class Endpoint:
         for conn in self.idle:
             conn.close()
         self.idle.clear()
+        for origin in list(self.h2):
+            origin.close()
 
 
 def _nothing() -> None:

@@ -10,21 +10,31 @@ identity are part of connecting.
 
 from __future__ import annotations
 
+from functools import partial
+
 import trio
 
 from meshproxy.protocol import errors as flags
 from meshproxy.protocol.errors import CONNECT_FAILURE, ProxyError
 from meshproxy.transport.reactor import Reactor
 from meshproxy.transport.sockio import PeerClosed, connect
+from meshproxy.transport.tls_context import ClientTLS
 from meshproxy.transport.tls_records import Records
 from meshproxy.transport.tls_stream import TLSError, TLSStream, session_reused
 from meshproxy.upstream.cluster_manager import (
     CLOSE_THEN_CONNECT,
+    CONNECT,
+    JOIN,
     OVERFLOW,
     WAIT,
     Cluster,
 )
 from meshproxy.upstream.conn_pool import Endpoint, UpstreamConn
+from meshproxy.upstream.h2_origin import READY, H2Origin, refused
+
+# Connections that may turn out to be going away before a stream is opened on one
+# (each a fresh GOAWAY): past this the request fails as refused.
+H2_ACQUIRE_TRIES = 3
 
 
 async def establish(reactor: Reactor, cluster: Cluster, ep: Endpoint, kind: int,
@@ -61,9 +71,11 @@ async def _wait_pending(reactor: Reactor, cluster: Cluster,
         cluster.end_pending()
 
 
-async def connect_endpoint(reactor: Reactor, cluster: Cluster, ep: Endpoint) -> UpstreamConn:
+async def connect_endpoint(reactor: Reactor, cluster: Cluster, ep: Endpoint,
+                           h2: bool = False) -> UpstreamConn:
     """A new connection to `ep`; with upstream TLS the handshake (and the check of the
-    endpoint's SANs) is part of connecting, bounded by the same connect_timeout."""
+    endpoint's SANs) is part of connecting, bounded by the same connect_timeout; `h2`:
+    for HTTP/2 (ALPN h2)."""
     conn = None
     with trio.move_on_after(cluster.spec.connect_timeout):
         try:
@@ -74,8 +86,9 @@ async def connect_endpoint(reactor: Reactor, cluster: Cluster, ep: Endpoint) -> 
                              retriable=True, stat="upstream_cx_connect_fail",
                              failure=CONNECT_FAILURE) from None
         conn.born = reactor.now
-        if cluster.tls is not None:
-            await _handshake(cluster, conn)
+        tls = cluster.tls_h2 if h2 else cluster.tls
+        if tls is not None:
+            await _handshake(cluster, conn, tls)
         return conn
     if conn is not None:
         conn.abort()  # the TLS handshake did not finish in time
@@ -84,12 +97,10 @@ async def connect_endpoint(reactor: Reactor, cluster: Cluster, ep: Endpoint) -> 
                      stat="upstream_cx_connect_timeout", failure=CONNECT_FAILURE)
 
 
-async def _handshake(cluster: Cluster, conn: UpstreamConn) -> None:
+async def _handshake(cluster: Cluster, conn: UpstreamConn, tls: ClientTLS) -> None:
     """Upstream TLS: verify the endpoint (chain to the trust bundle, validity, serverAuth,
     an expected SAN), then route the connection's I/O through the TLS stream. A failure is
     503 UF with the reason, as Envoy's "TLS error" transport failure."""
-    tls = cluster.tls
-    assert tls is not None
     st = cluster.stats
     ssl = tls.connection()
     ep = conn.endpoint
@@ -119,3 +130,44 @@ async def _handshake(cluster: Cluster, conn: UpstreamConn) -> None:
     conn.tls_context = tls
     conn.recv, conn.recv_wait = stream.recv, stream.recv_wait
     conn.send = stream.send_all
+
+
+async def acquire_h2(reactor: Reactor, cluster: Cluster, ep: Endpoint) -> H2Origin:
+    """A ready HTTP/2 connection to `ep` with a stream slot reserved for the caller
+    (Cluster.admit_h2 decides; the I/O is here): a new connection's task is started in
+    the worker's nursery, and every request that joined it waits until it is ready."""
+    tries = 0
+    while tries < H2_ACQUIRE_TRIES:
+        kind, origin = cluster.admit_h2(ep, reactor.now)
+        if kind == OVERFLOW:
+            raise ProxyError(503, flags.UPSTREAM_OVERFLOW, "upstream",
+                             "upstream overflow: max_pending_requests reached")
+        if kind == WAIT:
+            try:
+                await cluster.freed()
+            finally:
+                cluster.end_pending()
+            continue
+        assert origin is not None
+        if kind == CONNECT:
+            cluster.spawn(origin.run, partial(connect_endpoint, reactor, cluster, ep, True))
+        if kind in (CONNECT, JOIN):
+            try:
+                await origin.ready.wait()
+            except BaseException:
+                origin.unreserve()
+                raise
+            if origin.state != READY:
+                origin.unreserve()
+                failure = origin.failure
+                if failure is not None and failure.failure == CONNECT_FAILURE:
+                    raise failure
+                tries += 1
+                continue
+            if len(origin.streams) >= origin.codec.max_streams():
+                # The origin's SETTINGS allow fewer streams than were waiting for it: the
+                # rest look again (another connection opens for them).
+                origin.unreserve()
+                continue
+        return origin
+    raise refused("every connection went away")

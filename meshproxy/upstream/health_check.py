@@ -1,8 +1,10 @@
 """Active health checking, run once per proxy by the supervisor (never once per worker).
 
 Each endpoint of a cluster with a `health_check` is probed every `interval` (plus a random
-jitter up to `interval_jitter`): a TCP connect, or an HTTP/1.1 GET of `path` whose status
-must be in `expected_statuses`, all within `timeout`. `unhealthy_threshold` failures in a
+jitter up to `interval_jitter`): a TCP connect, an HTTP/1.1 GET of `path` whose status
+must be in `expected_statuses`, or a gRPC grpc.health.v1.Health/Check over HTTP/2 (h2c, or
+TLS with ALPN h2) for `service_name`, which must answer SERVING with grpc-status 0 (Envoy's
+grpc_health_check), all within `timeout`. `unhealthy_threshold` failures in a
 row mark it unhealthy, `healthy_threshold` successes in a row healthy again; an answer
 carrying `x-envoy-immediate-health-check-fail` marks it unhealthy at once (Envoy's way for
 a server to leave before it stops). Endpoints start healthy, so traffic flows from the
@@ -21,16 +23,34 @@ from collections.abc import Mapping
 
 import h11
 import trio
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+)
+from h2.exceptions import H2Error
 
 from meshproxy.config import schema
 from meshproxy.config.compile import upstream_tls
 from meshproxy.config.durations import parse_duration
+from meshproxy.protocol.grpc import (
+    GRPC_CONTENT_TYPE,
+    HEALTH_CHECK_PATH,
+    health_request,
+    health_serving,
+    status_of,
+)
 from meshproxy.stats.names import Scope, offset
 from meshproxy.stats.shared_memory import Segment, Slots
 from meshproxy.stats.sink import endpoint_key
 from meshproxy.transport.h11_io import next_event
 from meshproxy.transport.sockio import PeerClosed
-from meshproxy.transport.tls_context import ClientTLS
+from meshproxy.transport.tls_context import DEFAULT_ALPN, ClientTLS
 from meshproxy.transport.tls_stream import TLSError, TLSStream
 
 log = logging.getLogger("meshproxy.health_check")
@@ -71,7 +91,9 @@ class HealthChecker:
         scope = self._scope = trio.CancelScope()
         probes = [(c, c.health_check, e) for c in config.clusters if c.health_check
                   for e in c.endpoints]
-        tls = {c.name: ClientTLS.from_spec(spec) for c in config.clusters
+        tls = {c.name: ClientTLS.from_spec(
+                   spec, (b"h2",) if c.health_check.type == "grpc" else DEFAULT_ALPN)
+               for c in config.clusters
                if c.health_check and (spec := upstream_tls(c.tls, material or {})) is not None}
         wanted = {endpoint_key(c.name, f"{e.address}:{e.port}") for c, _, e in probes}
         for key in [k for k in self.states if k not in wanted]:
@@ -196,6 +218,11 @@ async def probe(hc: schema.HealthCheck, cluster: str, address: str, port: int,
                 stream = _TrioTLS(raw, tls)
                 if not await stream.handshake():
                     return False, False
+            if hc.type == "grpc":
+                try:
+                    return await _grpc_check(stream, hc, cluster, tls is not None), False
+                except (OSError, trio.BrokenResourceError, H2Error, PeerClosed):
+                    return False, False
             conn = h11.Connection(h11.CLIENT)
             try:
                 await stream.send_all(conn.send(h11.Request(
@@ -211,3 +238,45 @@ async def probe(hc: schema.HealthCheck, cluster: str, address: str, port: int,
                 return False, True
             return ev.status_code in hc.expected_statuses, False
     return False, False
+
+
+async def _grpc_check(stream: trio.abc.Stream, hc: schema.HealthCheck, cluster: str,
+                      secure: bool) -> bool:
+    """One grpc.health.v1.Health/Check call on a new HTTP/2 connection (h2 as the client):
+    healthy when the answer is :status 200, grpc-status 0 and SERVING."""
+    conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    conn.send_headers(1, [
+        (b":method", b"POST"), (b":scheme", b"https" if secure else b"http"),
+        (b":path", HEALTH_CHECK_PATH), (b":authority", (hc.host or cluster).encode()),
+        (b"content-type", GRPC_CONTENT_TYPE), (b"te", b"trailers"),
+        (b"user-agent", b"meshproxy-hc")])
+    conn.send_data(1, health_request(hc.service_name), end_stream=True)
+    await stream.send_all(conn.data_to_send())
+    headers: list[tuple[bytes, bytes]] = []
+    trailers: list[tuple[bytes, bytes]] = []
+    body = b""
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            return False
+        ev: object
+        for ev in conn.receive_data(data):
+            if isinstance(ev, ResponseReceived) and ev.stream_id == 1:
+                headers = list(ev.headers)
+            elif isinstance(ev, DataReceived) and ev.stream_id == 1:
+                body += ev.data
+                conn.acknowledge_received_data(ev.flow_controlled_length, 1)
+                if len(body) > 65536:
+                    return False  # a health answer is a few bytes
+            elif isinstance(ev, TrailersReceived) and ev.stream_id == 1:
+                trailers = list(ev.headers)
+            elif isinstance(ev, StreamEnded) and ev.stream_id == 1:
+                status = status_of(trailers) if trailers else status_of(headers)
+                return ((b":status", b"200") in headers and status == 0
+                        and health_serving(body))
+            elif isinstance(ev, (StreamReset, ConnectionTerminated)):
+                return False
+        out = conn.data_to_send()
+        if out:
+            await stream.send_all(out)

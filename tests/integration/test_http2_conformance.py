@@ -5,6 +5,8 @@ origin."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from h2.errors import ErrorCodes
 from hpack import Encoder
@@ -12,6 +14,7 @@ from hyperframe.frame import (
     DataFrame,
     GoAwayFrame,
     HeadersFrame,
+    PingFrame,
     RstStreamFrame,
     SettingsFrame,
     WindowUpdateFrame,
@@ -216,3 +219,30 @@ def test_http2_conformance_rapid_reset(proxy) -> None:
     assert sid < 2 * 1200  # closed soon after the 500-stream threshold
     assert len(proxy.origin.requests) - before <= 700
     assert stat(proxy, "http.ingress.downstream_rq_too_many_premature_resets") == 1
+
+
+@pytest.mark.parametrize("kind", ["ping", "settings"])
+def test_http2_conformance_control_frame_flood(proxy, kind) -> None:
+    """CVE-2019-9512 (PING) and CVE-2019-9515 (SETTINGS): each frame makes the server queue
+    an ACK; a client that sends them without reading floods the server's output. Past
+    max_outbound_control_frames (1,000) queued the connection is closed (its GOAWAY
+    ENHANCE_YOUR_CALM queued behind the ACKs the client never reads), counted."""
+    c = RawConnection(proxy.port, rcvbuf=4096)
+    one = (PingFrame(0, opaque_data=b"12345678").serialize() if kind == "ping"
+           else SettingsFrame(0, settings={SettingsFrame.MAX_FRAME_SIZE: 16384}).serialize())
+    before = stat(proxy, "http.ingress.http2.outbound_control_flood")
+    sent = 0
+    start = time.monotonic()
+    try:
+        for _ in range(200):
+            c.sock.sendall(one * 1000)
+            sent += 1000
+    except OSError:
+        pass  # the proxy closed mid-flood: the end of the sendall
+    frames = c.frames()  # until the proxy's close
+    c.close()
+    assert time.monotonic() - start < 15
+    assert sent < 200_000  # the proxy stopped reading and closed well before the end
+    acks = sum(1 for f in frames if isinstance(f, (PingFrame, SettingsFrame)))
+    assert acks < 5_000  # what was queued before the flood showed, and socket buffers
+    assert stat(proxy, "http.ingress.http2.outbound_control_flood") == before + 1

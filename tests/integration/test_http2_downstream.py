@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -239,14 +240,32 @@ def test_http2_downstream_route_timeout_is_per_stream(tmp_path, origin_factory) 
     c.close()
 
 
-def test_http2_downstream_slow_reader_is_bounded(tmp_path, origin_factory) -> None:
-    """Flow control both ways is the buffer bound: a client whose window stays shut gets
-    its window's worth and the origin is paused (its sends block), however large the
-    response (RFC 9113 5.2)."""
-    progress = {"sent": 0, "done": False}
-    size = 64 * 1024 * 1024
+def worker_rss_kb(p) -> int:
+    """Resident memory of the proxy's worker processes (kB)."""
+    pid = p.proc.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    total = 0
+    for child in children:
+        for line in Path(f"/proc/{child}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.parametrize("origin_protocol", ["http1", "http2"])
+def test_http2_downstream_slow_reader_keeps_rss_flat(tmp_path, origin_factory,
+                                                     origin_protocol) -> None:
+    """A client that stops reading a 100 MiB response (its stream window shut): the origin,
+    HTTP/1.1 or HTTP/2, is paused by backpressure and the worker's memory does not grow
+    with the body (issue 13, item 5)."""
+    from tests.h2origin import H2Origin
+
+    size = 100 * 1024 * 1024
+    progress = {"sent": 0}
 
     def handler(req, sock):
+        if not req.target.startswith(b"/big"):
+            return ok_response()
         sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size)
         chunk = b"y" * 65536
         try:
@@ -255,24 +274,36 @@ def test_http2_downstream_slow_reader_is_bounded(tmp_path, origin_factory) -> No
                 progress["sent"] += len(chunk)
         except OSError:
             return None
-        progress["done"] = True
         return None
 
-    origin = origin_factory(handler)
-    p = h2_proxy(tmp_path, origin)
-    c = Client(p.port)
-    c.auto_ack = False  # the client reads frames but never reopens its window
-    sid = c.request("/huge")
-    for _ in range(20):
-        c.pump(0.1)
-    time.sleep(1.0)
-    stalled_at = progress["sent"]
-    time.sleep(1.0)
-    assert progress["sent"] == stalled_at and not progress["done"]
-    # What passed: about the stream window, plus the socket buffers on the way.
-    assert len(c.responses[sid].body) <= 65_535
-    assert stalled_at < 16 * 1024 * 1024
-    c.close()
+    h2o = H2Origin().start() if origin_protocol == "http2" else None
+    port = h2o.port if h2o is not None else origin_factory(handler).port
+    cfg = config(port)
+    cfg["clusters"][0]["protocol"] = origin_protocol
+    p = start(tmp_path, type("O", (), {"port": port}), 1, cfg=cfg)
+
+    def sent() -> int:
+        return h2o.data_sent if h2o is not None else progress["sent"]
+
+    try:
+        c = Client(p.port)
+        assert c.get("/warm").status == 200  # the worker's steady state first
+        before = worker_rss_kb(p)
+        c.auto_ack = False
+        sid = c.request(f"/big?n={size}")
+        for _ in range(20):
+            c.pump(0.1)
+        time.sleep(1.0)
+        stalled_at = sent()
+        time.sleep(1.0)
+        assert sent() == stalled_at < 32 * 1024 * 1024  # paused, far from the end
+        assert len(c.responses[sid].body) <= 65_535
+        grown = worker_rss_kb(p) - before
+        assert grown < 16 * 1024, f"worker RSS grew {grown} kB"
+        c.close()
+    finally:
+        if h2o is not None:
+            h2o.stop()
 
 
 @pytest.mark.parametrize("codec", ["http2"])
@@ -282,3 +313,33 @@ def test_http2_downstream_codec_http2_only(tmp_path, origin, codec) -> None:
     assert r.stdout.startswith(b"HTTP/2 200")
     r = curl("-i", f"http://127.0.0.1:{p.port}/")
     assert not r.stdout.startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("stall", ["continuation", "partial-frame"])
+def test_http2_downstream_header_block_stall_times_out(tmp_path, origin, stall) -> None:
+    """A header block that does not end (HEADERS without END_HEADERS and no CONTINUATION,
+    or a HEADERS frame whose bytes stop coming) holds the whole connection (RFC 9113
+    6.10): request_headers_timeout closes it with GOAWAY, counted as a downstream
+    timeout; no origin sees a request. A connection that finished its block is not cut."""
+    from hyperframe.frame import GoAwayFrame
+
+    from tests.h2client import RawConnection, headers_frame, request_block
+
+    p = h2_proxy(tmp_path, origin, listener={"request_headers_timeout": "1s"})
+    frame = headers_frame(1, request_block(b"/stall"), end_headers=stall != "continuation")
+    c = RawConnection(p.port, timeout=8)
+    c.send(frame if stall == "continuation" else frame[:12])
+    began = time.monotonic()
+    frames = c.frames()
+    took = time.monotonic() - began
+    assert any(isinstance(f, GoAwayFrame) for f in frames)
+    assert 0.8 < took < 6, took
+    assert stat(p, "http.ingress.downstream_rq_timeout") == 1
+    assert not origin.requests
+    c.close()
+    # The same connection shape with the block finished: answered, and open past 1 s.
+    ok = Client(p.port)
+    assert ok.get("/fine").status == 200
+    time.sleep(1.5)
+    assert ok.pump(0.1) and ok.get("/again").status == 200
+    ok.close()

@@ -192,3 +192,32 @@ def test_config_load_alpn_follows_the_codec() -> None:
     for codec, alpn in CODEC_ALPN.items():
         spec = listener_tls(t, material, codec)
         assert spec is not None and spec.alpn == alpn
+
+
+@pytest.mark.parametrize("cluster, expected", [
+    ({"protocol": "h2"}, "clusters[0].protocol: invalid enum value"),
+    ({"http2": {"initial_stream_window_size": 10}},
+     "clusters[0].http2.initial_stream_window_size: expected int >= 65535"),
+    ({"http2": {"max_concurrent_streams": 0}},
+     "clusters[0].http2.max_concurrent_streams: expected int >= 1"),
+])
+def test_config_load_upstream_http2_options(cluster, expected: str) -> None:
+    doc = raw()
+    doc["clusters"][0].update(cluster)
+    errs = errors_of(doc)
+    assert any(e.startswith(expected) for e in errs), errs
+
+
+def test_config_load_upstream_protocol_compiles() -> None:
+    """protocol http1 by default (the first wave's behaviour); http2 and downstream with
+    Envoy's defaults for the stream limit and this proxy's windows."""
+    doc = raw()
+    spec = compile_config(decode(doc)).clusters["web"]
+    assert spec.protocol == "http1"
+    doc["clusters"][0].update({"protocol": "downstream",
+                               "http2": {"initial_stream_window_size": 1 << 20}})
+    spec = compile_config(decode(doc)).clusters["web"]
+    assert spec.protocol == "downstream"
+    assert spec.http2.initial_stream_window_size == 1 << 20
+    assert spec.http2.max_concurrent_streams == 2_147_483_647
+    assert spec.http2.initial_connection_window_size == 16 << 20
