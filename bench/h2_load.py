@@ -22,6 +22,7 @@ grpcio (pip, the test extras).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, str], list[Result]] = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        os.chmod(tmp, 0o755)  # nginx's workers (nobody) reach the origins' directories
         body = tmp / "grpc-message.bin"
         # One gRPC message: uncompressed flag, 4-byte length, the payload (PROTOCOL-HTTP2).
         body.write_bytes(b"\x00" + len(GRPC_PAYLOAD).to_bytes(4, "big") + GRPC_PAYLOAD)
