@@ -31,6 +31,7 @@ import base64
 import os
 from typing import Any
 
+import h2.stream as _h2_stream
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
@@ -44,6 +45,7 @@ from h2.events import (
 from h2.exceptions import DenialOfServiceError, ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes, Settings
 
+from meshproxy._core import h2_fields
 from meshproxy._core.hpack import Decoder, Encoder
 from meshproxy._core.http1_parser import MessageHead
 from meshproxy.config.snapshot import RESPONSE_SKIP, Http2Spec, UpstreamHttp2Spec
@@ -84,11 +86,27 @@ def _config(client: bool) -> H2Configuration:
                            validate_outbound_headers=False, normalize_outbound_headers=False)
 
 
-def _compiled_hpack(conn: H2Connection) -> None:
-    """h2's HPACK (the pure-Python hpack package) replaced by the compiled one: the same
-    interface and exceptions (meshproxy._core.hpack), a fifth of the codec's time less."""
-    conn.encoder = Encoder()  # type: ignore[assignment]
-    conn.decoder = Decoder(conn.decoder.max_header_list_size)  # type: ignore[assignment]
+# h2's inbound field checks and cookie joining, compiled (the same rules, errors and
+# order: meshproxy._core.h2_fields), in the module where h2's streams look them up.
+_h2_stream.validate_headers = h2_fields.validate_headers  # type: ignore[assignment]
+_h2_stream.normalize_inbound_headers = h2_fields.normalize_inbound_headers  # type: ignore[assignment]
+
+
+class _Connection(H2Connection):
+    """h2's connection, with two costs of its own taken out: its HPACK (the pure-Python
+    hpack package) is the compiled one (meshproxy._core.hpack: the same interface and
+    exceptions), and the frames it queues are joined without re-checking every frame's
+    size against max_outbound_frame_size (h2 split them to that size a step before; the
+    check was an assert run per frame)."""
+
+    def __init__(self, config: H2Configuration) -> None:
+        super().__init__(config)
+        self.encoder = Encoder()  # type: ignore[assignment]
+        self.decoder = Decoder(self.decoder.max_header_list_size)  # type: ignore[assignment]
+
+    def _prepare_for_sending(self, frames: list[Any]) -> None:
+        if frames:
+            self._data_to_send += b"".join([f.serialize() for f in frames])
 
 
 def _start(conn: H2Connection, window: int) -> None:
@@ -116,8 +134,7 @@ class ServerCodec:
 
     def __init__(self, spec: Http2Spec, max_header_bytes: int) -> None:
         self.spec = spec
-        conn = self.h2 = H2Connection(_config(False))
-        _compiled_hpack(conn)
+        conn = self.h2 = _Connection(_config(False))
         conn.local_settings = Settings(
             client=False, initial_values={
                 SettingCodes.MAX_CONCURRENT_STREAMS: spec.max_concurrent_streams,
@@ -331,7 +348,7 @@ UPSTREAM_SKIP = frozenset({
 TE_TRAILERS = (b"te", b"trailers")
 
 
-class _GracefulClient(H2Connection):
+class _GracefulClient(_Connection):
     """h2 as the client, except that a graceful GOAWAY (NO_ERROR) does not end the
     connection's state machine: RFC 9113 6.8 lets the streams up to its last_stream_id
     finish, and h2 would refuse their frames (its GOAWAY handling closes everything,
@@ -357,7 +374,6 @@ class ClientCodec:
     def __init__(self, spec: UpstreamHttp2Spec) -> None:
         self.spec = spec
         conn = self.h2 = _GracefulClient(_config(True))
-        _compiled_hpack(conn)
         conn.local_settings = Settings(
             client=True, initial_values={
                 SettingCodes.INITIAL_WINDOW_SIZE: spec.initial_stream_window_size,
