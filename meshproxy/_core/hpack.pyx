@@ -186,15 +186,12 @@ cdef inline void _string(bytearray out, bytes s):
 cdef class _Table:
     """The dynamic table (2.3.2): newest last in `entries`; index 62 is the newest."""
 
-    cdef list entries
-    cdef Py_ssize_t size, maxsize
-
     def __cinit__(self):
         self.entries = []
         self.size = 0
         self.maxsize = 4096
 
-    cdef inline object get(self, Py_ssize_t index):
+    cdef object get(self, Py_ssize_t index):
         """A 1-based index over the static then the dynamic table, or None."""
         cdef Py_ssize_t n
         if index <= 0:
@@ -238,10 +235,6 @@ cdef class _Table:
 
 cdef class Decoder:
     """h2's decoder: decode(block, raw=True) -> [(name, value), ...]."""
-
-    cdef _Table table
-    cdef public Py_ssize_t max_header_list_size
-    cdef public Py_ssize_t max_allowed_table_size
 
     def __cinit__(self, Py_ssize_t max_header_list_size=65536):
         self.table = _Table()
@@ -345,15 +338,10 @@ cdef bytes _read_string(const uint8_t* p, Py_ssize_t n, Py_ssize_t* pos):
 
 cdef class Encoder:
     """h2's encoder: encode(headers) -> bytes; header_table_size follows the peer's
-    SETTINGS_HEADER_TABLE_SIZE."""
-
-    cdef _Table table
-    cdef Py_ssize_t inserted  # entries ever added: their sequence numbers
-    cdef dict full            # (name, value) -> sequence number of the newest copy
-    cdef dict names           # name -> sequence number of the newest entry with it
-    cdef list sequence        # sequence numbers of the table's entries, oldest first
-    cdef Py_ssize_t pending_min, pending_final
-    cdef bint size_changed
+    SETTINGS_HEADER_TABLE_SIZE. Its state: the table; `inserted`, the entries ever
+    added (their sequence numbers); `full` and `names`, the newest entry's sequence
+    number for a (name, value) and for a name; `sequence`, the table's entries' numbers
+    oldest first; a size change not yet said (`pending_min`, `pending_final`)."""
 
     def __cinit__(self):
         self.table = _Table()
@@ -392,7 +380,7 @@ cdef class Encoder:
             if self.names.get(old[0]) == seq:
                 del self.names[old[0]]
 
-    cdef inline Py_ssize_t _dynamic_index(self, Py_ssize_t seq):
+    cdef Py_ssize_t _dynamic_index(self, Py_ssize_t seq):
         return STATIC_LEN + 1 + self.inserted - seq  # the newest entry is 62 (2.3.3)
 
     def encode(self, headers, bint huffman=True) -> bytes:
