@@ -124,9 +124,6 @@ class ThreadedServer:
     def _accepted(self, sock: socket.socket) -> None:
         """Called in the accept thread, before the connection's thread starts."""
 
-    def _serve(self, sock: socket.socket, conn_id: int) -> None:
-        raise NotImplementedError
-
 
 @dataclass
 class Origin(ThreadedServer):

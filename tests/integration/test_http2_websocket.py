@@ -79,6 +79,15 @@ def ws_origin(seen: list):
     return handler
 
 
+def ws_setup(tmp_path, origin_factory, listener: dict | None = None):
+    """A WebSocket origin behind a proxy and an HTTP/2 client of it: (requests the origin
+    saw, proxy, client)."""
+    seen: list = []
+    o = origin_factory(ws_origin(seen))
+    p = h2_proxy(tmp_path, o, listener=listener)
+    return seen, p, Client(p.port)
+
+
 def open_ws(c: Client, path: str = "/chat", protocol: bytes = b"websocket") -> int:
     return c.request(path, method="CONNECT", end=False, headers=[
         (b":protocol", protocol), (b"sec-websocket-version", b"13"),
@@ -98,10 +107,7 @@ def test_http2_websocket_extended_connect_to_an_http1_origin(tmp_path, origin_fa
     RFC 6455 upgrade, with a Sec-WebSocket-Key HTTP/2 does without; 200 answers the 101
     (section 5) without the HTTP/1.1 handshake's fields; frames go both ways as DATA;
     the origin's close ends the stream (END_STREAM)."""
-    seen: list = []
-    o = origin_factory(ws_origin(seen))
-    p = h2_proxy(tmp_path, o)
-    c = Client(p.port)
+    seen, p, c = ws_setup(tmp_path, origin_factory)
     pump_until(c, lambda: c.conn.remote_settings.enable_connect_protocol == 1)
     sid = open_ws(c)
     pump_until(c, lambda: c.responses[sid].status)
@@ -133,10 +139,7 @@ def test_http2_websocket_extended_connect_to_an_http1_origin(tmp_path, origin_fa
 
 def test_http2_websocket_origin_refusal_is_relayed(tmp_path, origin_factory) -> None:
     """An origin that does not switch protocols answers the stream as a response does."""
-    seen: list = []
-    o = origin_factory(ws_origin(seen))
-    p = h2_proxy(tmp_path, o)
-    c = Client(p.port)
+    seen, p, c = ws_setup(tmp_path, origin_factory)
     sid = c.request("/chat", method="CONNECT", end=False,
                     headers=[(b":protocol", b"websocket")])  # no Sec-WebSocket-Version
     r = c.wait(sid)[0]
@@ -146,10 +149,7 @@ def test_http2_websocket_origin_refusal_is_relayed(tmp_path, origin_factory) -> 
 
 def test_http2_websocket_origin_reset_is_rst_stream_cancel(tmp_path, origin_factory) -> None:
     """RFC 8441 5: a TCP reset on the origin's side is RST_STREAM CANCEL on the stream."""
-    seen: list = []
-    o = origin_factory(ws_origin(seen))
-    p = h2_proxy(tmp_path, o)
-    c = Client(p.port)
+    seen, p, c = ws_setup(tmp_path, origin_factory)
     sid = open_ws(c, "/reset")
     pump_until(c, lambda: c.responses[sid].status)
     c.send_body(sid, client_frame(b"x"), end=False)
@@ -161,10 +161,7 @@ def test_http2_websocket_origin_reset_is_rst_stream_cancel(tmp_path, origin_fact
 def test_http2_websocket_other_protocols_get_403(tmp_path, origin_factory) -> None:
     """Only the WebSocket upgrade is relayed: another :protocol is refused (Envoy: 403,
     upgrade_failed) and no origin sees it."""
-    seen: list = []
-    o = origin_factory(ws_origin(seen))
-    p = h2_proxy(tmp_path, o)
-    c = Client(p.port)
+    seen, p, c = ws_setup(tmp_path, origin_factory)
     r = c.wait(open_ws(c, protocol=b"webtransport"))[0]
     assert r.status == 403 and not seen
     wait_for(lambda: len(log_lines(p)) >= 1)
@@ -175,10 +172,7 @@ def test_http2_websocket_other_protocols_get_403(tmp_path, origin_factory) -> No
 def test_http2_websocket_refused_when_not_allowed(tmp_path, origin_factory) -> None:
     """allow_connect: false: no ENABLE_CONNECT_PROTOCOL, and a :protocol request is
     malformed (RFC 8441 3, RFC 9113 8.1.1): RST_STREAM PROTOCOL_ERROR, counted."""
-    seen: list = []
-    o = origin_factory(ws_origin(seen))
-    p = h2_proxy(tmp_path, o, listener={"http2": {"allow_connect": False}})
-    c = Client(p.port)
+    seen, p, c = ws_setup(tmp_path, origin_factory, {"http2": {"allow_connect": False}})
     pump_until(c, lambda: c.conn.remote_settings.max_concurrent_streams == 100)
     assert c.conn.remote_settings.enable_connect_protocol == 0
     r = c.wait(open_ws(c))[0]
