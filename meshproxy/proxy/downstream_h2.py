@@ -24,6 +24,7 @@ GOAWAY naming the last stream taken, the streams in flight finish, new ones are 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -46,6 +47,7 @@ from hyperframe.frame import GoAwayFrame
 from meshproxy._core.http1_parser import ParseError
 from meshproxy.protocol import errors as flags
 from meshproxy.protocol.http2 import (
+    BODY_AS_IS,
     BODY_CHUNKED,
     BODY_TUNNEL,
     PREMATURE_RESET_LIFETIME,
@@ -56,6 +58,7 @@ from meshproxy.protocol.http2 import (
 from meshproxy.proxy.client_side import ClientSide
 from meshproxy.proxy.dispatch import dispatch
 from meshproxy.proxy.exchange import begin, finish
+from meshproxy.proxy.fast_path_h2 import StreamFlight
 from meshproxy.proxy.h2_stream import NO_DEADLINE, H2Stream
 from meshproxy.proxy.head_rewrite import relayed_trailers
 from meshproxy.transport.sockio import PeerClosed
@@ -73,7 +76,8 @@ FAREWELL_TIMEOUT = 1.0
 class H2Driver:
     __slots__ = ("dc", "ctx", "codec", "streams", "nursery", "want_write", "drained",
                  "queued_bytes", "control_queued", "frames_queued", "extra_out",
-                 "going_away", "peer_away", "read_scope", "ended", "hs", "headers_by")
+                 "going_away", "peer_away", "read_scope", "ended", "hs", "headers_by",
+                 "fast")
 
     def __init__(self, dc: ClientSide) -> None:
         """`dc`: the connection (proxy.downstream), as the ClientSide its streams share."""
@@ -96,6 +100,9 @@ class H2Driver:
         # While a header block is in progress: when it must have ended (the listener's
         # request_headers_timeout from its first byte), else NO_DEADLINE.
         self.headers_by = NO_DEADLINE
+        # Streams without a body start on the fast path (proxy.fast_path_h2) unless it is
+        # off (--no-fast-path) or spans are recorded (a task's work).
+        self.fast = ctx.state.fast_path and ctx.tracer is None
 
     # ------------------------------------------------------------------ the connection
 
@@ -260,27 +267,40 @@ class H2Driver:
         self.streams[sid] = st
         hs.block.add(hs.http2_streams_active, 1)
         self.dc.deadline = self._age_limit()
-        assert self.nursery is not None
-        self.nursery.start_soon(self._serve, st)
         if self.ctx.state.draining:
             self.go_away()
+        if ended and self.fast and body == BODY_AS_IS:
+            # A request without a body: the fast path's (proxy.fast_path_h2), no task.
+            self.dc.reactor.timed.add(st)
+            flight = st.flight = StreamFlight(st)
+            flight.begin()
+        else:
+            self.serve_in_task(st, None)
+
+    def serve_in_task(self, st: H2Stream, cont: Callable[[], Awaitable[bool]] | None) -> None:
+        """The stream's task: from its head, or from what the fast path began (`cont`)."""
+        assert self.nursery is not None
+        self.nursery.start_soon(self._serve, st, cont)
 
     # ------------------------------------------------------------------ streams
 
-    async def _serve(self, st: H2Stream) -> None:
-        """One stream, from its head to its end, however it ends."""
+    async def _serve(self, st: H2Stream, cont: Callable[[], Awaitable[bool]] | None) -> None:
+        """One stream, from its head (or from `cont`) to its end, however it ends."""
         ctx = self.ctx
-        timed = self.dc.reactor.timed
-        timed.add(st)
+        self.dc.reactor.timed.add(st)
         try:
             with st.cs:
-                try:
-                    head = ctx.parser.parse_request(st.head_bytes)
-                except ParseError as exc:
-                    head = None
-                    ex = st.ex = begin(st, None)
-                    await st.send_local(ex, None, exc.status, exc.reason.encode() + b"\n",
-                                        flags.DOWNSTREAM_PROTOCOL_ERROR)
+                head = None
+                if cont is not None:
+                    await cont()
+                else:
+                    try:
+                        head = ctx.parser.parse_request(st.head_bytes)
+                    except ParseError as exc:
+                        ex = st.ex = begin(st, None)
+                        await st.send_local(ex, None, exc.status,
+                                            exc.reason.encode() + b"\n",
+                                            flags.DOWNSTREAM_PROTOCOL_ERROR)
                 if head is not None:
                     ex = st.ex = begin(st, head)
                     st.take_buffered()
@@ -290,7 +310,7 @@ class H2Driver:
                         await st.send_local(ex, head, 403, b"upgrade not allowed\n", "-")
                     else:
                         await dispatch(st, head, ex)
-            if st.cs.cancelled_caught and st.timed_out and not st.gone:
+            if st.cs.cancelled_caught and st.expired and not st.gone:
                 await st.on_timeout()
         except PeerClosed:
             pass
@@ -298,17 +318,22 @@ class H2Driver:
             # A bug costs this stream (reset), never the connection's other streams.
             log.exception("internal error on a stream from %s", self.dc.peer)
         finally:
-            timed.discard(st)
-            if st.upstream is not None:
-                st.upstream.abort()
-                st.upstream = None
-            done = st.ex
-            if done is not None:
-                ex = done
-                if st.gone and not st.response_done and ex.status == 0:
-                    ex.flags = flags.DOWNSTREAM_CONNECTION_TERMINATION
-                finish(st, ex)
-            self._closed(st)
+            self.end_stream(st)
+
+    def end_stream(self, st: H2Stream) -> None:
+        """A stream's end, whoever served it: its upstream let go, its exchange finished
+        (the logging phase), the stream closed."""
+        self.dc.reactor.timed.discard(st)
+        if st.upstream is not None:
+            st.upstream.abort()
+            st.upstream = None
+        ex = st.ex
+        if ex is not None:
+            st.ex = None
+            if st.gone and not st.response_done and ex.status == 0:
+                ex.flags = flags.DOWNSTREAM_CONNECTION_TERMINATION
+            finish(st, ex)
+        self._closed(st)
 
     def _closed(self, st: H2Stream) -> None:
         hs = self.hs
@@ -421,11 +446,22 @@ class H2Driver:
     def kick(self) -> None:
         self.want_write.set()
 
+    def room(self, n: int) -> bool:
+        """Whether n more bytes stay within WRITE_HIGH_WATER of what is queued."""
+        return self.queued_bytes + n <= WRITE_HIGH_WATER
+
     async def queued(self, n: int) -> None:
         """A stream queued a frame of n payload bytes: wake the writer, and wait for it
         while more than WRITE_HIGH_WATER is queued."""
+        self.queued_now(n, 1)
+        while self.queued_bytes > WRITE_HIGH_WATER and not self.ended:
+            await self.drained.wait()
+
+    def queued_now(self, n: int, frames: int) -> None:
+        """A stream queued `frames` frames with n DATA payload bytes among them: the writer
+        is woken; a client that reads none of it while streams keep answering floods."""
         self.queued_bytes += n
-        self.frames_queued += 1
+        self.frames_queued += frames
         self.codec.data_frames_sent += n > 0
         if self.frames_queued > self.codec.spec.max_outbound_frames and not self.ended:
             # The client reads nothing while streams keep answering: the connection ends
@@ -437,8 +473,6 @@ class H2Driver:
                 self._failed(exc)
             self.read_scope.cancel()
         self.want_write.set()
-        while self.queued_bytes > WRITE_HIGH_WATER and not self.ended:
-            await self.drained.wait()
 
     async def _writer(self) -> None:
         """Send what is queued, in one write per wake-up."""

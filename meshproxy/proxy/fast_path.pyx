@@ -80,11 +80,7 @@ log = logging.getLogger("meshproxy.fast_path")
 cdef Py_ssize_t FAST_BODY = 65536
 cdef double INF = float("inf")
 
-# What a step left the connection doing.
-cdef enum:
-    HANDED = 0   # a task has it now, or it is closed
-    WAITING = 1  # an exchange waits on the upstream, with no task
-    DONE = 2     # the exchange is over and the connection is free for the next request
+# What a step left the connection doing: HANDED, WAITING, DONE (fast_path.pxd).
 
 _reset_errors = (ConnectionResetError, ConnectionAbortedError, TimeoutError)
 _send_errors = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
@@ -115,17 +111,8 @@ def _nothing():
 
 
 cdef class Flight:
-    """The fast path of one client connection, and the exchange it has in flight."""
-
-    cdef object dc, ch, sock
-    cdef public object records  # the TLS record layer of a TLS connection, else None
-    cdef public object client_cb, upstream_cb
-    cdef public bint waiting
-    # The exchange in flight (None between exchanges).
-    cdef object head, ex, action, cluster, ep, conn, lb, ubuf, buf
-    cdef Py_ssize_t lb_index, body_end
-    cdef object key
-    cdef double started, route_deadline, try_deadline
+    """The fast path of one client connection, and the exchange it has in flight (its
+    fields are declared in fast_path.pxd)."""
 
     def __init__(self, dc, records=None):
         self.dc = dc
@@ -335,8 +322,8 @@ cdef class Flight:
             return self._decline()
         name = choose_cluster(action)
         cluster = ctx.clusters.get(name)
-        if cluster is None:
-            return self._decline()
+        if cluster is None or cluster.speaks_h2(dc.multiplexed):
+            return self._decline()  # an HTTP/2 origin's streams are the relay's
         key = hash_key(dc, head, action.hash_policy) if action.hash_policy else 0
         now = dc.reactor.now
         ep = cluster.pick(now, None, key)
@@ -504,16 +491,19 @@ cdef class Flight:
         framing = plan.framing
         cdef Py_ssize_t upos = resp.end
         cdef Py_ssize_t take = 0
-        body = None  # a chunked body as it goes to the client
+        data = b""       # the body, as the origin's framing delimits it (chunks decoded)
+        trailers = None  # a chunked body's trailers, as received
         if framing == FRAMING_LENGTH:
             take = resp.content_length
             if len(ubuf) - upos < take:
                 return self._go_on(self._with_response(resp, ubuf))  # streamed by the relay
+            if take:
+                data = ubuf[upos:upos + take]
+                upos += take
         elif framing == FRAMING_CHUNKED:
             # Served here only when the last chunk is already in: one decode of what was
-            # read, then the chunks re-encoded as one (relay._relay_response's rule; raw
-            # for an HTTP/1.0 client, which reads to the close). Anything else, a
-            # malformed chunk included, is the relay's, which decodes from the head on.
+            # read (relay._relay_response's rule). Anything else, a malformed chunk
+            # included, is the relay's, which decodes from the head on.
             dec = ChunkedDecoder(error_status=502)
             try:
                 parts, cend = dec.feed(ubuf, upos)
@@ -523,37 +513,47 @@ cdef class Flight:
                 return self._go_on(self._with_response(resp, ubuf))  # streamed by the relay
             data = parts[0] if len(parts) == 1 else b"".join(parts)
             take = len(data)
-            if plan.down_chunked:
-                body = (encode_chunk(data) if take else b"") + \
-                    encode_last_chunk(relayed_trailers(dec.trailers))
-            else:
-                body = data
+            trailers = dec.trailers
             upos = cend
         elif framing != FRAMING_NONE:
             return self._go_on(self._with_response(resp, ubuf))
+        if not self._can_emit(take):
+            return self._go_on(self._with_response(resp, ubuf))  # written by the relay
         # The whole response is here: router._one_attempt's outcome, relay._relay_response.
         self._stop_waiting()
         cluster, ex = self.cluster, self.ex
         if cluster.outlier is not None:
             cluster.outlier.on_result(self.ep, status, False, dc.reactor.now)
         ex.upstream_status = status
+        ex.status = status
+        dc.phase = PH_RESP_BODY
+        ex.response_started = True
+        ex.bytes_out = take
+        return self._emit(resp, status, plan, framing, data, trailers,
+                          upstream_reusable(True, resp, framing) and upos >= len(ubuf))
+
+    cdef bint _can_emit(self, Py_ssize_t n) except -1:
+        """Whether the client side takes a body of n bytes now (HTTP/1.1: a send is tried,
+        and what it leaves is a task's)."""
+        return True
+
+    cdef int _emit(self, resp, int status, plan, int framing, data, trailers,
+                   bint release) except -1:
+        """The response to the client, in one send: its head, and the body (re-encoded as
+        one chunk when it came chunked, raw for an HTTP/1.0 client, which reads to the
+        close); then the exchange ends (`release`: the upstream connection is reusable)."""
+        dc, ex, action = self.dc, self.ex, self.action
         extra = plan.extra
         if ex.resp_extra:
             extra += ex.resp_extra
         out = serialize(b"HTTP/1.1 %d %s" % (status, resp.reason or reason(status)), resp,
                         action.ops.response_skip, action.ops.response_add, extra)
+        if trailers is not None and plan.down_chunked:
+            out += (encode_chunk(data) if data else b"") + \
+                encode_last_chunk(relayed_trailers(trailers))
+        elif data:
+            out += data
         records = self.records
-        ex.status = status
-        dc.phase = PH_RESP_BODY
-        reusable = upstream_reusable(True, resp, framing)
-        ex.response_started = True
-        if body is not None:
-            out += body
-        elif take:
-            out += ubuf[upos:upos + take]
-            upos += take
-        ex.bytes_out = take
-        cdef bint release = reusable and upos >= len(ubuf)
         if records is not None:
             out = records.encrypt(out)
         cdef Py_ssize_t sent = _send_now(self.sock, out)

@@ -20,6 +20,7 @@ by the proxy when the response broke, or with the connection).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -43,6 +44,7 @@ from meshproxy.protocol import errors as flags
 from meshproxy.protocol.grpc import local_status, status_of, trailers_only
 from meshproxy.protocol.http2 import local_fields, response_fields
 from meshproxy.proxy.client_side import ClientSide
+from meshproxy.proxy.dispatch import forward_or_reply, reply
 from meshproxy.proxy.exchange import Exchange
 from meshproxy.proxy.origin_body import open_body
 from meshproxy.proxy.phases import PH_REQ_BODY, PH_RESP_BODY, PH_TUNNEL, PH_UPSTREAM
@@ -59,7 +61,8 @@ class H2Stream(ClientSide):
 
     __slots__ = ("conn", "sid", "cs", "inbox", "ended", "chunked", "trailers", "gone",
                  "waiter", "window_waiter", "response_done", "ex", "head_bytes",
-                 "headers_sent", "timed_out", "tail_sent", "tunnel")
+                 "headers_sent", "expired", "tail_sent", "tunnel", "flight", "requests",
+                 "fast_hint")
 
     def __init__(self, conn: Any, sid: int, head_bytes: bytes, ended: bool) -> None:
         """`conn`: the proxy.downstream_h2.H2Driver of the connection (which imports this
@@ -97,18 +100,27 @@ class H2Stream(ClientSide):
         self.trailers: list[tuple[bytes, bytes]] = []
         self.tail_sent = False
         self.gone = False         # reset by the client, or the connection is gone
-        self.timed_out = False
+        self.expired = False  # its deadline passed while a task served it
         self.waiter: trio.Event | None = None
         self.window_waiter: trio.Event | None = None
         self.headers_sent = False
         self.response_done = False  # END_STREAM sent (or the stream reset by us)
         self.ex: Exchange | None = None
+        # The fast path's exchange while it serves the stream with no task (proxy.fast_path_h2).
+        self.flight: Any = None
+        self.requests = 0
+        self.fast_hint = False
 
     # ------------------------------------------------------------------ from the driver
 
     def expire(self) -> None:
-        """The stream's deadline passed (the reactor's ticker): its task answers by phase."""
-        self.timed_out = True
+        """The stream's deadline passed (the reactor's ticker): its task answers by phase,
+        or the fast path decides (a retry after the per-try timeout, or the 504)."""
+        flight = self.flight
+        if flight is not None and flight.waiting:
+            flight.expire()
+            return
+        self.expired = True
         self.cs.cancel()
 
     def feed(self, data: bytes, flow: int) -> None:
@@ -120,9 +132,16 @@ class H2Stream(ClientSide):
         self._wake()
 
     def lost(self) -> None:
-        """Reset by the client, or the connection ended: the request is abandoned."""
+        """Reset by the client, or the connection ended: the request is abandoned (by its
+        task, or here when the fast path had it)."""
         self.gone = True
-        self.cs.cancel()
+        flight = self.flight
+        if flight is not None:
+            self.flight = None
+            flight.abandon()
+            self.conn.end_stream(self)
+        else:
+            self.cs.cancel()
 
     def window(self) -> None:
         w = self.window_waiter
@@ -141,6 +160,80 @@ class H2Stream(ClientSide):
         would have it (a small body then goes upstream in the head's send)."""
         if self.inbox or (self.chunked and self.ended):
             self.buf = self._take(1 << 30)
+
+    # ------------------------------------------------------------------ from the fast path
+
+    def hand_off(self, cont: Callable[[], Awaitable[bool]] | None) -> None:
+        """The fast path gives the stream to a task: `cont` first (the exchange it began
+        goes on), or, declined before it began one, the request from its head."""
+        self.flight = None
+        if cont is None:
+            self.buf = b""
+            self.pos = 0
+        self.conn.serve_in_task(self, cont)
+
+    def fast_done(self) -> None:
+        """The fast path relayed the whole response and finished the exchange."""
+        self.flight = None
+        self.conn.end_stream(self)
+
+    def close_taskless(self) -> None:
+        """The fast path could not go on (the stream closed under it, or a bug): the stream
+        ends, reset unless its response was sent."""
+        self.flight = None
+        self.conn.end_stream(self)
+
+    def too_old(self) -> bool:
+        return bool(self.conn.dc.too_old())
+
+    def can_emit(self, n: int) -> bool:
+        """Whether a response with n body bytes can be queued at once: within the stream's
+        and the connection's windows (RFC 9113 6.9), one DATA frame, and no more than
+        WRITE_HIGH_WATER queued for the client."""
+        h2 = self.conn.codec.h2
+        try:
+            window = h2.local_flow_control_window(self.sid)
+        except _H2_ERRORS:
+            return False
+        return (n <= window and n <= h2.max_outbound_frame_size
+                and self.conn.room(n))
+
+    def emit(self, fields: list[tuple[bytes, bytes]], data: bytes,
+             trailers: list[tuple[bytes, bytes]] | None) -> None:
+        """A whole response queued on the connection (can_emit said it fits): HEADERS,
+        DATA, trailers, END_STREAM on the last of them (RFC 9113 8.1)."""
+        if self.gone:
+            raise PeerClosed("the client reset the stream")
+        h2 = self.conn.codec.h2
+        sid = self.sid
+        frames = 1
+        try:
+            h2.send_headers(sid, fields, end_stream=not data and not trailers)
+            if data:
+                h2.send_data(sid, data, end_stream=not trailers)
+                frames += 1
+            if trailers:
+                h2.send_headers(sid, trailers, end_stream=True)
+                frames += 1
+        except _H2_ERRORS:
+            raise PeerClosed("the stream is closed") from None
+        self.headers_sent = self.response_done = True
+        self.conn.queued_now(len(data), frames)
+
+    async def go_on(self, head: MessageHead, ex: Exchange, action: ClusterAction,
+                    resume: Any) -> bool:
+        """An exchange the fast path began goes on in the router, from `resume` (the
+        stream's task finishes it)."""
+        return await forward_or_reply(self, head, ex, action, resume)
+
+    async def answer_with(self, head: MessageHead, ex: Exchange, answer: Any) -> bool:
+        """The fast path's request is answered locally (the router's failure reply)."""
+        return await reply(self, ex, head, answer)
+
+    async def timed_out(self) -> bool:
+        """The route timeout fired while the fast path waited for the upstream."""
+        await self.on_timeout()
+        return False
 
     # ------------------------------------------------------------------ reads
 
