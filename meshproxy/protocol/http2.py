@@ -44,6 +44,7 @@ from h2.events import (
 )
 from h2.exceptions import DenialOfServiceError, ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import Frame
 
 from meshproxy._core import h2_fields
 from meshproxy._core.hpack import Decoder, Encoder
@@ -90,6 +91,17 @@ def _config(client: bool) -> H2Configuration:
 # order: meshproxy._core.h2_fields), in the module where h2's streams look them up.
 _h2_stream.validate_headers = h2_fields.validate_headers  # type: ignore[assignment]
 _h2_stream.normalize_inbound_headers = h2_fields.normalize_inbound_headers  # type: ignore[assignment]
+
+
+def _frame_repr(frame: Frame) -> str:
+    return f"{type(frame).__name__}(stream_id={frame.stream_id})"
+
+
+# h2 4.4 formats every frame it receives for its trace log (`repr(frame)`, evaluated before
+# the logger, a no-op DummyLogger here, is called): hyperframe's repr renders the flags and
+# a dump of the payload, a few microseconds a frame for nothing. A frame's repr is its type
+# and stream instead, which is all a log line of ours would say of it.
+Frame.__repr__ = _frame_repr  # type: ignore[method-assign]
 
 
 class _Connection(H2Connection):

@@ -78,8 +78,6 @@ class H2Stream(ClientSide):
         self.peer_ip = dc.peer_ip
         self.identity = dc.identity
         self._remote = b""
-        self.recv = self._recv
-        self.recv_wait = self._recv
         self.send = _no_bytes
         self.conn = conn
         self.sid = sid
@@ -138,7 +136,7 @@ class H2Stream(ClientSide):
         flight = self.flight
         if flight is not None:
             self.flight = None
-            flight.abandon()
+            flight.abandon()  # its callbacks go too: no cycle is left for the collector
             self.conn.end_stream(self)
         else:
             self.cs.cancel()
@@ -166,7 +164,7 @@ class H2Stream(ClientSide):
     def hand_off(self, cont: Callable[[], Awaitable[bool]] | None) -> None:
         """The fast path gives the stream to a task: `cont` first (the exchange it began
         goes on), or, declined before it began one, the request from its head."""
-        self.flight = None
+        self._unflight()
         if cont is None:
             self.buf = b""
             self.pos = 0
@@ -174,14 +172,23 @@ class H2Stream(ClientSide):
 
     def fast_done(self) -> None:
         """The fast path relayed the whole response and finished the exchange."""
-        self.flight = None
+        self._unflight()
         self.conn.end_stream(self)
 
     def close_taskless(self) -> None:
         """The fast path could not go on (the stream closed under it, or a bug): the stream
         ends, reset unless its response was sent."""
-        self.flight = None
+        self._unflight()
         self.conn.end_stream(self)
+
+    def _unflight(self) -> None:
+        """The fast path is done with the stream. Its flight holds its own callbacks (bound
+        methods, a reference cycle): they are dropped, so the flight is freed at once
+        rather than left to the cyclic collector, one per stream."""
+        flight = self.flight
+        if flight is not None:
+            self.flight = None
+            flight.client_cb = flight.upstream_cb = None
 
     def too_old(self) -> bool:
         return bool(self.conn.dc.too_old())
@@ -237,7 +244,10 @@ class H2Stream(ClientSide):
 
     # ------------------------------------------------------------------ reads
 
-    async def _recv(self, size: int = RECV_SIZE, deadline: float = 0.0) -> bytes:
+    # recv and recv_wait are methods here, not the per-instance callables of ClientSide's
+    # slots (which they shadow): a bound method stored on the stream would be a reference
+    # cycle, left to the cyclic collector once per stream.
+    async def recv(self, size: int = RECV_SIZE, deadline: float = 0.0) -> bytes:
         """Request body bytes (chunk-framed when `chunked`); b"" once it has ended."""
         while not self.inbox:
             if self.ended:
@@ -247,6 +257,8 @@ class H2Stream(ClientSide):
             w = self.waiter = trio.Event()
             await w.wait()
         return self._take(size)
+
+    recv_wait = recv
 
     def _take(self, size: int) -> bytes:
         inbox = self.inbox
