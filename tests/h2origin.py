@@ -9,6 +9,7 @@ Paths it knows (anything else is the echo):
   /nolength?n=N       N bytes without content-length
   /trailers           "body" then trailers x-checksum: abc, grpc-status: 0
   /status/NNN         that status, a short body
+  /never              "ok" with x-token sent never-indexed (RFC 7541 6.2.3), x-plain not
   /hold               answers only once `release` is set (concurrency tests)
 """
 
@@ -36,6 +37,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
+from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import GoAwayFrame
 
 from tests.helpers import ThreadedServer
@@ -48,6 +50,7 @@ class H2Request:
     headers: dict[str, str]
     body: bytes = b""
     trailers: dict[str, str] = field(default_factory=dict)
+    never_indexed: list[str] = field(default_factory=list)  # names sent so (RFC 7541 6.2.3)
 
     @property
     def path(self) -> str:
@@ -158,7 +161,9 @@ class _Conn:
             if refuse:
                 self.h2.reset_stream(ev.stream_id, ErrorCodes.REFUSED_STREAM)
                 return True
-            self.reqs[ev.stream_id] = H2Request(self.cid, ev.stream_id, dict(ev.headers))
+            self.reqs[ev.stream_id] = H2Request(
+                self.cid, ev.stream_id, dict(ev.headers),
+                never_indexed=[h[0] for h in ev.headers if not h.indexable])
             open_now = sum(1 for s in self.reqs if s not in self.outbox) + len(self.outbox)
             o.peak_streams = max(o.peak_streams, open_now)
             if ev.stream_ended is not None:
@@ -174,6 +179,7 @@ class _Conn:
             req = self.reqs.get(ev.stream_id)
             if req is not None:
                 req.trailers = dict(ev.headers)
+                req.never_indexed += [h[0] for h in ev.headers if not h.indexable]
             if ev.stream_ended is not None:
                 self.complete(ev.stream_id)
         elif isinstance(ev, StreamEnded):
@@ -220,6 +226,10 @@ class _Conn:
             headers = [(":status", "200"), ("content-type", "application/grpc")]
             body = b"body"
             trailers = [("x-checksum", "abc"), ("grpc-status", "0")]
+        elif url.path == "/never":
+            headers = [(":status", "200"), NeverIndexedHeaderTuple("x-token", "t0k3n"),
+                       ("x-plain", "p"), ("content-length", "2")]
+            body = b"ok"
         elif url.path.startswith("/status/"):
             status = url.path.rsplit("/", 1)[1]
             headers = [(":status", status)]

@@ -5,7 +5,9 @@ package under the h2 library (protocol.http2 installs an Encoder and a Decoder o
 connection), with the same interface h2 uses and the same exceptions, so h2's own
 handling of a bad block (COMPRESSION_ERROR, the HPACK-bomb guard) is unchanged.
 
-Decoding (section 6), with the checks a decoder must make:
+Decoding (section 6), with the checks a decoder must make; a field sent never-indexed
+(6.2.3) comes out as hpack's NeverIndexedHeaderTuple (a tuple), so that the proxy keeps it
+so when it encodes the field again (7.1.3), every other as a plain tuple:
 - an index of 0, or past the static and dynamic tables, is an error (2.3.3, 6.1);
 - a dynamic table size update is allowed only at the start of a block (4.2) and never
   past the size our SETTINGS_HEADER_TABLE_SIZE allows (6.3);
@@ -41,6 +43,7 @@ from hpack.exceptions import (
     OversizedHeaderListError,
 )
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
+from hpack.struct import NeverIndexedHeaderTuple
 from hpack.table import HeaderTable
 
 cdef enum:
@@ -297,7 +300,12 @@ cdef class Decoder:
             if total > self.max_header_list_size:
                 raise OversizedHeaderListError(
                     f"a header list larger than {self.max_header_list_size}")
-            out.append((name, value))
+            if (b & 0xF0) == 0x10:
+                # Never indexed (6.2.3): said so to whoever encodes it next (an intermediary
+                # MUST keep it never indexed, 7.1.3), as hpack's NeverIndexedHeaderTuple.
+                out.append(NeverIndexedHeaderTuple(name, value))
+            else:
+                out.append((name, value))
         return out
 
 

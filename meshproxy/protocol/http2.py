@@ -44,6 +44,7 @@ from h2.events import (
 )
 from h2.exceptions import DenialOfServiceError, ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes, Settings
+from hpack.struct import NeverIndexedHeaderTuple
 from hyperframe.frame import Frame
 
 from meshproxy._core import h2_fields
@@ -248,12 +249,14 @@ class ServerCodec:
 BODY_AS_IS, BODY_CHUNKED, BODY_TUNNEL = 0, 1, 2
 
 
-def request_head(fields: list[tuple[bytes, bytes]], end_stream: bool) -> tuple[bytes, int]:
+def request_head(fields: list[tuple[bytes, bytes]], end_stream: bool
+                 ) -> tuple[bytes, int, frozenset[tuple[bytes, bytes]] | None]:
     """A request's fields as the HTTP/1.1 head the compiled parser reads (h2 validated
     them: one of each pseudo-header, lowercase names, no connection-specific fields).
     :authority becomes Host (RFC 9113 8.3.1); a body that will follow without a
     content-length is marked chunked, which is how the relay frames it upstream; the
-    second value is the body's reading (BODY_*).
+    second value is the body's reading (BODY_*); the third, the fields the client sent
+    never-indexed (None: none), which stay so to an HTTP/2 origin (RFC 7541 7.1.3).
 
     An extended CONNECT (RFC 8441 4: CONNECT with :protocol) becomes the HTTP/1.1 upgrade
     it stands for, as Envoy translates it: GET :path with `Upgrade: <protocol>` and
@@ -262,8 +265,14 @@ def request_head(fields: list[tuple[bytes, bytes]], end_stream: bool) -> tuple[b
     stream's DATA is then the tunnel's bytes, never chunk-framed."""
     method = path = authority = protocol = b""
     lines = []
+    never: list[tuple[bytes, bytes]] | None = None
     has_length = has_host = has_key = False
-    for name, value in fields:
+    for field in fields:
+        name, value = field
+        if type(field) is NeverIndexedHeaderTuple:  # sent so (_core.hpack's decoder)
+            if never is None:
+                never = []
+            never.append((name, value))
         if name[:1] == b":":
             if name == b":method":
                 method = value
@@ -298,7 +307,16 @@ def request_head(fields: list[tuple[bytes, bytes]], end_stream: bool) -> tuple[b
         if method == b"CONNECT" and not path:
             path = authority  # RFC 9113 8.5: authority-form
     lines.append(b"\r\n")
-    return method + b" " + path + b" HTTP/1.1\r\n" + b"\r\n".join(lines), body
+    return (method + b" " + path + b" HTTP/1.1\r\n" + b"\r\n".join(lines), body,
+            None if never is None else frozenset(never))
+
+
+def mark_never_indexed(fields: list[tuple[bytes, bytes]],
+                       never: frozenset[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """`fields` with those in `never` as NeverIndexedHeaderTuple, which the encoder sends
+    never-indexed: what a peer sent so is re-encoded so (RFC 7541 7.1.3, an intermediary's
+    MUST)."""
+    return [NeverIndexedHeaderTuple(*f) if f in never else f for f in fields]
 
 
 def tunnel_fields(resp: MessageHead) -> list[tuple[bytes, bytes]]:
@@ -315,10 +333,12 @@ def tunnel_fields(resp: MessageHead) -> list[tuple[bytes, bytes]]:
 def response_fields(status: int, resp: MessageHead, skip: frozenset[bytes],
                     add: tuple[tuple[bytes, bytes], ...],
                     extra: list[tuple[bytes, bytes]] | None,
-                    length: int) -> list[tuple[bytes, bytes]]:
+                    length: int, never: frozenset[tuple[bytes, bytes]] | None = None
+                    ) -> list[tuple[bytes, bytes]]:
     """An HTTP/1.1 response head as HTTP/2 fields: connection-specific fields and those the
     Connection header names dropped (RFC 9113 8.2.2), the route's removals and additions
-    applied, and content-length stated when the length is known (`length` >= 0)."""
+    applied, and content-length stated when the length is known (`length` >= 0); the
+    fields an HTTP/2 origin sent never-indexed (`never`) stay so (RFC 7541 7.1.3)."""
     out = [(b":status", b"%d" % status)]
     # RESPONSE_SKIP: the fields HTTP/2 forbids (RFC 9113 8.2.2) and content-length, which
     # is restated from the framing.
@@ -328,6 +348,8 @@ def response_fields(status: int, resp: MessageHead, skip: frozenset[bytes],
     for field in resp.headers:
         if field[0] not in drop:
             out.append(field)
+    if never is not None:
+        out = mark_never_indexed(out, never)
     if length >= 0:
         out.append((b"content-length", b"%d" % length))
     if extra:
@@ -404,12 +426,14 @@ class ClientCodec:
                    self.h2.remote_settings.max_concurrent_streams)
 
 
-def upstream_fields(up: MessageHead, scheme: bytes, te_trailers: bool
+def upstream_fields(up: MessageHead, scheme: bytes, te_trailers: bool,
+                    never: frozenset[tuple[bytes, bytes]] | None = None
                     ) -> list[tuple[bytes, bytes]]:
     """The head built for the origin (proxy.head_rewrite, as HTTP/1.1 and parsed again)
     as HTTP/2 fields: Host as :authority (RFC 9113 8.3.1), the connection-specific
     fields dropped (8.2.2), `te: trailers` kept when the client asked for trailers
-    (gRPC needs it, 8.2.2 allows no other value)."""
+    (gRPC needs it, 8.2.2 allows no other value), the fields an HTTP/2 client sent
+    never-indexed (`never`) kept so (RFC 7541 7.1.3)."""
     path = up.target
     out = [(b":method", up.method), (b":scheme", scheme),
            (b":authority", up.host or b""), (b":path", path)]
@@ -419,9 +443,17 @@ def upstream_fields(up: MessageHead, scheme: bytes, te_trailers: bool
     for field in up.headers:
         if field[0] not in skip:
             out.append(field)
+    if never is not None:
+        out = mark_never_indexed(out, never)
     if te_trailers:
         out.append(TE_TRAILERS)
     return out
+
+
+def never_indexed(fields: list[tuple[bytes, bytes]]) -> frozenset[tuple[bytes, bytes]] | None:
+    """The fields a peer sent never-indexed (hpack's NeverIndexedHeaderTuple), or None."""
+    never = [(f[0], f[1]) for f in fields if type(f) is NeverIndexedHeaderTuple]
+    return frozenset(never) if never else None
 
 
 def asks_trailers(head: MessageHead) -> bool:

@@ -42,6 +42,8 @@ class ClientSide:
     protocol: bytes | None = None
     # An HTTP/2 stream: the response relay writes frames (proxy.h2_stream).
     multiplexed = False
+    # The request fields an HTTP/2 client sent never-indexed (RFC 7541 7.1.3); a stream's.
+    never_indexed: frozenset[tuple[bytes, bytes]] | None = None
 
     __slots__ = ("ctx", "reactor", "ch", "sock", "peer", "peer_ip", "buf", "pos", "phase",
                  "upstream", "deadline", "born", "recv", "recv_wait", "send",

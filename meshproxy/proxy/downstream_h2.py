@@ -53,6 +53,7 @@ from meshproxy.protocol.http2 import (
     PREMATURE_RESET_LIFETIME,
     H2Failure,
     ServerCodec,
+    never_indexed,
     request_head,
 )
 from meshproxy.proxy.client_side import ClientSide
@@ -216,6 +217,10 @@ class H2Driver:
                 st = streams.get(ev.stream_id)
                 if st is not None:
                     st.trailers = relayed_trailers([(k, v) for k, v in ev.headers])
+                    never = never_indexed(ev.headers)
+                    if never is not None:  # kept so to an HTTP/2 origin (RFC 7541 7.1.3)
+                        st.never_indexed = (never if st.never_indexed is None
+                                            else st.never_indexed | never)
                     if ev.stream_ended is not None:
                         st.end()
             elif kind is StreamReset:
@@ -252,7 +257,7 @@ class H2Driver:
             # Past our GOAWAY's last stream: refused, never processed (RFC 9113 8.7).
             self.codec.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             return
-        head_bytes, body = request_head(ev.headers, ended)
+        head_bytes, body, never = request_head(ev.headers, ended)
         hs = self.hs
         if body == BODY_TUNNEL and not self.codec.spec.allow_connect:
             # RFC 8441 3: :protocol only to a server that sent ENABLE_CONNECT_PROTOCOL;
@@ -263,6 +268,7 @@ class H2Driver:
         st = H2Stream(self, sid, head_bytes, ended)
         st.chunked = body == BODY_CHUNKED
         st.tunnel = body == BODY_TUNNEL
+        st.never_indexed = never
         self.codec.opened()
         self.streams[sid] = st
         hs.block.add(hs.http2_streams_active, 1)

@@ -62,7 +62,7 @@ class H2Stream(ClientSide):
     __slots__ = ("conn", "sid", "cs", "inbox", "ended", "chunked", "trailers", "gone",
                  "waiter", "window_waiter", "response_done", "ex", "head_bytes",
                  "headers_sent", "expired", "tail_sent", "tunnel", "flight", "requests",
-                 "fast_hint")
+                 "fast_hint", "never_indexed")
 
     def __init__(self, conn: Any, sid: int, head_bytes: bytes, ended: bool) -> None:
         """`conn`: the proxy.downstream_h2.H2Driver of the connection (which imports this
@@ -108,6 +108,8 @@ class H2Stream(ClientSide):
         self.flight: Any = None
         self.requests = 0
         self.fast_hint = False
+        # The request fields the client sent never-indexed, kept so upstream (RFC 7541 7.1.3).
+        self.never_indexed: frozenset[tuple[bytes, bytes]] | None = None
 
     # ------------------------------------------------------------------ from the driver
 
@@ -397,8 +399,10 @@ class H2Stream(ClientSide):
         length = resp.content_length if framing in (FRAMING_LENGTH, FRAMING_NONE) else -1
         if status in (204, 304):
             length = -1
+        # An HTTP/2 origin's never-indexed fields stay so (`conn` is then its OriginStream).
         fields = response_fields(status, resp, action.ops.response_skip,
-                                 action.ops.response_add, ex.resp_extra, length)
+                                 action.ops.response_add, ex.resp_extra, length,
+                                 getattr(conn, "never_indexed", None))
         ex.status = ex.upstream_status = status
         self.phase = PH_RESP_BODY
         reusable = upstream_reusable(request_complete, resp, framing)

@@ -20,7 +20,12 @@ from meshproxy._core.http1_conn import relay_informational
 from meshproxy._core.http1_parser import ChunkedDecoder, MessageHead, ParseError
 from meshproxy.protocol import errors as flags
 from meshproxy.protocol.errors import REFUSED, ProxyError
-from meshproxy.protocol.http2 import asks_trailers, response_head, upstream_fields
+from meshproxy.protocol.http2 import (
+    asks_trailers,
+    mark_never_indexed,
+    response_head,
+    upstream_fields,
+)
 from meshproxy.proxy.client_side import ClientSide
 from meshproxy.proxy.exchange import BodyState, Exchange
 from meshproxy.proxy.head_rewrite import relayed_trailers
@@ -46,7 +51,7 @@ async def attempt_h2(side: ClientSide, head: MessageHead, ex: Exchange, cluster:
     up = side.ctx.parser.parse_request(up_head)
     assert up is not None  # the proxy's own head, made from a parsed one
     fields = upstream_fields(up, b"https" if cluster.tls_h2 is not None else b"http",
-                             asks_trailers(head))
+                             asks_trailers(head), side.never_indexed)
     has_body = head.chunked or head.content_length > 0
     first_attempt = not state.started
     resent = 0
@@ -109,6 +114,8 @@ async def _stream_body(side: ClientSide, head: MessageHead, ex: Exchange, st: Or
             if dec.done:
                 side.buf, side.pos = buf, pos  # what follows is the next request's
                 trailers = relayed_trailers(dec.trailers)
+                if trailers and side.never_indexed is not None:
+                    trailers = mark_never_indexed(trailers, side.never_indexed)
                 state.trailers = trailers
                 await _send(st, ex, state, data, not trailers)
                 if trailers:

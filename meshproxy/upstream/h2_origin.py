@@ -49,7 +49,7 @@ from meshproxy._core.http1_conn import FRAMING_NONE
 from meshproxy.config.snapshot import TRAILER_SKIP
 from meshproxy.protocol import errors as flags
 from meshproxy.protocol.errors import REFUSED, RESET, ProxyError
-from meshproxy.protocol.http2 import ClientCodec
+from meshproxy.protocol.http2 import ClientCodec, never_indexed
 from meshproxy.transport.sockio import PeerClosed
 from meshproxy.upstream.conn_pool import Endpoint, UpstreamConn
 
@@ -101,7 +101,7 @@ class OriginStream:
     __slots__ = ("origin", "endpoint", "sid", "requests", "fields", "head_ended", "info",
                  "inbox", "unacked", "trailers", "remote_ended", "local_ended", "error",
                  "event", "done", "clean", "released", "expected", "received",
-                 "early_reset")
+                 "early_reset", "never_indexed")
 
     def __init__(self, origin: H2Origin) -> None:
         self.origin = origin
@@ -109,6 +109,8 @@ class OriginStream:
         self.sid = 0
         self.requests = 0
         self.fields: list[tuple[bytes, bytes]] | None = None  # the final response's
+        # Those of them the origin sent never-indexed, kept so (RFC 7541 7.1.3); None: none.
+        self.never_indexed: frozenset[tuple[bytes, bytes]] | None = None
         self.head_ended = False
         self.info: list[list[tuple[bytes, bytes]]] = []  # 1xx heads not yet relayed
         self.inbox: list[bytes] = []
@@ -475,6 +477,7 @@ class H2Origin:
                 st = streams.get(ev.stream_id)
                 if st is not None:
                     st.fields = ev.headers
+                    st.never_indexed = never_indexed(ev.headers)
                     st.head_ended = ev.stream_ended is not None
                     for name, value in ev.headers:
                         if name == b"content-length":
@@ -493,8 +496,9 @@ class H2Origin:
             elif kind is TrailersReceived:
                 st = streams.get(ev.stream_id)
                 if st is not None:
-                    # TRAILER_SKIP: the fields never relayed after the content.
-                    st.trailers = [(k, v) for k, v in ev.headers if k not in TRAILER_SKIP]
+                    # TRAILER_SKIP: the fields never relayed after the content. The
+                    # fields themselves go on, never-indexed ones marked so (7.1.3).
+                    st.trailers = [f for f in ev.headers if f[0] not in TRAILER_SKIP]
                     st.remote_ended = True
                     st.wake()
             elif kind is StreamEnded:

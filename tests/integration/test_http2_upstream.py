@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from hpack import NeverIndexedHeaderTuple
 
 from tests.h2client import Client
 from tests.h2origin import H2Origin
@@ -305,3 +306,32 @@ def test_http2_upstream_reset_mid_body_resets_the_client(tmp_path, h2origin) -> 
     assert got < 50_000_000
     wait_for(lambda: len(log_lines(p)) >= 1)
     assert log_lines(p)[-1]["response_flags"] == "UC"
+
+
+def test_http2_upstream_keeps_never_indexed_fields_never_indexed(tmp_path, h2origin) -> None:
+    """RFC 7541 7.1.3: a field an HTTP/2 peer sent as a never-indexed literal is sent on
+    as one by the proxy (an intermediary's MUST): request fields and trailers to the
+    origin, response fields to the client; the others stay indexable."""
+    o = h2origin()
+    p = h2_proxy(tmp_path, o.port)
+    c = Client(p.port)
+    try:
+        r = c.get("/echo", headers=[NeverIndexedHeaderTuple(b"x-secret", b"s3cret"),
+                                    (b"x-open", b"w")])
+        assert r.status == 200
+        assert json.loads(r.body)["headers"]["x-secret"] == "s3cret"
+        r = c.get("/never")
+        assert (r.status, r.body) == (200, b"ok")
+        sent = {h[0]: h for h in r.headers}
+        assert sent[b"x-token"] == (b"x-token", b"t0k3n") and not sent[b"x-token"].indexable
+        assert sent[b"x-plain"].indexable
+        sid = c.request("/echo", method="POST", body=b"abc",
+                        trailers=[NeverIndexedHeaderTuple(b"x-sig", b"1"), (b"x-sum", b"2")])
+        assert c.wait(sid)[0].status == 200
+    finally:
+        c.close()
+    first, _never, third = o.requests
+    assert "x-secret" in first.never_indexed and "x-open" not in first.never_indexed
+    assert third.trailers == {"x-sig": "1", "x-sum": "2"}
+    assert "x-sig" in third.never_indexed and "x-sum" not in third.never_indexed
+    p.stop()
