@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -126,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {args.cpu})
     cap = Capacity(*args.capacity)
     segment = Segment(Layout(cap), args.slabs, fd=args.stats_fd)
+    # What the worker has made so far (its modules, their tables) lives as long as it does:
+    # out of the collector's generations, the full collections that requests trigger do
+    # not walk it again each time.
+    gc.freeze()
     try:
         trio.run(_main, args, segment)
     except BaseException as exc:
