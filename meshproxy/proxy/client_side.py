@@ -28,7 +28,7 @@ from functools import partial
 from typing import Any
 
 from meshproxy._core.http1_parser import MessageHead, serialize_head
-from meshproxy.config.snapshot import RESPONSE_SKIP, RouteFilters
+from meshproxy.config.snapshot import RESPONSE_SKIP, ClusterAction
 from meshproxy.proxy.context import ListenerContext
 from meshproxy.proxy.local_reply import local_reply, reason
 from meshproxy.proxy.phases import PH_HEAD
@@ -120,7 +120,7 @@ class ClientSide:
         await self.send(data)
         return keep
 
-    def forwarding(self, head: MessageHead, filters: RouteFilters | None) -> None:
+    def forwarding(self, head: MessageHead, action: ClusterAction) -> None:
         """The request goes to the router (a hook for the connection's own bookkeeping)."""
 
     async def informational(self, status: int, headers: list[tuple[bytes, bytes]],

@@ -68,7 +68,7 @@ async def dispatch(side: ClientSide, head: MessageHead, ex: Exchange) -> bool:
         if refusal is not None:
             return await reply(side, ex, head, refusal)
     if type(action) is ClusterAction:
-        side.forwarding(head, filters)
+        side.forwarding(head, action)
         return await forward_or_reply(side, head, ex, action, None)
     return await reply(side, ex, head, answer(action, side.ctx.scheme, host, target))
 

@@ -35,10 +35,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from meshproxy._core.http1_parser import MessageHead, ParseError
-from meshproxy.config.snapshot import (
-    ClusterAction,
-    RouteFilters,
-)
+from meshproxy.config.snapshot import ClusterAction
 from meshproxy.protocol import errors as flags
 from meshproxy.protocol.http2 import PREFACE_LEN, preface_state
 from meshproxy.proxy.attempt import Resume
@@ -382,10 +379,22 @@ class DownstreamConnection(TLSTermination):
             self.ex = None
         finish(self, ex)
 
-    def forwarding(self, head: MessageHead, filters: RouteFilters | None) -> None:
-        """Requests like this one are the fast path's: the connection parks on it."""
-        self.fast_hint = (self.flight is not None and filters is None
-                          and self.ctx.tracer is None and serves(head))
+    def forwarding(self, head: MessageHead, action: ClusterAction) -> None:
+        """Requests like this one are the fast path's: the connection parks on it. Not
+        when the route's clusters speak HTTP/2 to the origin, which the fast path hands to
+        a task every time: the connection keeps its task for the next request instead of
+        a park, a decline and a new task each."""
+        self.fast_hint = (self.flight is not None and action.filters is None
+                          and self.ctx.tracer is None and serves(head)
+                          and not self._h2_upstream(action))
+
+    def _h2_upstream(self, action: ClusterAction) -> bool:
+        clusters = self.ctx.clusters
+        for name, _weight in action.clusters:
+            cluster = clusters.get(name)
+            if cluster is not None and cluster.speaks_h2(False):
+                return True
+        return False
 
     # ------------------------------------------------------------------ from the fast path
 

@@ -16,7 +16,7 @@ from hpack import NeverIndexedHeaderTuple
 
 from tests.h2client import Client
 from tests.h2origin import H2Origin
-from tests.helpers import config, curl, read_response, wait_for
+from tests.helpers import FAST_PATH, config, curl, read_response, wait_for
 from tests.integration.test_supervisor import start, stat
 from tools.mesh_certs import MeshCA
 
@@ -334,4 +334,20 @@ def test_http2_upstream_keeps_never_indexed_fields_never_indexed(tmp_path, h2ori
     assert "x-secret" in first.never_indexed and "x-open" not in first.never_indexed
     assert third.trailers == {"x-sig": "1", "x-sum": "2"}
     assert "x-sig" in third.never_indexed and "x-sum" not in third.never_indexed
+    p.stop()
+
+
+def test_http2_upstream_http1_connection_keeps_its_task(tmp_path, h2origin) -> None:
+    """An HTTP/1.1 client's requests to an HTTP/2 cluster are a task's (the fast path
+    relays HTTP/1.1 origins only): after the first, the connection keeps its task for the
+    next request instead of parking on the fast path to be declined and woken each time."""
+    o = h2origin()
+    p = h2_proxy(tmp_path, o.port)
+    with socket.create_connection(("127.0.0.1", p.port), timeout=5) as s:
+        for i in range(5):
+            s.sendall(b"GET /echo/%d HTTP/1.1\r\nHost: a\r\n\r\n" % i)
+            status, _headers, body = read_response(s)
+            assert status == 200 and json.loads(body)["path"] == f"/echo/{i}"
+    assert stat(p, "http.ingress.fast_path.declined") == (1 if FAST_PATH else 0)
+    assert stat(p, "http.ingress.fast_path.rq_total") == 0
     p.stop()
