@@ -265,14 +265,8 @@ def request_head(fields: list[tuple[bytes, bytes]], end_stream: bool
     stream's DATA is then the tunnel's bytes, never chunk-framed."""
     method = path = authority = protocol = b""
     lines = []
-    never: list[tuple[bytes, bytes]] | None = None
     has_length = has_host = has_key = False
-    for field in fields:
-        name, value = field
-        if type(field) is NeverIndexedHeaderTuple:  # sent so (_core.hpack's decoder)
-            if never is None:
-                never = []
-            never.append((name, value))
+    for name, value in fields:
         if name[:1] == b":":
             if name == b":method":
                 method = value
@@ -308,7 +302,7 @@ def request_head(fields: list[tuple[bytes, bytes]], end_stream: bool
             path = authority  # RFC 9113 8.5: authority-form
     lines.append(b"\r\n")
     return (method + b" " + path + b" HTTP/1.1\r\n" + b"\r\n".join(lines), body,
-            None if never is None else frozenset(never))
+            never_indexed(fields))
 
 
 def mark_never_indexed(fields: list[tuple[bytes, bytes]],
@@ -451,7 +445,8 @@ def upstream_fields(up: MessageHead, scheme: bytes, te_trailers: bool,
 
 
 def never_indexed(fields: list[tuple[bytes, bytes]]) -> frozenset[tuple[bytes, bytes]] | None:
-    """The fields a peer sent never-indexed (hpack's NeverIndexedHeaderTuple), or None."""
+    """The fields a peer sent never-indexed (_core.hpack's decoder gives them as hpack's
+    NeverIndexedHeaderTuple), or None."""
     never = [(f[0], f[1]) for f in fields if type(f) is NeverIndexedHeaderTuple]
     return frozenset(never) if never else None
 

@@ -28,9 +28,6 @@ through `lost`, which abandons the attempt first.
 
 import logging
 
-from meshproxy._core.http1_conn import FRAMING_LENGTH, FRAMING_NONE
-from meshproxy.protocol.grpc import status_of
-from meshproxy.protocol.http2 import response_fields
 from meshproxy.proxy.head_rewrite import relayed_trailers
 from meshproxy.transport.sockio import PeerClosed
 
@@ -64,25 +61,12 @@ cdef class StreamFlight(Flight):
 
     cdef int _emit(self, resp, int status, plan, int framing, data, trailers,
                    bint release) except -1:
-        """The response as HEADERS, DATA and trailers on the stream, END_STREAM on the
-        last (H2Stream.relay_response's rules: content-length restated from the framing,
-        the connection-specific fields gone, RFC 9113 8.1 and 8.2.2)."""
-        st, ex, action = self.dc, self.ex, self.action
-        cdef Py_ssize_t length = -1
-        if (framing == FRAMING_LENGTH or framing == FRAMING_NONE) and status != 204 \
-                and status != 304:
-            length = resp.content_length
-        fields = response_fields(status, resp, action.ops.response_skip,
-                                 action.ops.response_add, ex.resp_extra, length)
-        tail = relayed_trailers(trailers) if trailers else None
-        if ex.grpc:
-            ex.grpc_status = status_of(resp.headers)  # a trailers-only answer's
-            if tail:
-                code = status_of(tail)
-                if code >= 0:
-                    ex.grpc_status = code
+        """The response as frames on the stream (H2Stream.emit, with relay_response's
+        fields), then the exchange ends."""
+        st = self.dc
         try:
-            st.emit(fields, data, tail)
+            st.emit(resp, framing, self.action, self.ex, data,
+                    relayed_trailers(trailers) if trailers else None)
         except PeerClosed:
             # The stream closed meanwhile: as a PeerClosed out of the relay.
             self._end_attempt(status)

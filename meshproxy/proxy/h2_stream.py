@@ -173,15 +173,13 @@ class H2Stream(ClientSide):
         self.conn.serve_in_task(self, cont)
 
     def fast_done(self) -> None:
-        """The fast path relayed the whole response and finished the exchange."""
+        """The fast path is through with the stream: it relayed the whole response and
+        finished the exchange, or it could not go on (the stream closed under it, or a
+        bug). The stream ends, reset unless its response was sent."""
         self._unflight()
         self.conn.end_stream(self)
 
-    def close_taskless(self) -> None:
-        """The fast path could not go on (the stream closed under it, or a bug): the stream
-        ends, reset unless its response was sent."""
-        self._unflight()
-        self.conn.end_stream(self)
+    close_taskless = fast_done  # Flight's name for its ending without a task
 
     def _unflight(self) -> None:
         """The fast path is done with the stream. Its flight holds its own callbacks (bound
@@ -207,12 +205,16 @@ class H2Stream(ClientSide):
         return (n <= window and n <= h2.max_outbound_frame_size
                 and self.conn.room(n))
 
-    def emit(self, fields: list[tuple[bytes, bytes]], data: bytes,
-             trailers: list[tuple[bytes, bytes]] | None) -> None:
-        """A whole response queued on the connection (can_emit said it fits): HEADERS,
-        DATA, trailers, END_STREAM on the last of them (RFC 9113 8.1)."""
+    def emit(self, resp: MessageHead, framing: int, action: ClusterAction, ex: Exchange,
+             data: bytes, trailers: list[tuple[bytes, bytes]] | None) -> None:
+        """A whole response from an HTTP/1.1 origin queued on the connection (can_emit said
+        it fits), with relay_response's fields: HEADERS, DATA, trailers, END_STREAM on the
+        last of them (RFC 9113 8.1)."""
         if self.gone:
             raise PeerClosed("the client reset the stream")
+        fields = response_head_fields(resp.status, resp, framing, action, ex, None)
+        if trailers:
+            grpc_trailers(ex, trailers)
         h2 = self.conn.codec.h2
         sid = self.sid
         frames = 1
@@ -396,19 +398,13 @@ class H2Stream(ClientSide):
         status = resp.status
         plan = plan_response(head, resp, request_complete, False)
         framing = plan.framing
-        length = resp.content_length if framing in (FRAMING_LENGTH, FRAMING_NONE) else -1
-        if status in (204, 304):
-            length = -1
         # An HTTP/2 origin's never-indexed fields stay so (`conn` is then its OriginStream).
-        fields = response_fields(status, resp, action.ops.response_skip,
-                                 action.ops.response_add, ex.resp_extra, length,
-                                 getattr(conn, "never_indexed", None))
+        fields = response_head_fields(status, resp, framing, action, ex,
+                                      getattr(conn, "never_indexed", None))
         ex.status = ex.upstream_status = status
         self.phase = PH_RESP_BODY
         reusable = upstream_reusable(request_complete, resp, framing)
         ex.response_started = True
-        if ex.grpc:
-            ex.grpc_status = status_of(resp.headers)  # a trailers-only answer's
         body = open_body(conn, resp, ubuf, framing)
         data = body.take()
         # END_STREAM rides on the last frame: the head when there is no body, else the
@@ -424,10 +420,7 @@ class H2Stream(ClientSide):
                 break
             data = await body.read()
         if body.trailers:
-            if ex.grpc:
-                code = status_of(body.trailers)
-                if code >= 0:
-                    ex.grpc_status = code
+            grpc_trailers(ex, body.trailers)
             await self.send_trailers(body.trailers)
         self.upstream = None
         body.finish(reusable, self.reactor.now)
@@ -459,6 +452,29 @@ class H2Stream(ClientSide):
                 await self.send_local(ex, ex.head, status, body, flag)
             except PeerClosed:
                 pass
+
+
+def response_head_fields(status: int, resp: MessageHead, framing: int, action: ClusterAction,
+                         ex: Exchange, never: frozenset[tuple[bytes, bytes]] | None
+                         ) -> list[tuple[bytes, bytes]]:
+    """An origin's response head as the stream's HEADERS: content-length restated from the
+    framing (none for 204 and 304), the connection-specific fields gone (RFC 9113 8.2.2);
+    a gRPC call's status from it (a trailers-only answer's)."""
+    length = resp.content_length if framing in (FRAMING_LENGTH, FRAMING_NONE) else -1
+    if status in (204, 304):
+        length = -1
+    if ex.grpc:
+        ex.grpc_status = status_of(resp.headers)
+    return response_fields(status, resp, action.ops.response_skip, action.ops.response_add,
+                           ex.resp_extra, length, never)
+
+
+def grpc_trailers(ex: Exchange, trailers: list[tuple[bytes, bytes]]) -> None:
+    """A gRPC call's status from its trailers, when they state one."""
+    if ex.grpc:
+        code = status_of(trailers)
+        if code >= 0:
+            ex.grpc_status = code
 
 
 async def _no_bytes(data: bytes) -> None:
