@@ -1,17 +1,24 @@
-"""HTTP/2 for the proxy's client connections, sans-IO: the h2 library's state machine with
-the listener's settings, the defences HTTP/2 needs, and the translation between a
-stream's fields and the head the rest of the data path reads.
+"""HTTP/2 for the proxy's connections, sans-IO: the listener's settings and the defences
+HTTP/2 needs around each side's state machine, and the translation between a stream's
+fields and the head the rest of the data path reads.
 
-What h2 enforces (RFC 9113 sections 4 to 8, RFC 7541), and what is added here:
-- framing, stream states, flow-control windows, SETTINGS values, pseudo-headers, field
-  names and values (8.2.1: no uppercase, no CR/LF/NUL, no surrounding whitespace),
-  connection-specific fields (8.2.2), `te` other than "trailers", Host against
-  :authority, content-length against the DATA received (8.1.1): all are h2's, and a
-  violation is a connection error (GOAWAY PROTOCOL_ERROR), which RFC 9113 5.4.1 allows
-  for any stream error and which Envoy's default does too;
+The two sides' state machines:
+- client connections (ServerCodec): the compiled server connection
+  (meshproxy._core.h2_server, h2's interface; it says what of RFC 9113 sections 3 to 8
+  it enforces): framing, stream states, flow-control windows, SETTINGS values,
+  pseudo-headers, field names and values (8.2.1: no uppercase, no CR/LF/NUL, no
+  surrounding whitespace), connection-specific fields (8.2.2), `te` other than
+  "trailers", Host against :authority, content-length against the DATA received (8.1.1).
+  A malformed request is a connection error (GOAWAY PROTOCOL_ERROR), which RFC 9113 5.4.1
+  allows for any stream error and which Envoy's default does too; a frame a stream's
+  state forbids is the stream error 5.1 names (RST_STREAM STREAM_CLOSED);
+- origin connections (ClientCodec): the h2 library's H2Connection as the client, with
+  the compiled HPACK and field checks installed in it.
+
+What is added here, on the client side:
 - the HPACK decoder is bounded by the listener's max_request_headers_kb (the "HPACK
   bomb": a small block that decodes into a huge list, RFC 7541 7.3), and a header block
-  by h2's 64 CONTINUATION frames (CVE-2024-27316's unbounded buffering);
+  by 64 CONTINUATION frames (CVE-2024-27316's unbounded buffering);
 - floods, counted here with Envoy's names and limits (CVE-2019-9512 ping, 9515 settings,
   9518 empty frames; Envoy's PRIORITY and WINDOW_UPDATE budgets), and rapid reset
   (CVE-2023-44487) as Envoy counts it: premature resets, a stream the client resets
@@ -35,19 +42,19 @@ import h2.stream as _h2_stream
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    Event,
-    PriorityUpdated,
-    WindowUpdated,
-)
+from h2.events import ConnectionTerminated, Event
 from h2.exceptions import DenialOfServiceError, ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes, Settings
 from hpack.struct import NeverIndexedHeaderTuple
 from hyperframe.frame import Frame
 
 from meshproxy._core import h2_fields
+from meshproxy._core.h2_server import (
+    DataReceived,
+    H2ServerConnection,
+    PriorityUpdated,
+    WindowUpdated,
+)
 from meshproxy._core.hpack import Decoder, Encoder
 from meshproxy._core.http1_parser import MessageHead
 from meshproxy.config.snapshot import RESPONSE_SKIP, Http2Spec, UpstreamHttp2Spec
@@ -122,7 +129,7 @@ class _Connection(H2Connection):
             self._data_to_send += b"".join([f.serialize() for f in frames])
 
 
-def _start(conn: H2Connection, window: int) -> None:
+def _start(conn: Any, window: int) -> None:
     """The preface's SETTINGS, then the connection window raised from the protocol's
     65,535 (RFC 9113 6.9.2: only a WINDOW_UPDATE on stream 0 can change it)."""
     conn.initiate_connection()
@@ -140,26 +147,22 @@ def preface_state(data: bytes) -> int:
 
 
 class ServerCodec:
-    """One client connection's HTTP/2 state: h2's machine plus the flood accounting."""
+    """One client connection's HTTP/2 state: the compiled server connection plus the
+    flood accounting."""
 
     __slots__ = ("h2", "spec", "empty_run", "priority_frames", "window_updates",
                  "streams_opened", "data_frames_sent", "premature_resets")
 
     def __init__(self, spec: Http2Spec, max_header_bytes: int) -> None:
         self.spec = spec
-        conn = self.h2 = _Connection(_config(False))
-        conn.local_settings = Settings(
-            client=False, initial_values={
-                SettingCodes.MAX_CONCURRENT_STREAMS: spec.max_concurrent_streams,
-                SettingCodes.INITIAL_WINDOW_SIZE: spec.initial_stream_window_size,
-                SettingCodes.HEADER_TABLE_SIZE: spec.hpack_table_size,
-                SettingCodes.MAX_HEADER_LIST_SIZE: max_header_bytes,
-                SettingCodes.ENABLE_PUSH: 0,
-                # RFC 8441 3: extended CONNECT (a WebSocket on a stream), when allowed.
-                SettingCodes.ENABLE_CONNECT_PROTOCOL: int(spec.allow_connect),
-            })
-        conn.decoder.max_header_list_size = max_header_bytes
-        conn.decoder.max_allowed_table_size = spec.hpack_table_size
+        # Our SETTINGS, in force from the preface on (as h2 applied them); ENABLE_PUSH 0;
+        # ENABLE_CONNECT_PROTOCOL (RFC 8441 3: a WebSocket on a stream) when allowed.
+        self.h2 = H2ServerConnection(
+            max_concurrent_streams=spec.max_concurrent_streams,
+            initial_window=spec.initial_stream_window_size,
+            header_table_size=spec.hpack_table_size,
+            max_header_list_size=max_header_bytes,
+            enable_connect=spec.allow_connect)
         self.empty_run = 0
         self.priority_frames = 0
         self.window_updates = 0
@@ -171,7 +174,7 @@ class ServerCodec:
         """Queue the server's preface: SETTINGS, then the connection window's increase."""
         _start(self.h2, self.spec.initial_connection_window_size)
 
-    def receive(self, data: bytes) -> list[Event]:
+    def receive(self, data: bytes) -> list[Any]:
         """Feed received bytes; the events they make. Raises H2Failure once the connection
         must end (a GOAWAY is queued then)."""
         try:
@@ -187,7 +190,7 @@ class ServerCodec:
         self._count(events)
         return events
 
-    def _count(self, events: list[Event]) -> None:
+    def _count(self, events: list[Any]) -> None:
         spec = self.spec
         ev: Any  # narrowed by `kind`, which mypy does not follow
         for ev in events:
@@ -229,13 +232,8 @@ class ServerCodec:
         END_HEADERS awaits its CONTINUATION, or a HEADERS or CONTINUATION frame is still
         arriving. Nothing else may come on the connection until it ends (RFC 9113 6.10),
         so a client that stalls here (slowloris in HTTP/2) holds the whole connection:
-        request_headers_timeout bounds it. (Reads h2 4.4's frame buffer: its pending
-        header frames, and the type octet of a partly received frame, RFC 9113 4.1.)"""
-        buf = self.h2.incoming_buffer
-        if buf._headers_buffer:
-            return True
-        data = buf._data
-        return len(data) >= 4 and data[3] in (0x1, 0x9)
+        request_headers_timeout bounds it."""
+        return bool(self.h2.header_block_pending())
 
     def premature_reset(self) -> bool:
         """A client reset a young stream; True once the connection should close."""

@@ -6,7 +6,7 @@ by its own task, which goes through the same dispatch, filter chain and router a
 HTTP/1.1 request. Tasks live in one nursery that bounds them: when the connection ends,
 every stream still open is abandoned with it (its exchange logged with DC).
 
-Writes: streams queue frames into h2's buffer and wake one writer task, which sends what
+Writes: streams queue frames in the codec's buffer and wake one writer task, which sends what
 is queued in one write; a stream that has queued more than WRITE_HIGH_WATER waits for it
 to be written, so the bytes the proxy holds for a client are bounded by that and the
 streams' windows, however slowly the client reads. Control frames the client makes us
@@ -29,10 +29,12 @@ from typing import Any
 
 import trio
 from h2.errors import ErrorCodes
-from h2.events import (
+from h2.exceptions import ProtocolError as H2ProtocolError
+from hyperframe.frame import GoAwayFrame
+
+from meshproxy._core.h2_server import (
     ConnectionTerminated,
     DataReceived,
-    Event,
     PingReceived,
     RemoteSettingsChanged,
     RequestReceived,
@@ -41,9 +43,6 @@ from h2.events import (
     TrailersReceived,
     WindowUpdated,
 )
-from h2.exceptions import ProtocolError as H2ProtocolError
-from hyperframe.frame import GoAwayFrame
-
 from meshproxy._core.http1_parser import ParseError
 from meshproxy.protocol import errors as flags
 from meshproxy.protocol.http2 import (
@@ -183,7 +182,7 @@ class H2Driver:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("HTTP/2 connection from %s ends: %s", self.dc.peer, exc.reason)
 
-    def _handle(self, events: list[Event]) -> None:
+    def _handle(self, events: list[Any]) -> None:
         streams = self.streams
         hs = self.hs
         ev: Any  # narrowed by `kind`, which mypy does not follow
@@ -224,8 +223,17 @@ class H2Driver:
                     if ev.stream_ended is not None:
                         st.end()
             elif kind is StreamReset:
-                hs.block.inc(hs.http2_rx_reset)
                 st = streams.get(ev.stream_id)
+                if not ev.remote_reset:
+                    # A stream error of the codec's (a frame the stream's state forbids,
+                    # RFC 9113 5.1): its RST_STREAM is queued, the stream is abandoned.
+                    hs.block.inc(hs.http2_tx_reset)
+                    hs.block.inc(hs.http2_rx_messaging_error)
+                    self._control()
+                    if st is not None:
+                        st.lost()
+                    continue
+                hs.block.inc(hs.http2_rx_reset)
                 if st is not None:
                     premature = (not st.response_done
                                  and self.dc.reactor.now - st.born < PREMATURE_RESET_LIFETIME)
@@ -382,15 +390,9 @@ class H2Driver:
         self.kick()
 
     def consumed(self, sid: int, n: int) -> None:
-        """The relay took n flow-controlled bytes: the client's windows reopen."""
-        h2 = self.codec.h2
-        try:
-            if sid:
-                h2.acknowledge_received_data(n, sid)
-            else:
-                h2.increment_flow_control_window(n)
-        except H2ProtocolError:
-            return  # the stream closed meanwhile (its share of the window came back)
+        """The relay took n flow-controlled bytes of stream `sid` (0: of a stream gone):
+        the client's windows reopen (WINDOW_UPDATE once half of one was taken)."""
+        self.codec.h2.acknowledge_received_data(n, sid)
         self.kick()
 
     # ------------------------------------------------------------------ timeouts
