@@ -3,10 +3,8 @@
     python -m tests.fuzz.fuzz_http1 -runs=10000000          # or -max_total_time=SECONDS
     MESHPROXY_FUZZ_TARGET=chunked python -m tests.fuzz.fuzz_http1 -runs=10000000 DIR
 
-The parser's C (Cython's output) is built a second time with clang and
-`-fsanitize=fuzzer-no-link` (atheris's documented way for native extensions), into
-build/fuzz/, so that libFuzzer sees its branches and comparisons; the regular build is not
-touched. The seeds are tests/corpus/ (each case behind the byte that selects its target).
+The parser is built a second time, instrumented for libFuzzer, into build/fuzz/
+(tests/fuzz/instrument.py); the regular build is not touched. The seeds are tests/corpus/ (each case behind the byte that selects its target).
 
 One input exercises one target, chosen by its first byte:
   0  request head parser   1  response head parser   2  chunked decoder
@@ -25,68 +23,19 @@ crash-<sha1> in the working directory. Every one found goes to tests/corpus/.
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
 import os
-import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import atheris
 
-ROOT = Path(__file__).resolve().parents[2]
-PYX = ROOT / "meshproxy" / "_core" / "http1_parser.pyx"
-BUILD = ROOT / "build" / "fuzz"
+from tests.fuzz.instrument import BUILD, ROOT, instrumented
+
 CORPUS = ROOT / "tests" / "corpus"
 MAX_BODY_LENGTH = 1 << 62
 REQUEST_STATUSES = {400, 414, 431, 501, 505}
 RESPONSE_STATUSES = {502}
 FRAMING = frozenset({b"content-length", b"transfer-encoding"})
-
-
-def build() -> Path:
-    """The instrumented extension, rebuilt when the .pyx or .pxd is newer than it."""
-    suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    out = BUILD / f"http1_parser{suffix}"
-    sources = [PYX, PYX.with_suffix(".pxd")]
-    if out.exists() and out.stat().st_mtime > max(p.stat().st_mtime for p in sources):
-        return out
-    BUILD.mkdir(parents=True, exist_ok=True)
-    c_file = BUILD / f"http1_parser.{os.getpid()}.c"
-    subprocess.run([sys.executable, "-m", "cython", "-3", "-o", str(c_file), str(PYX)],
-                   check=True)
-    include = sysconfig.get_paths()["include"]
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    subprocess.run(["clang", "-shared", "-fPIC", "-O1", "-g", "-fsanitize=fuzzer-no-link",
-                    f"-I{include}", str(c_file), "-o", str(tmp)], check=True)
-    os.replace(tmp, out)  # a campaign running meanwhile keeps the file it loaded
-    c_file.unlink()
-    return out
-
-
-def libfuzzer() -> Path:
-    """libFuzzer as a shared library, made from the archive atheris ships for this purpose
-    (its "external libFuzzer" option): loaded globally before the instrumented parser, it
-    defines the coverage hooks the parser calls, and atheris then drives it ("Using
-    preloaded libfuzzer") instead of the copy inside its own extension."""
-    out = BUILD / "libfuzzer.so"
-    if not out.exists():
-        archive = Path(atheris.path()) / "libclang_rt.fuzzer_no_main.a"
-        BUILD.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["clang++", "-shared", "-o", str(out), "-Wl,--whole-archive",
-                        str(archive), "-Wl,--no-whole-archive", "-lpthread"], check=True)
-    return out
-
-
-def load(path: Path):
-    ctypes.CDLL(str(libfuzzer()), mode=os.RTLD_GLOBAL | os.RTLD_NOW)
-    spec = importlib.util.spec_from_file_location("meshproxy._core.http1_parser", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["meshproxy._core.http1_parser"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_seeds() -> Path:
@@ -212,7 +161,7 @@ class Targets:
 
 
 def main() -> None:
-    mod = load(build())
+    mod = instrumented("http1_parser")
     targets = Targets(mod)
     # Corpus directories become absolute: the run happens in BUILD.
     args = [sys.argv[0]] + [a if a.startswith("-") else os.path.abspath(a)

@@ -1,5 +1,6 @@
-"""A short coverage-guided fuzz run of the compiled HTTP/1.1 parser in every test run
-(about 10 s per target), so that a regression of the smuggling class shows in CI. The long
+"""A short coverage-guided fuzz run of the compiled HTTP/1.1 parser and HTTP/2 server
+connection in every test run (about 10 s per target), so that a regression of the
+smuggling or crash class shows in CI. The long
 campaigns are run by hand (README, "Fuzzing"); what they find goes to tests/corpus/."""
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("target", ["request", "response", "chunked"])
-def test_fuzz_http1_short_run_finds_nothing(tmp_path: Path, target: str) -> None:
+@pytest.mark.parametrize("module,target", [
+    ("fuzz_http1", "request"), ("fuzz_http1", "response"), ("fuzz_http1", "chunked"),
+    ("fuzz_h2_server", ""),
+])
+def test_fuzz_short_run_finds_nothing(tmp_path: Path, module: str, target: str) -> None:
     env = dict(os.environ, MESHPROXY_FUZZ_TARGET=target)
     r = subprocess.run(
-        [sys.executable, "-m", "tests.fuzz.fuzz_http1", "-max_total_time=10",
+        [sys.executable, "-m", f"tests.fuzz.{module}", "-max_total_time=10",
          "-max_len=4096", "-print_final_stats=1", str(tmp_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     out = r.stdout + r.stderr
