@@ -5,3 +5,10 @@ from typing import Any
 
 def normalize_inbound_headers(headers: Iterable[Any], flags: Any) -> list[Any]: ...
 def validate_headers(headers: Iterable[Any], flags: Any) -> list[Any]: ...
+
+BODY_AS_IS: int
+BODY_CHUNKED: int
+BODY_TUNNEL: int
+
+def request_head(fields: list[tuple[bytes, bytes]], end_stream: bool
+                 ) -> tuple[bytes, int, frozenset[tuple[bytes, bytes]] | None]: ...

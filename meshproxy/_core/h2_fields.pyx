@@ -22,6 +22,9 @@ What is checked (RFC 9113):
 Normalization (8.2.3): a request's cookie fields are joined with "; " into one, last.
 """
 
+import base64
+import os
+
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 from h2.exceptions import ProtocolError
@@ -157,3 +160,71 @@ cdef void _acceptable(set pseudo, object method, bint is_trailer, bint is_respon
             raise ProtocolError("Encountered response-only headers {b':status'}")
         if not connect and b":protocol" in pseudo:
             raise ProtocolError("Encountered connect-request-only headers {b':protocol'}")
+
+
+# How a stream's DATA is read, as request_head decides it: as it comes (a content-length,
+# or no body), re-framed chunked (a body without a content-length), or a tunnel's bytes.
+BODY_AS_IS, BODY_CHUNKED, BODY_TUNNEL = 0, 1, 2
+
+
+def request_head(list fields, bint end_stream) -> tuple:
+    """A request's fields (validated by validate_headers: one of each pseudo-header,
+    lowercase names, no connection-specific fields) as the HTTP/1.1 head the compiled
+    parser reads. :authority becomes Host (RFC 9113 8.3.1); a body that will follow
+    without a content-length is marked chunked, which is how the relay frames it upstream.
+    Returns (head bytes, the body's reading BODY_*, the fields the client sent
+    never-indexed or None), the last kept so to an HTTP/2 origin (RFC 7541 7.1.3).
+
+    An extended CONNECT (RFC 8441 4: CONNECT with :protocol) becomes the HTTP/1.1 upgrade
+    it stands for, as Envoy translates it: GET :path with `Upgrade: <protocol>` and
+    `Connection: upgrade`; for a WebSocket the Sec-WebSocket-Key HTTP/2 does without
+    (RFC 8441 5) is made up, since an HTTP/1.1 origin requires one (RFC 6455 4.1). The
+    stream's DATA is then the tunnel's bytes, never chunk-framed."""
+    cdef bytes method = b"", path = b"", authority = b"", protocol = b""
+    cdef bytes name, value
+    cdef list lines = []
+    cdef list never = None
+    cdef bint has_length = False, has_host = False, has_key = False
+    cdef int body = BODY_AS_IS
+    for f in fields:
+        name = f[0]
+        value = f[1]
+        if type(f) is NeverIndexedHeaderTuple:
+            if never is None:
+                never = []
+            never.append((name, value))
+        if PyBytes_GET_SIZE(name) and PyBytes_AS_STRING(name)[0] == b":":
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+            elif name == b":authority":
+                authority = value
+            elif name == b":protocol":
+                protocol = value
+            continue
+        if name == b"content-length":
+            has_length = True
+        elif name == b"host":
+            has_host = True
+        elif name == b"sec-websocket-key":
+            has_key = True
+        lines.append(name + b": " + value)
+    if authority and not has_host:
+        lines.append(b"host: " + authority)
+    if protocol:
+        body = BODY_TUNNEL
+        method = b"GET"
+        lines.append(b"connection: upgrade")
+        lines.append(b"upgrade: " + protocol)
+        if protocol.lower() == b"websocket" and not has_key:
+            lines.append(b"sec-websocket-key: " + base64.b64encode(os.urandom(16)))
+    else:
+        if not end_stream and not has_length:
+            body = BODY_CHUNKED
+            lines.append(b"transfer-encoding: chunked")
+        if method == b"CONNECT" and not path:
+            path = authority  # RFC 9113 8.5: authority-form
+    lines.append(b"\r\n")
+    return (method + b" " + path + b" HTTP/1.1\r\n" + b"\r\n".join(lines), body,
+            frozenset(never) if never is not None else None)

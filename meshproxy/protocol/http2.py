@@ -34,8 +34,6 @@ content-length is marked chunked there, so the relay frames it for the origin.
 
 from __future__ import annotations
 
-import base64
-import os
 from typing import Any
 
 import h2.stream as _h2_stream
@@ -242,65 +240,13 @@ class ServerCodec:
         return opened >= PREMATURE_RESET_MIN_STREAMS and self.premature_resets * 2 >= opened
 
 
-# How a stream's DATA is read, as request_head decides it: as it comes (a content-length,
-# or no body), re-framed chunked (a body without a content-length), or a tunnel's bytes.
-BODY_AS_IS, BODY_CHUNKED, BODY_TUNNEL = 0, 1, 2
-
-
-def request_head(fields: list[tuple[bytes, bytes]], end_stream: bool
-                 ) -> tuple[bytes, int, frozenset[tuple[bytes, bytes]] | None]:
-    """A request's fields as the HTTP/1.1 head the compiled parser reads (h2 validated
-    them: one of each pseudo-header, lowercase names, no connection-specific fields).
-    :authority becomes Host (RFC 9113 8.3.1); a body that will follow without a
-    content-length is marked chunked, which is how the relay frames it upstream; the
-    second value is the body's reading (BODY_*); the third, the fields the client sent
-    never-indexed (None: none), which stay so to an HTTP/2 origin (RFC 7541 7.1.3).
-
-    An extended CONNECT (RFC 8441 4: CONNECT with :protocol) becomes the HTTP/1.1 upgrade
-    it stands for, as Envoy translates it: GET :path with `Upgrade: <protocol>` and
-    `Connection: upgrade`; for a WebSocket the Sec-WebSocket-Key HTTP/2 does without
-    (RFC 8441 5) is made up, since an HTTP/1.1 origin requires one (RFC 6455 4.1). The
-    stream's DATA is then the tunnel's bytes, never chunk-framed."""
-    method = path = authority = protocol = b""
-    lines = []
-    has_length = has_host = has_key = False
-    for name, value in fields:
-        if name[:1] == b":":
-            if name == b":method":
-                method = value
-            elif name == b":path":
-                path = value
-            elif name == b":authority":
-                authority = value
-            elif name == b":protocol":
-                protocol = value
-            continue
-        if name == b"content-length":
-            has_length = True
-        elif name == b"host":
-            has_host = True
-        elif name == b"sec-websocket-key":
-            has_key = True
-        lines.append(name + b": " + value)
-    if authority and not has_host:
-        lines.append(b"host: " + authority)
-    body = BODY_AS_IS
-    if protocol:
-        body = BODY_TUNNEL
-        method = b"GET"
-        lines.append(b"connection: upgrade")
-        lines.append(b"upgrade: " + protocol)
-        if protocol.lower() == b"websocket" and not has_key:
-            lines.append(b"sec-websocket-key: " + base64.b64encode(os.urandom(16)))
-    else:
-        if not end_stream and not has_length:
-            body = BODY_CHUNKED
-            lines.append(b"transfer-encoding: chunked")
-        if method == b"CONNECT" and not path:
-            path = authority  # RFC 9113 8.5: authority-form
-    lines.append(b"\r\n")
-    return (method + b" " + path + b" HTTP/1.1\r\n" + b"\r\n".join(lines), body,
-            never_indexed(fields))
+# A request's fields as the HTTP/1.1 head the compiled parser reads, and how its DATA is
+# read (BODY_AS_IS, BODY_CHUNKED, BODY_TUNNEL): compiled, _core.h2_fields.request_head says
+# how (:authority as Host, extended CONNECT as an upgrade, never-indexed fields kept).
+request_head = h2_fields.request_head
+BODY_AS_IS = h2_fields.BODY_AS_IS
+BODY_CHUNKED = h2_fields.BODY_CHUNKED
+BODY_TUNNEL = h2_fields.BODY_TUNNEL
 
 
 def mark_never_indexed(fields: list[tuple[bytes, bytes]],

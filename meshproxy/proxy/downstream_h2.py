@@ -302,8 +302,9 @@ class H2Driver:
         """One stream, from its head (or from `cont`) to its end, however it ends."""
         ctx = self.ctx
         self.dc.reactor.timed.add(st)
+        cs = st.scope()
         try:
-            with st.cs:
+            with cs:
                 head = None
                 if cont is not None:
                     await cont()
@@ -324,7 +325,7 @@ class H2Driver:
                         await st.send_local(ex, head, 403, b"upgrade not allowed\n", "-")
                     else:
                         await dispatch(st, head, ex)
-            if st.cs.cancelled_caught and st.expired and not st.gone:
+            if cs.cancelled_caught and st.expired and not st.gone:
                 await st.on_timeout()
         except PeerClosed:
             pass

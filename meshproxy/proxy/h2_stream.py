@@ -89,7 +89,9 @@ class H2Stream(ClientSide):
         self.born = self.reactor.now
         # The head is whole: the relay sets the body's and the route's deadlines.
         self.deadline = NO_DEADLINE
-        self.cs = trio.CancelScope()
+        # The task's cancel scope, made when a task serves the stream (or when it is cancelled
+        # before one does): a stream the fast path serves never needs one.
+        self.cs: trio.CancelScope | None = None
         # Request DATA not yet taken by the relay: (payload, flow-controlled length).
         self.inbox: deque[tuple[bytes, int]] = deque()
         self.ended = ended        # END_STREAM received
@@ -121,7 +123,7 @@ class H2Stream(ClientSide):
             flight.expire()
             return
         self.expired = True
-        self.cs.cancel()
+        self.cancel_task()
 
     def feed(self, data: bytes, flow: int) -> None:
         self.inbox.append((data, flow))
@@ -141,7 +143,19 @@ class H2Stream(ClientSide):
             flight.abandon()  # its callbacks go too: no cycle is left for the collector
             self.conn.end_stream(self)
         else:
-            self.cs.cancel()
+            self.cancel_task()
+
+    def cancel_task(self) -> None:
+        """Cancel the stream's task (its scope, made now if the task has not begun: it then
+        begins cancelled)."""
+        self.scope().cancel()
+
+    def scope(self) -> trio.CancelScope:
+        """The scope the stream's task runs in."""
+        cs = self.cs
+        if cs is None:
+            cs = self.cs = trio.CancelScope()
+        return cs
 
     def window(self) -> None:
         w = self.window_waiter

@@ -1,0 +1,3 @@
+"""Type stubs for meshproxy._core.uuid_text (a version 4 UUID's text, compiled)."""
+
+def uuid4_text(pool: bytes, pos: int) -> bytes: ...
