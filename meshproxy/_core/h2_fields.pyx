@@ -28,6 +28,8 @@ import os
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 from h2.exceptions import ProtocolError
+
+from meshproxy._core.http1_parser cimport MessageHead
 from hpack import NeverIndexedHeaderTuple
 
 cdef frozenset CONNECTION_HEADERS = frozenset((
@@ -228,3 +230,29 @@ def request_head(list fields, bint end_stream) -> tuple:
     lines.append(b"\r\n")
     return (method + b" " + path + b" HTTP/1.1\r\n" + b"\r\n".join(lines), body,
             frozenset(never) if never is not None else None)
+
+
+def response_fields(int status, MessageHead resp, frozenset base, frozenset skip,
+                    tuple add, list extra, long long length, frozenset never) -> list:
+    """An HTTP/1.1 response head as HTTP/2 fields: the fields in `base` (those HTTP/2
+    forbids, RFC 9113 8.2.2, and content-length, restated from the framing), the route's
+    `skip` and those the Connection header names dropped; the fields an HTTP/2 origin sent
+    never-indexed (`never`) kept so (RFC 7541 7.1.3); content-length when the length is
+    known (`length` >= 0); then the proxy's `extra` and the route's `add`."""
+    cdef list out = [(b":status", b"%d" % status)]
+    cdef list conn_extra = resp.conn_extra
+    cdef bytes name
+    for field in resp.headers:
+        name = field[0]
+        if name in base or name in skip or (conn_extra and name in conn_extra):
+            continue
+        if never is not None and field in never:
+            field = NeverIndexedHeaderTuple(name, field[1])
+        out.append(field)
+    if length >= 0:
+        out.append((b"content-length", b"%d" % length))
+    if extra:
+        out += extra
+    if add:
+        out += add
+    return out

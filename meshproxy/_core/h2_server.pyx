@@ -52,6 +52,7 @@ processed (acknowledge_received_data), or 1,024 bytes (a quarter of a smaller wi
 the window is empty.
 """
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.string cimport memcpy
 
@@ -119,7 +120,11 @@ _TRAILER = HeaderValidationFlags(is_client=False, is_trailer=True,
 
 
 # ---------------------------------------------------------------- events (h2's names)
+# Not tracked by the cyclic collector (no_gc): an event holds bytes, numbers, a list of
+# fields and at most a StreamEnded, never itself, and so cannot be part of a cycle; every
+# tracked allocation counts toward the collector's next run.
 
+@cython.no_gc
 cdef class RequestReceived:
     cdef public object stream_id, headers, stream_ended, priority_updated
 
@@ -127,6 +132,7 @@ cdef class RequestReceived:
         return f"<RequestReceived stream_id:{self.stream_id}>"
 
 
+@cython.no_gc
 cdef class DataReceived:
     cdef public object stream_id, data, flow_controlled_length, stream_ended
 
@@ -135,10 +141,12 @@ cdef class DataReceived:
                 f"flow_controlled_length:{self.flow_controlled_length}>")
 
 
+@cython.no_gc
 cdef class TrailersReceived:
     cdef public object stream_id, headers, stream_ended, priority_updated
 
 
+@cython.no_gc
 cdef class StreamEnded:
     cdef public object stream_id
 
@@ -146,6 +154,7 @@ cdef class StreamEnded:
         return f"<StreamEnded stream_id:{self.stream_id}>"
 
 
+@cython.no_gc
 cdef class StreamReset:
     """remote_reset: the client's RST_STREAM (True), or a stream error of ours (False),
     whose RST_STREAM is queued."""
@@ -156,18 +165,22 @@ cdef class StreamReset:
                 f"remote_reset:{self.remote_reset}>")
 
 
+@cython.no_gc
 cdef class WindowUpdated:
     cdef public object stream_id, delta
 
 
+@cython.no_gc
 cdef class PriorityUpdated:
     cdef public object stream_id, weight, depends_on, exclusive
 
 
+@cython.no_gc
 cdef class PingReceived:
     cdef public object ping_data
 
 
+@cython.no_gc
 cdef class RemoteSettingsChanged:
     cdef public object changed_settings
 
@@ -176,6 +189,7 @@ cdef class SettingsAcknowledged:
     pass
 
 
+@cython.no_gc
 cdef class ConnectionTerminated:
     cdef public object error_code, last_stream_id, additional_data
 

@@ -276,25 +276,11 @@ def response_fields(status: int, resp: MessageHead, skip: frozenset[bytes],
     """An HTTP/1.1 response head as HTTP/2 fields: connection-specific fields and those the
     Connection header names dropped (RFC 9113 8.2.2), the route's removals and additions
     applied, and content-length stated when the length is known (`length` >= 0); the
-    fields an HTTP/2 origin sent never-indexed (`never`) stay so (RFC 7541 7.1.3)."""
-    out = [(b":status", b"%d" % status)]
-    # RESPONSE_SKIP: the fields HTTP/2 forbids (RFC 9113 8.2.2) and content-length, which
-    # is restated from the framing.
-    drop = RESPONSE_SKIP | skip
-    if resp.conn_extra:
-        drop = drop | frozenset(resp.conn_extra)
-    for field in resp.headers:
-        if field[0] not in drop:
-            out.append(field)
-    if never is not None:
-        out = mark_never_indexed(out, never)
-    if length >= 0:
-        out.append((b"content-length", b"%d" % length))
-    if extra:
-        out += extra
-    if add:
-        out += add
-    return out
+    fields an HTTP/2 origin sent never-indexed (`never`) stay so (RFC 7541 7.1.3).
+    Compiled (_core.h2_fields); RESPONSE_SKIP: the fields HTTP/2 forbids and
+    content-length, which is restated from the framing."""
+    return h2_fields.response_fields(status, resp, RESPONSE_SKIP, skip, add, extra, length,
+                                     never)
 
 
 def local_fields(status: int, length: int, content_type: bytes,
