@@ -1,5 +1,5 @@
 """Checks of the filter configuration a field's type cannot express (authorization
-policies, local rate limits); every error names the field's path."""
+policies, local rate limits, faults); every error names the field's path."""
 
 from __future__ import annotations
 
@@ -75,3 +75,32 @@ def check_rate_limit(rl: schema.LocalRateLimit | None, path: str, errors: list[s
         if sum(given) != 1:
             errors.append(f"{path}.key: exactly one of header, source_principal, "
                           "remote_address is required")
+
+
+# A configured delay is at most an hour (a fault tests a caller's patience; it is not a
+# way to hold connections open indefinitely).
+MAX_FAULT_DELAY = 3600.0
+
+
+def check_fault(fault: schema.Fault | None, path: str, errors: list[str]) -> None:
+    """Envoy's HTTPFault rules: a delay or an abort; a delay is fixed or the header's, an
+    abort an HTTP status, a gRPC status or the header's."""
+    if fault is None:
+        return
+    if fault.delay is None and fault.abort is None:
+        errors.append(f"{path}: at least one of delay, abort is required")
+    d = fault.delay
+    if d is not None:
+        if (d.fixed_delay is not None) == d.header_delay:
+            errors.append(f"{path}.delay: exactly one of fixed_delay, header_delay is required")
+        if d.fixed_delay is not None:
+            try:
+                if parse_duration(d.fixed_delay) > MAX_FAULT_DELAY:
+                    errors.append(f"{path}.delay.fixed_delay: at most 1h")
+            except ValueError as exc:
+                errors.append(f"{path}.delay.fixed_delay: {exc}")
+    a = fault.abort
+    if a is not None and (a.http_status is not None) + (a.grpc_status is not None) + (
+            a.header_abort) != 1:
+        errors.append(f"{path}.abort: exactly one of http_status, grpc_status, "
+                      "header_abort is required")

@@ -43,6 +43,7 @@ from meshproxy.config.snapshot import (
 )
 from meshproxy.config.wire import wire_bytes
 from meshproxy.filters.authz import Authorizer, compile_policies, wildcard_regex
+from meshproxy.filters.fault import FaultPolicy, FaultSpec
 from meshproxy.filters.local_ratelimit import (
     LocalRateLimiter,
     Memory,
@@ -348,6 +349,22 @@ def _filters(lst: schema.Listener, vh: schema.VirtualHost, k: int, r: schema.Rou
         limiter = limiters.get(spec.name)
         if limiter is None:
             limiter = limiters[spec.name] = LocalRateLimiter(spec, memory)
-    if authz is None and limiter is None:
+    fault = fault_policy(r.fault) if r.fault is not None else None
+    if authz is None and limiter is None and fault is None:
         return None
-    return RouteFilters(authz, limiter)
+    return RouteFilters(authz, limiter, fault)
+
+
+def fault_policy(f: schema.Fault) -> FaultPolicy:
+    """A route's fault configuration in seconds and fractions (filters.fault)."""
+    d, a = f.delay, f.abort
+    return FaultPolicy(FaultSpec(
+        delay=parse_duration(d.fixed_delay) if d is not None and d.fixed_delay is not None
+        else None,
+        delay_fraction=d.percentage / 100.0 if d is not None else 0.0,
+        header_delay=d is not None and d.header_delay,
+        abort_status=a.http_status or 0 if a is not None else 0,
+        abort_grpc=a.grpc_status if a is not None and a.grpc_status is not None else -1,
+        abort_fraction=a.percentage / 100.0 if a is not None else 0.0,
+        header_abort=a is not None and a.header_abort,
+        max_active=f.max_active_faults if f.max_active_faults is not None else -1))

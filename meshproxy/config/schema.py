@@ -401,6 +401,38 @@ class LocalRateLimit(Base, frozen=True):
     response_headers: bool = True
 
 
+class FaultDelay(Base, frozen=True):
+    """Envoy's FaultDelay: `fixed_delay` for `percentage` of the requests; with
+    `header_delay`, a request's x-envoy-fault-delay-request (milliseconds) instead, for
+    x-envoy-fault-delay-request-percentage of them (capped by `percentage`)."""
+
+    fixed_delay: Duration | None = None
+    header_delay: bool = False
+    percentage: Percent = 100
+
+
+class FaultAbort(Base, frozen=True):
+    """Envoy's FaultAbort: `http_status` or `grpc_status` for `percentage` of the
+    requests; with `header_abort`, the request's x-envoy-fault-abort-request (an HTTP
+    status) or x-envoy-fault-abort-grpc-request (a gRPC status) instead, for
+    x-envoy-fault-abort-request-percentage of them (capped by `percentage`)."""
+
+    http_status: Annotated[int, Meta(ge=200, le=599)] | None = None
+    grpc_status: Annotated[int, Meta(ge=0, le=16)] | None = None
+    header_abort: bool = False
+    percentage: Percent = 100
+
+
+class Fault(Base, frozen=True):
+    """Envoy's HTTP fault filter on a route (Istio's HTTPFaultInjection): the delay, then
+    the abort. `max_active_faults`: at most this many requests faulted at once in the
+    whole proxy; past it a request is served without its fault (None: no limit)."""
+
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
+    max_active_faults: Annotated[int, Meta(ge=0)] | None = None
+
+
 class Route(Base, frozen=True):
     """Exactly one of route, redirect, direct_response."""
 
@@ -418,6 +450,8 @@ class Route(Base, frozen=True):
     authorization_policies: list[AuthorizationPolicy] | None = None
     # Replaces the virtual host's limit for this route.
     local_rate_limit: LocalRateLimit | None = None
+    # Fault injection (after authorization and the rate limit, before the router).
+    fault: Fault | None = None
 
 
 class VirtualHost(Base, frozen=True):

@@ -18,6 +18,7 @@ from meshproxy.transport.tls_material import Bundle, KeyPair
 
 if TYPE_CHECKING:
     from meshproxy.filters.authz import Authorizer
+    from meshproxy.filters.fault import FaultPolicy
     from meshproxy.filters.local_ratelimit import LocalRateLimiter
 
 # Retry conditions (Envoy's retry_on), as bits of RetrySpec.conditions.
@@ -149,10 +150,12 @@ class OutlierSpec:
 @dataclass(frozen=True, slots=True)
 class RouteFilters:
     """The filters a route's requests pass before its action (authorization first, so a
-    denied request takes no token). None on an action: no filter applies."""
+    denied request takes no token; then the rate limit; then faults). None on an action:
+    no filter applies."""
 
     authz: Authorizer | None
     rate_limit: LocalRateLimiter | None
+    fault: FaultPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ import yaml
 from msgspec import Meta
 
 from meshproxy.config import schema
-from meshproxy.config.check_filters import check_policies, check_rate_limit
+from meshproxy.config.check_filters import check_fault, check_policies, check_rate_limit
 from meshproxy.config.load import (
     ConfigError,
     check_duration,
@@ -116,6 +116,9 @@ class RouteRule(Base, frozen=True):
     request_headers_to_remove: list[HeaderName] = []
     response_headers_to_add: list[schema.HeaderValue] = []
     response_headers_to_remove: list[HeaderName] = []
+    # Istio's HTTPRoute fault: a delay and/or an abort for a share of the rule's requests
+    # (the data plane's Fault, Envoy's fault filter).
+    fault: schema.Fault | None = None
 
 
 class RouteSpec(Base, frozen=True):
@@ -287,6 +290,7 @@ def _check(kind: str, meta: Metadata, spec: Any, errors: list[str]) -> None:
                 errors.append(f"{rp}.destinations: weights must not all be 0")
             check_duration(rule.timeout, f"{rp}.timeout", errors)
             check_retry_policy(rule.retries, f"{rp}.retries", errors)
+            check_fault(rule.fault, f"{rp}.fault", errors)
             if rule.prefix_rewrite is not None and any(m.prefix is None for m in rule.match):
                 errors.append(f"{rp}.prefix_rewrite: every match needs a prefix")
         names = [r.name for r in spec.rules if r.name]

@@ -51,3 +51,5 @@ DOWNSTREAM_PROTOCOL_ERROR = "DPE"  # the client's request broke HTTP/1.1: 4xx
 DOWNSTREAM_CONNECTION_TERMINATION = "DC"  # the client went away mid-exchange
 RATE_LIMITED = "RL"                # a local rate limit refused the request: 429
 STREAM_IDLE_TIMEOUT = "SI"         # the client stalled: request headers or body timeout: 408
+DELAY_INJECTED = "DI"              # a fault filter delayed the request
+FAULT_INJECTED = "FI"              # a fault filter aborted the request

@@ -98,7 +98,7 @@ class ClientSide:
     async def send_local(self, ex: Any, head: MessageHead | None, status: int, body: bytes,
                           flag: str, *, close: bool = False, body_done: bool = False,
                           extra: list[tuple[bytes, bytes]] | None = None,
-                          content_type: bytes = b"text/plain") -> bool:
+                          content_type: bytes = b"text/plain", grpc_status: int = -1) -> bool:
         """Write a local reply in one send; whether the connection stays open for the
         next request (only when the request allows keep-alive and its unread body, if
         any, is already here to skip)."""

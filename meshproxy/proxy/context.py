@@ -64,7 +64,7 @@ class ListenerContext:
     `parser` and `clusters` in place; a request in flight keeps what it already looked up."""
 
     __slots__ = ("spec", "parser", "clusters", "logger", "scheme", "reactor", "state",
-                 "lstats", "hstats", "tracer", "tls")
+                 "lstats", "hstats", "tracer", "tls", "slabs")
 
     def __init__(self, spec: ListenerSpec, clusters: ClusterManager,
                  logger: AccessLogger | None, reactor: Reactor, state: WorkerState,
@@ -73,6 +73,9 @@ class ListenerContext:
         self.state = state
         self.lstats = sink.listener(spec.name)
         self.hstats = sink.http(spec.name)
+        # Every worker's stats, to read a proxy-wide gauge (fault.active_faults against
+        # max_active_faults, filters.fault).
+        self.slabs = sink.worker_blocks()
         self.tracer: Tracer | None = None
         self.tls: ListenerTLS | None = None
         self.update(spec, clusters, logger)

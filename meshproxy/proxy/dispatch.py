@@ -10,8 +10,8 @@ Order (Envoy's HTTP connection manager, then its router):
     route asks the control plane for the authority when on-demand discovery is on;
  3. the listener's authorization policies for a request no route serves (a denied caller
     learns nothing about which paths exist), else 404 NR;
- 4. the route's filters (authz, rate limits) may answer; then the router forwards, or a
-    direct response / redirect is answered here.
+ 4. the route's filters (authz, rate limits, faults) may answer, or delay; then the
+    router forwards, or a direct response / redirect is answered here.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from meshproxy.protocol.authority import service_authority, split_absolute_form
 from meshproxy.proxy.attempt import Resume
 from meshproxy.proxy.client_side import ClientSide
 from meshproxy.proxy.exchange import Exchange
-from meshproxy.proxy.filter_chain import on_request_headers
+from meshproxy.proxy.filter_chain import on_fault, on_request_headers
 from meshproxy.proxy.local_reply import LocalReply
 from meshproxy.proxy.router import answer, forward
 
@@ -65,6 +65,8 @@ async def dispatch(side: ClientSide, head: MessageHead, ex: Exchange) -> bool:
     filters = action.filters
     if filters is not None:
         refusal = on_request_headers(side, filters, head, ex, host, target)
+        if refusal is None and filters.fault is not None:
+            refusal = await on_fault(side, filters.fault, head, ex, action)
         if refusal is not None:
             return await reply(side, ex, head, refusal)
     if type(action) is ClusterAction:
@@ -87,7 +89,7 @@ async def forward_or_reply(side: ClientSide, head: MessageHead, ex: Exchange,
 async def reply(side: ClientSide, ex: Exchange, head: MessageHead, r: LocalReply) -> bool:
     return await side.send_local(ex, head, r.status, r.body, r.flag, close=r.close,
                                  body_done=r.body_done, extra=r.extra,
-                                 content_type=r.content_type)
+                                 content_type=r.content_type, grpc_status=r.grpc_status)
 
 
 async def _on_demand(side: ClientSide, host: bytes, method: bytes, target: bytes,

@@ -25,7 +25,7 @@ class Exchange:
     __slots__ = ("head", "method", "target", "host", "start", "wall_start", "status", "flags",
                  "bytes_in", "bytes_out", "upstream_host", "request_id", "response_started",
                  "upstream_status", "trace", "cluster", "details", "resp_extra", "logged",
-                 "grpc", "grpc_status")
+                 "grpc", "grpc_status", "fault_flag", "fault_delay")
 
     def __init__(self, head: MessageHead | None, start: float) -> None:
         self.head = head
@@ -50,6 +50,10 @@ class Exchange:
         # Headers every response to this request carries (x-ratelimit-*).
         self.resp_extra: list[tuple[bytes, bytes]] | None = None
         self.logged = False  # finish() has run
+        # A fault filter's delay (filters.fault): DI before the flags that followed it, and
+        # the seconds it took, which the route's timeout no longer has.
+        self.fault_flag = ""
+        self.fault_delay = 0.0
 
 
 class BodyState:
@@ -105,6 +109,8 @@ def finish(side: ClientSide, ex: Exchange) -> None:
     hs = ctx.hstats
     blk = hs.block
     blk.add(hs.downstream_rq_active, -1)
+    if ex.fault_flag:
+        ex.flags = ex.fault_flag if ex.flags == "-" else ex.fault_flag + "," + ex.flags
     status = ex.status
     if 100 <= status < 600:
         blk.inc(hs.downstream_rq_1xx + status // 100 - 1)

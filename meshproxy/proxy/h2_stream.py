@@ -373,14 +373,16 @@ class H2Stream(ClientSide):
     async def send_local(self, ex: Any, head: MessageHead | None, status: int, body: bytes,
                          flag: str, *, close: bool = False, body_done: bool = False,
                          extra: list[tuple[bytes, bytes]] | None = None,
-                         content_type: bytes = b"text/plain") -> bool:
+                         content_type: bytes = b"text/plain", grpc_status: int = -1) -> bool:
         """A local reply on this stream (`close` is the connection's: a stream ends anyway).
-        To a gRPC call it is trailers-only, with the gRPC status for it (protocol.grpc)."""
+        To a gRPC call it is trailers-only, with the gRPC status for it (`grpc_status`, or
+        the one Envoy maps from `status`: protocol.grpc)."""
         hdrs = list(extra or ())
         if ex.resp_extra:
             hdrs += ex.resp_extra
         if ex.grpc:
-            code = local_status(status, flag == flags.UPSTREAM_REQUEST_TIMEOUT)
+            code = (grpc_status if grpc_status >= 0
+                    else local_status(status, flag == flags.UPSTREAM_REQUEST_TIMEOUT))
             ex.status = 200
             ex.grpc_status = code
             ex.flags = flag

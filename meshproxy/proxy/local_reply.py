@@ -33,13 +33,15 @@ _date_cache: tuple[int, bytes] = (0, b"")
 class LocalReply:
     """What to answer instead of forwarding. `close`: the connection must not be reused
     (the framing of the request was broken, or its body is only partly sent); `body_done`:
-    the request body was consumed whole (so the connection may stay open)."""
+    the request body was consumed whole (so the connection may stay open); `grpc_status`:
+    the gRPC status a gRPC call gets (-1: the one Envoy maps from `status`)."""
 
-    __slots__ = ("status", "body", "flag", "close", "body_done", "extra", "content_type")
+    __slots__ = ("status", "body", "flag", "close", "body_done", "extra", "content_type",
+                 "grpc_status")
 
     def __init__(self, status: int, body: bytes, flag: str, *, close: bool = False,
                  body_done: bool = False, extra: list[tuple[bytes, bytes]] | None = None,
-                 content_type: bytes = b"text/plain") -> None:
+                 content_type: bytes = b"text/plain", grpc_status: int = -1) -> None:
         self.status = status
         self.body = body
         self.flag = flag
@@ -47,6 +49,7 @@ class LocalReply:
         self.body_done = body_done
         self.extra = extra
         self.content_type = content_type
+        self.grpc_status = grpc_status
 
 
 def http_date() -> bytes:

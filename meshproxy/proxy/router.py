@@ -181,6 +181,10 @@ async def forward(dc: ClientSide, head: MessageHead, ex: Exchange,
     cst = cluster.stats
     blk = cst.block
     timeout = action.timeout
+    if ex.fault_delay and timeout:
+        # A fault filter's delay took part of the route's timeout (proxy.filter_chain
+        # capped it below the timeout, so some is left).
+        timeout -= ex.fault_delay
     deadline, grpc = incoming_deadline(head)
     if deadline is not None:
         left = deadline - (perf_counter() - ex.start)

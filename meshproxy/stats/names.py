@@ -106,6 +106,11 @@ HTTP = (
     counter("http_local_rate_limit.enabled", "requests a local rate limit applied to"),
     counter("http_local_rate_limit.ok", "requests within the limit"),
     counter("http_local_rate_limit.rate_limited", "requests over the limit (429 RL)"),
+    counter("fault.delays_injected", "requests a fault filter delayed (DI)"),
+    counter("fault.aborts_injected", "requests a fault filter aborted (FI)"),
+    gauge("fault.active_faults", "requests being delayed or aborted by a fault filter"),
+    counter("fault.faults_overflow",
+            "faults not injected because max_active_faults were active"),
     histogram("downstream_rq_time", "request duration, first byte in to last byte out (ms)"),
     *_grpc("on this listener"),
     # The compiled fast path (proxy.fast_path): what it served, and what it gave to a task.

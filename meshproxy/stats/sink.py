@@ -51,6 +51,13 @@ class Sink:
         seg = Segment(Layout(Capacity(listeners=64, clusters=256, endpoints=1024)), 2)
         return cls(seg, 0, Slots())
 
+    def worker_blocks(self) -> list[StatsBlock]:
+        """Every worker's slab, read-only (the last slab is the retired workers' fold):
+        a gauge summed over them is the whole proxy's, as the supervisor sums it. A worker
+        writes only its own (`block`)."""
+        seg = self.segment
+        return [seg.block(slab) for slab in range(seg.retired)]
+
     def _bind(self, scope: Scope, slot: int) -> Any:
         obj = _CLASSES[scope]()
         obj.block = self.block
