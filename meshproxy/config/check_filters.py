@@ -1,9 +1,10 @@
 """Checks of the filter configuration a field's type cannot express (authorization
-policies, local rate limits, faults); every error names the field's path."""
+policies, local rate limits, faults, CORS); every error names the field's path."""
 
 from __future__ import annotations
 
 import ipaddress
+import re
 
 from meshproxy.config import schema
 from meshproxy.config.durations import parse_duration
@@ -104,3 +105,24 @@ def check_fault(fault: schema.Fault | None, path: str, errors: list[str]) -> Non
             a.header_abort) != 1:
         errors.append(f"{path}.abort: exactly one of http_status, grpc_status, "
                       "header_abort is required")
+
+
+def check_cors(cors: schema.Cors | None, path: str, errors: list[str]) -> None:
+    """Each allowed origin is exactly one match, its regex compiles; max_age parses."""
+    if cors is None:
+        return
+    for k, m in enumerate(cors.allow_origins):
+        mp = f"{path}.allow_origins[{k}]"
+        given = [n for n in ("exact", "prefix", "suffix", "regex") if getattr(m, n) is not None]
+        if len(given) != 1:
+            errors.append(f"{mp}: exactly one of exact, prefix, suffix, regex is required")
+        if m.regex is not None:
+            try:
+                re.compile(m.regex)
+            except re.error as exc:
+                errors.append(f"{mp}.regex: invalid regex: {exc}")
+    if cors.max_age is not None:
+        try:
+            parse_duration(cors.max_age)
+        except ValueError as exc:
+            errors.append(f"{path}.max_age: {exc}")

@@ -43,6 +43,7 @@ from meshproxy.config.snapshot import (
 )
 from meshproxy.config.wire import wire_bytes
 from meshproxy.filters.authz import Authorizer, compile_policies, wildcard_regex
+from meshproxy.filters.cors import CorsPolicy, OriginMatch
 from meshproxy.filters.fault import FaultPolicy, FaultSpec
 from meshproxy.filters.local_ratelimit import (
     LocalRateLimiter,
@@ -350,9 +351,24 @@ def _filters(lst: schema.Listener, vh: schema.VirtualHost, k: int, r: schema.Rou
         if limiter is None:
             limiter = limiters[spec.name] = LocalRateLimiter(spec, memory)
     fault = fault_policy(r.fault) if r.fault is not None else None
-    if authz is None and limiter is None and fault is None:
+    cors = cors_policy(r.cors) if r.cors is not None else None
+    if authz is None and limiter is None and fault is None and cors is None:
         return None
-    return RouteFilters(authz, limiter, fault)
+    return RouteFilters(authz, limiter, fault, cors)
+
+
+def cors_policy(c: schema.Cors) -> CorsPolicy:
+    """A route's CORS policy (filters.cors): origins as bytes, max_age in seconds."""
+    matches = []
+    for m in c.allow_origins:
+        kind = next(k for k in ("exact", "prefix", "suffix", "regex") if getattr(m, k) is not None)
+        value = getattr(m, kind).encode("latin-1")
+        if m.ignore_case and kind != "regex":
+            value = value.lower()
+        matches.append(OriginMatch(kind, value, m.ignore_case))
+    return CorsPolicy(matches, c.allow_methods, c.allow_headers, c.expose_headers,
+                      parse_duration(c.max_age) if c.max_age is not None else None,
+                      c.allow_credentials, c.forward_not_matching_preflights)
 
 
 def fault_policy(f: schema.Fault) -> FaultPolicy:

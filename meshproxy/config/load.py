@@ -22,7 +22,12 @@ import msgspec
 import yaml
 
 from meshproxy.config import schema
-from meshproxy.config.check_filters import check_fault, check_policies, check_rate_limit
+from meshproxy.config.check_filters import (
+    check_cors,
+    check_fault,
+    check_policies,
+    check_rate_limit,
+)
 from meshproxy.config.durations import parse_duration
 from meshproxy.config.wire import wire_bytes
 
@@ -246,6 +251,7 @@ def _check_route(route: schema.Route, path: str, clusters: set[str], errors: lis
         check_policies(route.authorization_policies, f"{path}.authorization_policies", errors)
     check_rate_limit(route.local_rate_limit, f"{path}.local_rate_limit", errors)
     check_fault(route.fault, f"{path}.fault", errors)
+    check_cors(route.cors, f"{path}.cors", errors)
     _exactly_one(route, ("route", "redirect", "direct_response"), path, errors)
     action = route.route
     if action is not None:

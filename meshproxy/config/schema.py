@@ -433,6 +433,31 @@ class Fault(Base, frozen=True):
     max_active_faults: Annotated[int, Meta(ge=0)] | None = None
 
 
+class StringMatch(Base, frozen=True):
+    """Exactly one of exact, prefix, suffix, regex (full match); Envoy's StringMatcher."""
+
+    exact: str | None = None
+    prefix: str | None = None
+    suffix: str | None = None
+    regex: str | None = None
+    ignore_case: bool = False
+
+
+class Cors(Base, frozen=True):
+    """Envoy's CorsPolicy (Istio's corsPolicy) on a route. Origins allowed by
+    `allow_origins`; the lists are sent as comma-separated values; `max_age` as seconds;
+    preflights from origins not allowed go upstream unless
+    `forward_not_matching_preflights` is false (then answered 200 without CORS headers)."""
+
+    allow_origins: Annotated[list[StringMatch], Meta(min_length=1)]
+    allow_methods: list[Annotated[str, Meta(pattern=r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")]] = []
+    allow_headers: list[HeaderName] = []
+    expose_headers: list[HeaderName] = []
+    max_age: Duration | None = None
+    allow_credentials: bool = False
+    forward_not_matching_preflights: bool = True
+
+
 class Route(Base, frozen=True):
     """Exactly one of route, redirect, direct_response."""
 
@@ -452,6 +477,9 @@ class Route(Base, frozen=True):
     local_rate_limit: LocalRateLimit | None = None
     # Fault injection (after authorization and the rate limit, before the router).
     fault: Fault | None = None
+    # CORS, the first filter: a preflight is answered before authorization (a browser
+    # sends it without credentials).
+    cors: Cors | None = None
 
 
 class VirtualHost(Base, frozen=True):

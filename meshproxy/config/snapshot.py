@@ -18,6 +18,7 @@ from meshproxy.transport.tls_material import Bundle, KeyPair
 
 if TYPE_CHECKING:
     from meshproxy.filters.authz import Authorizer
+    from meshproxy.filters.cors import CorsPolicy
     from meshproxy.filters.fault import FaultPolicy
     from meshproxy.filters.local_ratelimit import LocalRateLimiter
 
@@ -149,13 +150,14 @@ class OutlierSpec:
 
 @dataclass(frozen=True, slots=True)
 class RouteFilters:
-    """The filters a route's requests pass before its action (authorization first, so a
-    denied request takes no token; then the rate limit; then faults). None on an action:
-    no filter applies."""
+    """The filters a route's requests pass before its action: CORS (a preflight is
+    answered before authorization), authorization (so a denied request takes no token),
+    the rate limit, then faults. None on an action: no filter applies."""
 
     authz: Authorizer | None
     rate_limit: LocalRateLimiter | None
     fault: FaultPolicy | None = None
+    cors: CorsPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)

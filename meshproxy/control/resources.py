@@ -34,7 +34,12 @@ import yaml
 from msgspec import Meta
 
 from meshproxy.config import schema
-from meshproxy.config.check_filters import check_fault, check_policies, check_rate_limit
+from meshproxy.config.check_filters import (
+    check_cors,
+    check_fault,
+    check_policies,
+    check_rate_limit,
+)
 from meshproxy.config.load import (
     ConfigError,
     check_duration,
@@ -119,6 +124,8 @@ class RouteRule(Base, frozen=True):
     # Istio's HTTPRoute fault: a delay and/or an abort for a share of the rule's requests
     # (the data plane's Fault, Envoy's fault filter).
     fault: schema.Fault | None = None
+    # Istio's HTTPRoute corsPolicy (the data plane's Cors, Envoy's CORS filter).
+    cors: schema.Cors | None = None
 
 
 class RouteSpec(Base, frozen=True):
@@ -291,6 +298,7 @@ def _check(kind: str, meta: Metadata, spec: Any, errors: list[str]) -> None:
             check_duration(rule.timeout, f"{rp}.timeout", errors)
             check_retry_policy(rule.retries, f"{rp}.retries", errors)
             check_fault(rule.fault, f"{rp}.fault", errors)
+            check_cors(rule.cors, f"{rp}.cors", errors)
             if rule.prefix_rewrite is not None and any(m.prefix is None for m in rule.match):
                 errors.append(f"{rp}.prefix_rewrite: every match needs a prefix")
         names = [r.name for r in spec.rules if r.name]

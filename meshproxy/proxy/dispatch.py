@@ -10,7 +10,7 @@ Order (Envoy's HTTP connection manager, then its router):
     route asks the control plane for the authority when on-demand discovery is on;
  3. the listener's authorization policies for a request no route serves (a denied caller
     learns nothing about which paths exist), else 404 NR;
- 4. the route's filters (authz, rate limits, faults) may answer, or delay; then the
+ 4. the route's filters (CORS, authz, rate limits, faults) may answer, or delay; then the
     router forwards, or a direct response / redirect is answered here.
 """
 
@@ -27,7 +27,7 @@ from meshproxy.protocol.authority import service_authority, split_absolute_form
 from meshproxy.proxy.attempt import Resume
 from meshproxy.proxy.client_side import ClientSide
 from meshproxy.proxy.exchange import Exchange
-from meshproxy.proxy.filter_chain import on_fault, on_request_headers
+from meshproxy.proxy.filter_chain import on_cors, on_fault, on_request_headers
 from meshproxy.proxy.local_reply import LocalReply
 from meshproxy.proxy.router import answer, forward
 
@@ -64,7 +64,11 @@ async def dispatch(side: ClientSide, head: MessageHead, ex: Exchange) -> bool:
     action = route.action
     filters = action.filters
     if filters is not None:
-        refusal = on_request_headers(side, filters, head, ex, host, target)
+        refusal = None
+        if filters.cors is not None:
+            refusal = on_cors(side, filters.cors, head, ex)
+        if refusal is None:
+            refusal = on_request_headers(side, filters, head, ex, host, target)
         if refusal is None and filters.fault is not None:
             refusal = await on_fault(side, filters.fault, head, ex, action)
         if refusal is not None:

@@ -6,10 +6,11 @@ downstream driver writes it: a filter never writes). Envoy's Continue / local re
 pingora's `request_filter`.
 
 Phases and order (Envoy's HTTP filter order for these filters):
-  request headers: authorization (RBAC), then the local rate limit (a request refused by
-  policy does not take a token), then fault injection (`on_fault`, which may wait: a
-  denied or limited request is answered at once, never delayed first; Istio's order, whose
-  RBAC runs before the fault filter).
+  request headers: CORS (`on_cors`: a preflight is answered before authorization, since a
+  browser sends it without credentials), authorization (RBAC), then the local rate limit
+  (a request refused by policy does not take a token), then fault injection (`on_fault`,
+  which may wait: a denied or limited request is answered at once, never delayed first;
+  Istio's order, whose RBAC runs before the fault filter).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import trio
 from meshproxy._core.http1_parser import MessageHead
 from meshproxy.config.snapshot import ClusterAction, RouteFilters
 from meshproxy.filters.authz import Request as AuthzRequest
+from meshproxy.filters.cors import ORIGIN, CorsPolicy
 from meshproxy.filters.fault import ABORT_BODY, NONE, FaultDecision, FaultPolicy
 from meshproxy.protocol import errors as flags
 from meshproxy.proxy.client_side import ClientSide
@@ -55,13 +57,37 @@ def on_request_headers(side: ClientSide, filters: RouteFilters, head: MessageHea
         ident = side.identity
         ok, headers = limiter.take(limiter.key(
             head, side.peer_ip, ident.principal if ident is not None else None))
+        if not ok:
+            headers = [*headers, RATE_LIMITED]
         if headers:
-            ex.resp_extra = headers
+            ex.resp_extra = headers if ex.resp_extra is None else ex.resp_extra + headers
         if not ok:
             blk.inc(hs.http_local_rate_limit_rate_limited)
-            ex.resp_extra = [*headers, RATE_LIMITED]
             return LocalReply(429, b"local_rate_limited", flags.RATE_LIMITED)
         blk.inc(hs.http_local_rate_limit_ok)
+    return CONTINUE
+
+
+def on_cors(side: ClientSide, policy: CorsPolicy, head: MessageHead,
+            ex: Exchange) -> LocalReply | None:
+    """CORS (filters.cors): an allowed origin's preflight answered here; an allowed
+    origin's other requests get their response fields (ex.resp_extra, which every reply
+    to the request carries); CONTINUE otherwise."""
+    origin = head.get(ORIGIN)
+    if origin is None:
+        return CONTINUE
+    hs = side.ctx.hstats
+    allowed = policy.allowed(origin)
+    hs.block.inc(hs.cors_origin_valid if allowed else hs.cors_origin_invalid)
+    if policy.is_preflight(head):
+        if allowed:
+            return LocalReply(200, b"", "-", extra=policy.preflight_answer(origin))
+        if not policy.forward:
+            return LocalReply(200, b"", "-")
+        return CONTINUE
+    if allowed:
+        extra = policy.response_extra(origin)
+        ex.resp_extra = extra if ex.resp_extra is None else ex.resp_extra + extra
     return CONTINUE
 
 

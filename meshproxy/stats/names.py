@@ -106,6 +106,8 @@ HTTP = (
     counter("http_local_rate_limit.enabled", "requests a local rate limit applied to"),
     counter("http_local_rate_limit.ok", "requests within the limit"),
     counter("http_local_rate_limit.rate_limited", "requests over the limit (429 RL)"),
+    counter("cors.origin_valid", "CORS requests from an allowed origin"),
+    counter("cors.origin_invalid", "CORS requests from an origin not allowed"),
     counter("fault.delays_injected", "requests a fault filter delayed (DI)"),
     counter("fault.aborts_injected", "requests a fault filter aborted (FI)"),
     gauge("fault.active_faults", "requests being delayed or aborted by a fault filter"),
