@@ -119,7 +119,9 @@ def _action(vh: schema.VirtualHost, r: schema.Route, filters: RouteFilters | Non
             parse_duration(a.timeout), ops, _retry(a.retry_policy),
             tuple(("header", wire_bytes(h.header.lower())) if h.header is not None
                   else ("cookie", wire_bytes(h.cookie)) if h.cookie is not None
-                  else ("source_ip", b"") for h in a.hash_policy), filters)
+                  else ("source_ip", b"") for h in a.hash_policy), filters,
+            tuple((mp.cluster, mp.percentage / 100.0, mp.body_limit)
+                  for mp in a.request_mirror_policies))
     if r.redirect is not None:
         d = r.redirect
         return RedirectAction(

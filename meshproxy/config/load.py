@@ -260,6 +260,10 @@ def _check_route(route: schema.Route, path: str, clusters: set[str], errors: lis
         check_duration(action.timeout, f"{ap}.timeout", errors)
         if action.cluster is not None and action.cluster not in clusters:
             errors.append(f"{ap}.cluster: unknown cluster {action.cluster!r}")
+        for k, mp in enumerate(action.request_mirror_policies):
+            if mp.cluster not in clusters:
+                errors.append(f"{ap}.request_mirror_policies[{k}].cluster: unknown cluster "
+                              f"{mp.cluster!r}")
         if action.weighted_clusters is not None:
             if not action.weighted_clusters:
                 errors.append(f"{ap}.weighted_clusters: must not be empty")

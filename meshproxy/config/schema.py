@@ -285,6 +285,17 @@ class HashPolicy(Base, frozen=True):
     source_ip: bool = False
 
 
+class RequestMirrorPolicy(Base, frozen=True):
+    """Envoy's RequestMirrorPolicy (Istio's mirror, mirrorPercentage): a copy of
+    `percentage` of the route's requests goes to `cluster`, fire and forget, its Host
+    suffixed -shadow. A body is streamed to it as it passes, up to `body_limit` bytes (the
+    retry buffer's bound, 64 KiB); a longer one is not mirrored (counted)."""
+
+    cluster: NonEmptyStr
+    percentage: Percent = 100
+    body_limit: Annotated[int, Meta(ge=0, le=64 * 1024 * 1024)] = 65536
+
+
 class RouteAction(Base, frozen=True):
     """Exactly one of cluster, weighted_clusters."""
 
@@ -298,6 +309,7 @@ class RouteAction(Base, frozen=True):
     timeout: Duration = "15s"
     retry_policy: RetryPolicy | None = None
     hash_policy: list[HashPolicy] = []
+    request_mirror_policies: list[RequestMirrorPolicy] = []
 
 
 class RedirectAction(Base, frozen=True):

@@ -177,6 +177,8 @@ class ClusterAction:
     # (kind, name): ("header", b"x-user"), ("cookie", b"session"), ("source_ip", b"")
     hash_policy: tuple[tuple[str, bytes], ...] = ()
     filters: RouteFilters | None = None
+    # Request mirroring (proxy.mirror): (cluster, fraction 0..1, body limit in bytes).
+    mirrors: tuple[tuple[str, float, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,6 +79,7 @@ class Worker:
                 self._nursery = nursery
                 self.state.wake = self._wake
                 self.state.leave = self.admission.leave
+                self.state.spawn = nursery.start_soon  # request mirrors (proxy.mirror)
                 await nursery.start(self.reactor.run)
                 nursery.start_soon(self.reactor.run_timers)
                 nursery.start_soon(self._sweep)
@@ -87,6 +88,7 @@ class Worker:
                 task_status.started(bound)
         finally:
             self.state.wake = None
+            self.state.spawn = None
             self._close_parked()  # connections with no task, which no cancellation reaches
             self.stats.block.set(self.stats.live, 0)
             for lst in self.listeners.values():

@@ -38,7 +38,7 @@ class WorkerState:
     the event set when the next snapshot is in (`changed`, replaced at each)."""
 
     __slots__ = ("stats", "draining", "demand", "changed", "asked", "wake", "leave",
-                 "fast_path")
+                 "fast_path", "spawn", "shadows")
 
     def __init__(self, stats: Any) -> None:
         self.stats = stats
@@ -50,6 +50,11 @@ class WorkerState:
         self.leave: Any = None  # Callable[[], None] | None
         self.demand: Any = None  # Callable[[bytes], None] | None
         self.fast_path = False  # connections may be served by proxy.fast_path
+        # Set by the worker: `spawn(fn, *args)` starts a task in the worker's nursery, for
+        # work no request waits for (request mirrors, proxy.mirror; None: none). `shadows`:
+        # mirror copies in flight.
+        self.spawn: Any = None
+        self.shadows = 0
         self.changed = trio.Event()
         self.asked: set[bytes] = set()  # authorities asked for since the last snapshot
 

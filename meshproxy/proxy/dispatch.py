@@ -29,6 +29,7 @@ from meshproxy.proxy.client_side import ClientSide
 from meshproxy.proxy.exchange import Exchange
 from meshproxy.proxy.filter_chain import on_cors, on_fault, on_request_headers
 from meshproxy.proxy.local_reply import LocalReply
+from meshproxy.proxy.mirror import start_mirrors
 from meshproxy.proxy.router import answer, forward
 
 
@@ -75,15 +76,17 @@ async def dispatch(side: ClientSide, head: MessageHead, ex: Exchange) -> bool:
             return await reply(side, ex, head, refusal)
     if type(action) is ClusterAction:
         side.forwarding(head, action)
-        return await forward_or_reply(side, head, ex, action, None)
+        tap = start_mirrors(side, head, ex, action) if action.mirrors else None
+        return await forward_or_reply(side, head, ex, action, None, tap)
     return await reply(side, ex, head, answer(action, side.ctx.scheme, host, target))
 
 
 async def forward_or_reply(side: ClientSide, head: MessageHead, ex: Exchange,
-                           action: ClusterAction, resume: Resume | None) -> bool:
+                           action: ClusterAction, resume: Resume | None,
+                           tap: Any = None) -> bool:
     """The router forwards; a request it could not (no cluster, no healthy upstream, a
     failure before the response began) is answered with the reply it returns."""
-    result = await forward(side, head, ex, action, resume)
+    result = await forward(side, head, ex, action, resume, tap)
     if type(result) is bool:
         return result
     assert isinstance(result, LocalReply)

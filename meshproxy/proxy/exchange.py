@@ -58,13 +58,17 @@ class Exchange:
 
 class BodyState:
     """How far the request body got, and a copy of what was sent upstream for replay
-    while it fits the retry buffer (None once it does not, or when retries are off)."""
+    while it fits the retry buffer (None once it does not, or when retries are off).
+    `tap`: who else gets the body as it passes (proxy.mirror's shadows: `feed(data)` per
+    piece, `end()` once it is whole), or None."""
 
-    __slots__ = ("started", "done", "replay", "size", "limit", "timer_started", "trailers")
+    __slots__ = ("started", "_done", "replay", "size", "limit", "timer_started", "trailers",
+                 "tap")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, tap: Any = None) -> None:
         self.started = False
-        self.done = False
+        self._done = False
+        self.tap = tap
         self.timer_started = False  # the route timeout runs (once per request)
         self.replay: list[bytes] | None = [] if limit > 0 else None
         self.size = 0
@@ -73,7 +77,19 @@ class BodyState:
         # are part of the chunked bytes kept).
         self.trailers: list[tuple[bytes, bytes]] = []
 
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @done.setter
+    def done(self, value: bool) -> None:
+        if value and not self._done and self.tap is not None:
+            self.tap.end()
+        self._done = value
+
     def keep(self, data: bytes) -> None:
+        if self.tap is not None and data:
+            self.tap.feed(data)
         if self.replay is not None:
             self.size += len(data)
             if self.size > self.limit:

@@ -318,8 +318,9 @@ cdef class Flight:
         if route is None:
             return self._decline()
         action = route.action
-        if type(action) is not ClusterAction or action.filters is not None:
-            return self._decline()
+        if (type(action) is not ClusterAction or action.filters is not None
+                or action.mirrors):
+            return self._decline()  # filters and mirrors are the task path's
         name = choose_cluster(action)
         cluster = ctx.clusters.get(name)
         if cluster is None or cluster.speaks_h2(dc.multiplexed):

@@ -149,8 +149,9 @@ async def attempt(side: ClientSide, head: MessageHead, ex: Exchange, cluster: Cl
             elif buffered and not state.done:
                 side.pos += cl
                 ex.bytes_in = cl
-                state.started = state.done = True
+                state.started = True
                 state.keep(first[len(up_head):])
+                state.done = True  # after keep: a tap (proxy.mirror) gets the body, then its end
             elif first_attempt and has_body and not state.started:
                 state.started = True
                 await _send_request_body(side, head, ex, conn, state, None, want_continue)

@@ -98,6 +98,8 @@ async def _stream_body(side: ClientSide, head: MessageHead, ex: Exchange, st: Or
     answered first to a client waiting for it (RFC 9110 10.1.1)."""
     idle = side.ctx.spec.idle_timeout
     state.started = True
+    if state.tap is not None:
+        state.tap.unframed()  # what is kept here is the payload, not HTTP/1.1 chunks
     side.phase = PH_REQ_BODY
     if head.expect_continue and side.pos >= len(side.buf):
         await side.informational(100, [])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 from time import perf_counter
+from typing import Any
 
 import trio
 
@@ -165,11 +166,12 @@ def _end_retry(cluster: Cluster) -> None:
 
 
 async def forward(dc: ClientSide, head: MessageHead, ex: Exchange,
-                  action: ClusterAction, resume: Resume | None = None) -> bool | LocalReply:
+                  action: ClusterAction, resume: Resume | None = None,
+                  tap: Any = None) -> bool | LocalReply:
     """Forward the request, retrying as the policy allows. Whether the client connection
     stays open once the response was relayed, or the reply for the driver to write when
     the request failed before its response began. With `resume`, the request goes on
-    from where the fast path left it."""
+    from where the fast path left it; `tap` gets the body as it goes (proxy.mirror)."""
     if resume is None:
         name = ex.cluster = choose_cluster(action)
         found = dc.ctx.clusters.get(name)
@@ -206,7 +208,7 @@ async def forward(dc: ClientSide, head: MessageHead, ex: Exchange,
                  and head.upgrade.lower() == b"websocket")
     retry = None if websocket else action.retry
     state = (resume.state if resume is not None and resume.state is not None
-             else BodyState(retry.buffer_limit if retry is not None else 0))
+             else BodyState(retry.buffer_limit if retry is not None else 0, tap))
     has_body = head.chunked or head.content_length > 0
     if cluster.budget is not None and (resume is None or not resume.opened):
         cluster.budget.record_request(dc.reactor.now)

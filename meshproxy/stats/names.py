@@ -154,6 +154,11 @@ HTTP = (
 
 CLUSTER = (
     counter("upstream_rq_total", "requests sent upstream"),
+    counter("shadow_rq_total", "request copies a mirror policy sent to this cluster"),
+    counter("shadow_rq_failed", "request copies that got no whole response"),
+    counter("shadow_rq_body_too_large",
+            "requests not mirrored: a body past the mirror policy's body_limit"),
+    counter("shadow_rq_overflow", "requests not mirrored: too many copies in flight"),
     gauge("upstream_rq_active", "upstream requests in progress",
           ends_as="upstream_rq_tx_reset"),
     counter("upstream_rq_tx_reset",

@@ -1,0 +1,258 @@
+"""Request mirroring: Envoy's request_mirror_policies, Istio's mirror and mirrorPercentage.
+
+A share of a route's requests is copied to another cluster, fire and forget:
+- the copy's Host (:authority) is suffixed "-shadow", before a port if it has one
+  (a.example:8080 -> a.example-shadow:8080), Envoy's rule: the shadow's own logs and routes
+  can tell a copy from a request;
+- it runs in the worker's nursery, never in the request's: the primary response neither
+  waits for the copy nor fails with it. At most MAX_SHADOWS copies are in flight per
+  worker; past that a request is not mirrored (shadow_rq_overflow);
+- the request body is streamed to the copy as the primary sends it upstream (the
+  BodyState's tap), up to the policy's body_limit (the retry buffer's bound): a body known
+  to be longer (content-length) is not mirrored, one that grows past it (chunked, HTTP/2
+  DATA) abandons its copy; both are counted (shadow_rq_body_too_large). A copy that falls
+  behind holds at most body_limit bytes;
+- the copy goes through the router as a request of its own (ShadowSide: a client side
+  with no socket): the shadow cluster's pools, balancer, breakers and upstream_rq_*
+  stats, the route's header rewrites and timeout (the timeout bounds the copy's life), no
+  retries; the response is read and dropped.
+Stats on the shadow cluster: shadow_rq_total, shadow_rq_failed (no whole response: the
+shadow is down, timed out, or reset), shadow_rq_body_too_large, shadow_rq_overflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+from time import perf_counter
+from typing import Any
+
+import trio
+
+from meshproxy._core.http1_parser import MessageHead, encode_chunk, encode_last_chunk
+from meshproxy.config.snapshot import ClusterAction
+from meshproxy.proxy.client_side import ClientSide
+from meshproxy.proxy.exchange import Exchange
+from meshproxy.proxy.phases import PH_UPSTREAM
+from meshproxy.proxy.relay import NO_DEADLINE
+from meshproxy.proxy.router import forward
+from meshproxy.transport.sockio import PeerClosed
+
+log = logging.getLogger("meshproxy.mirror")
+
+# Copies in flight per worker: a shadow that is slow or down must cost bounded memory and
+# tasks, never the primary traffic's.
+MAX_SHADOWS = 1024
+# A copy's life when its route has no timeout (Envoy's route timeout default).
+DEFAULT_TIMEOUT = 15.0
+# Bytes of a copy's response kept (its status line is all that is read now).
+RESPONSE_KEPT = 4096
+
+
+def shadow_host(host: bytes) -> bytes:
+    """Envoy's shadow authority: "-shadow" after the host name, before any port."""
+    if host.startswith(b"["):  # an IPv6 literal: [::1]:8080
+        end = host.find(b"]")
+        if end >= 0:
+            return host[:end + 1] + b"-shadow" + host[end + 1:]
+    name, colon, port = host.rpartition(b":")
+    if colon and port.isdigit():
+        return name + b"-shadow:" + port
+    return host + b"-shadow"
+
+
+class ShadowSide(ClientSide):
+    """A copy's client side: its body comes from the primary's (feed, end), its response is
+    kept (the first RESPONSE_KEPT bytes) and dropped. No socket: nothing to read or close."""
+
+    __slots__ = ("tx", "rx", "chunked", "framed", "fed", "limit", "pending", "tail",
+                 "status", "broken", "ended", "cluster", "kept")
+
+    def __init__(self, primary: ClientSide, head: MessageHead, cluster: Any,
+                 limit: int) -> None:
+        # Not ClientSide.__init__: there is no socket to register.
+        self.ctx = primary.ctx
+        self.reactor = primary.reactor
+        self.ch = None  # type: ignore[assignment]
+        self.sock = None  # type: ignore[assignment]
+        self.peer = primary.peer
+        self.peer_ip = primary.peer_ip
+        self.identity = primary.identity
+        self._remote = b""
+        self.buf = b""
+        self.pos = 0
+        self.phase = PH_UPSTREAM
+        self.upstream = None
+        self.deadline = NO_DEADLINE
+        self.born = primary.reactor.now
+        self.tx, self.rx = trio.open_memory_channel[bytes](math.inf)
+        self.chunked = head.chunked
+        # What the tap gives: the body as the primary sent it over HTTP/1.1 (its chunks
+        # framed, proxy.relay), or its payload alone (to an HTTP/2 origin, proxy.relay_h2).
+        self.framed = True
+        self.fed = 0
+        self.limit = limit
+        self.pending = b""
+        self.tail = False  # the last chunk was given (a chunked body)
+        self.status = 0
+        self.broken = False
+        self.ended = False
+        self.cluster = cluster
+        self.kept = b""
+
+    # The body, from the primary (BodyState.tap)
+
+    def feed(self, data: bytes) -> None:
+        if self.broken or self.ended:
+            return
+        self.fed += len(data)
+        if self.fed > self.limit:
+            st = self.cluster.stats
+            st.block.inc(st.shadow_rq_body_too_large)
+            self.abandon()
+            return
+        self.tx.send_nowait(data)
+
+    def end(self) -> None:
+        self.ended = True
+        self.tx.close()
+
+    def abandon(self) -> None:
+        """The copy cannot be sent whole: its body reads fail, so the copy ends."""
+        self.broken = self.ended = True
+        self.tx.close()
+
+    async def recv(self, size: int = 65536, deadline: float = 0.0) -> bytes:
+        """The body's next piece as the relay reads it from a client: for a chunked head,
+        chunk-framed (the relay decodes it as it would a client's)."""
+        if self.pending:
+            data, self.pending = self.pending[:size], self.pending[size:]
+            return data
+        try:
+            data = await self.rx.receive()
+        except trio.EndOfChannel:
+            if self.broken:
+                raise PeerClosed("the copy's body was abandoned") from None
+            if self.chunked and not self.framed and not self.tail:
+                self.tail = True
+                return encode_last_chunk()
+            return b""
+        if self.chunked and not self.framed:
+            data = encode_chunk(data)
+        if len(data) > size:
+            data, self.pending = data[:size], data[size:]
+        return data
+
+    recv_wait = recv
+
+    async def send(self, data: bytes) -> None:
+        """What a client would be sent: the status line is kept, the rest dropped."""
+        if len(self.kept) < RESPONSE_KEPT:
+            self.kept += data[:RESPONSE_KEPT - len(self.kept)]
+            if not self.status and self.kept.startswith(b"HTTP/1.1 ") and len(self.kept) >= 12:
+                code = self.kept[9:12]
+                if code.isdigit() and code[:1] != b"1":
+                    self.status = int(code)
+
+    def reset(self) -> None:
+        self.broken = True
+
+
+class Tap:
+    """The primary's body, given to every copy of the request (BodyState.tap)."""
+
+    __slots__ = ("shadows",)
+
+    def __init__(self, shadows: list[ShadowSide]) -> None:
+        self.shadows = shadows
+
+    # A copy must never cost the primary request: whatever goes wrong in giving it the
+    # body abandons that copy, never raises into the primary's relay.
+
+    def feed(self, data: bytes) -> None:
+        for s in self.shadows:
+            try:
+                s.feed(data)
+            except Exception:
+                log.exception("a request copy's body failed")
+                s.abandon()
+
+    def end(self) -> None:
+        for s in self.shadows:
+            try:
+                s.end()
+            except Exception:
+                log.exception("a request copy's body failed")
+                s.abandon()
+
+    def unframed(self) -> None:
+        """The body comes as its payload (an HTTP/2 origin's relay), not HTTP/1.1 bytes."""
+        for s in self.shadows:
+            s.framed = False
+
+
+def start_mirrors(side: ClientSide, head: MessageHead, ex: Exchange,
+                  action: ClusterAction) -> Tap | None:
+    """Decide which of the route's mirror policies copy this request, and start each copy
+    in the worker's nursery; the tap that streams the body to them (None: no copy)."""
+    state = side.ctx.state
+    if state.spawn is None:
+        return None
+    shadows = []
+    for name, fraction, limit in action.mirrors:
+        if fraction < 1.0 and random.random() >= fraction:
+            continue
+        cluster = side.ctx.clusters.get(name)
+        if cluster is None:
+            continue
+        st = cluster.stats
+        blk = st.block
+        if state.shadows >= MAX_SHADOWS:
+            blk.inc(st.shadow_rq_overflow)
+            continue
+        if head.content_length > limit:
+            blk.inc(st.shadow_rq_body_too_large)
+            continue
+        blk.inc(st.shadow_rq_total)
+        shadow = ShadowSide(side, head, cluster, limit)
+        shadows.append(shadow)
+        state.shadows += 1
+        state.spawn(_copy, shadow, head, ex, action, name)
+    if not shadows:
+        return None
+    if not (head.chunked or head.content_length > 0):
+        for s in shadows:
+            s.end()
+    return Tap(shadows)
+
+
+async def _copy(shadow: ShadowSide, head: MessageHead, ex: Exchange, action: ClusterAction,
+                name: str) -> None:
+    """One copy, to its end; whatever happens to it stays here."""
+    st = shadow.cluster.stats
+    ok = False
+    try:
+        copy = Exchange(head, perf_counter())
+        copy.host = ex.host
+        copy.target = ex.target
+        copy.request_id = ex.request_id  # the primary's x-request-id (Envoy keeps it)
+        copy.grpc = ex.grpc
+        shadow_action = dataclasses.replace(
+            action, clusters=((name, 1),), total_weight=1, retry=None, filters=None,
+            mirrors=(), host_rewrite=shadow_host(action.host_rewrite or ex.host))
+        with trio.move_on_after(action.timeout or DEFAULT_TIMEOUT):
+            result = await forward(shadow, head, copy, shadow_action, None)
+            ok = type(result) is bool and shadow.status > 0 and not shadow.broken
+    except PeerClosed:
+        pass  # its body was abandoned, or its upstream went away
+    except Exception:
+        log.exception("mirroring to %s failed", name)
+    finally:
+        shadow.ctx.state.shadows -= 1
+        if shadow.upstream is not None:
+            shadow.upstream.abort()
+            shadow.upstream = None
+        if not ok:
+            st.block.inc(st.shadow_rq_failed)
