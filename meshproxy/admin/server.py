@@ -56,6 +56,7 @@ class Supervised(Protocol):
     segment: Any  # the shared-memory stats Segment
     slots: Any
     discovery: Any  # the DiscoveryClient, or None
+    samples: Any  # stats.diff_samples.DiffSamples: mirrored routes' differing pairs
 
     @property
     def ready(self) -> bool: ...
@@ -96,6 +97,7 @@ class AdminServer:
             "/ready": {"GET": self.ready},
             "/healthz": {"GET": self.healthz},
             "/workers": {"GET": self.workers},
+            "/mirror_diffs": {"GET": self.mirror_diffs},
             "/drain": {"POST": self.drain},
             "/reload": {"POST": self.reload},
             "/quitquitquit": {"POST": self.quit},
@@ -198,6 +200,11 @@ class AdminServer:
 
     async def prometheus(self, q: dict[str, list[str]]) -> Reply:
         return 200, PROMETHEUS, render_prometheus(self._samples()).encode()
+
+    async def mirror_diffs(self, q: dict[str, list[str]]) -> Reply:
+        """The latest responses of mirrored routes that differed from the primary's (a
+        bounded sample per worker, newest first), with what differed."""
+        return _json({"samples": self.sup.samples.read()})
 
     async def clusters(self, q: dict[str, list[str]]) -> Reply:
         sup = self.sup

@@ -51,6 +51,7 @@ from meshproxy.filters.local_ratelimit import (
     RateLimitSpec,
     private_memory,
 )
+from meshproxy.filters.mirror_diff import DiffSpec, json_path
 from meshproxy.transport.tls_material import Bundle, KeyPair
 
 
@@ -120,7 +121,8 @@ def _action(vh: schema.VirtualHost, r: schema.Route, filters: RouteFilters | Non
             tuple(("header", wire_bytes(h.header.lower())) if h.header is not None
                   else ("cookie", wire_bytes(h.cookie)) if h.cookie is not None
                   else ("source_ip", b"") for h in a.hash_policy), filters,
-            tuple((mp.cluster, mp.percentage / 100.0, mp.body_limit)
+            tuple((mp.cluster, mp.percentage / 100.0, mp.body_limit,
+                   diff_spec(mp.response_diff), r.name)
                   for mp in a.request_mirror_policies))
     if r.redirect is not None:
         d = r.redirect
@@ -325,6 +327,27 @@ def rate_limit_specs(lst: schema.Listener, vh: schema.VirtualHost, k: int, r: sc
     nkeys = rl.max_keys if key else 1
     return RateLimitSpec(f"{where}#{nkeys}", tb.max_tokens, tb.tokens_per_fill / window,
                          window, key, header, nkeys, rl.response_headers)
+
+
+def diff_spec(d: schema.ResponseDiff | None) -> DiffSpec | None:
+    """A mirror policy's response comparison (filters.mirror_diff), or None."""
+    if d is None:
+        return None
+    paths = tuple(p for p in (json_path(x) for x in d.ignore_json_paths) if p is not None)
+    return DiffSpec(tuple(wire_bytes(h.lower()) for h in d.headers), paths, d.max_body_bytes)
+
+
+def compared_routes(config: schema.Config) -> list[str]:
+    """The routes whose mirrored responses are compared: each has mirror.<name>.* stats
+    (the supervisor gives them slots)."""
+    out: dict[str, None] = {}
+    for lst in config.listeners:
+        for vh in lst.virtual_hosts:
+            for r in vh.routes:
+                if r.route is not None and any(
+                        mp.response_diff is not None for mp in r.route.request_mirror_policies):
+                    out[r.name] = None
+    return list(out)
 
 
 def rate_limit_tables(config: schema.Config) -> dict[str, int]:

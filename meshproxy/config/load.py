@@ -30,6 +30,7 @@ from meshproxy.config.check_filters import (
 )
 from meshproxy.config.durations import parse_duration
 from meshproxy.config.wire import wire_bytes
+from meshproxy.filters.mirror_diff import json_path
 
 
 class ConfigError(Exception):
@@ -261,9 +262,17 @@ def _check_route(route: schema.Route, path: str, clusters: set[str], errors: lis
         if action.cluster is not None and action.cluster not in clusters:
             errors.append(f"{ap}.cluster: unknown cluster {action.cluster!r}")
         for k, mp in enumerate(action.request_mirror_policies):
+            mpath = f"{ap}.request_mirror_policies[{k}]"
             if mp.cluster not in clusters:
-                errors.append(f"{ap}.request_mirror_policies[{k}].cluster: unknown cluster "
-                              f"{mp.cluster!r}")
+                errors.append(f"{mpath}.cluster: unknown cluster {mp.cluster!r}")
+            if mp.response_diff is not None:
+                if not route.name:
+                    errors.append(f"{mpath}.response_diff: the route needs a name (its "
+                                  "diffs are counted as mirror.<name>.*)")
+                for j, jp in enumerate(mp.response_diff.ignore_json_paths):
+                    if json_path(jp) is None:
+                        errors.append(f"{mpath}.response_diff.ignore_json_paths[{j}]: "
+                                      f"not a path: {jp!r}")
         if action.weighted_clusters is not None:
             if not action.weighted_clusters:
                 errors.append(f"{ap}.weighted_clusters: must not be empty")

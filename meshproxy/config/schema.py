@@ -285,6 +285,18 @@ class HashPolicy(Base, frozen=True):
     source_ip: bool = False
 
 
+class ResponseDiff(Base, frozen=True):
+    """Dark launches: each copy's response compared with the primary's, counted per route
+    (mirror.<route>.same, different, shadow_failed). Compared: the status, `headers` by
+    value, the body by SHA-256; JSON bodies (both application/json or +json, each within
+    max_body_bytes) field by field instead, `ignore_json_paths` left out (dotted keys,
+    `*` for any key or index, `[n]` for one index: "meta.generated_at", "items[*].id")."""
+
+    headers: list[HeaderName] = []
+    ignore_json_paths: list[NonEmptyStr] = []
+    max_body_bytes: Annotated[int, Meta(ge=0, le=16 * 1024 * 1024)] = 1 << 20
+
+
 class RequestMirrorPolicy(Base, frozen=True):
     """Envoy's RequestMirrorPolicy (Istio's mirror, mirrorPercentage): a copy of
     `percentage` of the route's requests goes to `cluster`, fire and forget, its Host
@@ -294,6 +306,8 @@ class RequestMirrorPolicy(Base, frozen=True):
     cluster: NonEmptyStr
     percentage: Percent = 100
     body_limit: Annotated[int, Meta(ge=0, le=64 * 1024 * 1024)] = 65536
+    # Compare the copy's response with the primary's (the route needs a `name`).
+    response_diff: ResponseDiff | None = None
 
 
 class RouteAction(Base, frozen=True):

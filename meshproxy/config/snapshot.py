@@ -10,7 +10,7 @@ the data path may import it and it imports none of them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from meshproxy._core.route_table import RouteTable
 from meshproxy.config import schema
@@ -177,8 +177,9 @@ class ClusterAction:
     # (kind, name): ("header", b"x-user"), ("cookie", b"session"), ("source_ip", b"")
     hash_policy: tuple[tuple[str, bytes], ...] = ()
     filters: RouteFilters | None = None
-    # Request mirroring (proxy.mirror): (cluster, fraction 0..1, body limit in bytes).
-    mirrors: tuple[tuple[str, float, int], ...] = ()
+    # Request mirroring (proxy.mirror): (cluster, fraction 0..1, body limit in bytes,
+    # filters.mirror_diff.DiffSpec or None, the route's name for mirror.<route>.*).
+    mirrors: tuple[tuple[str, float, int, Any, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -126,6 +126,13 @@ class RouteRule(Base, frozen=True):
     fault: schema.Fault | None = None
     # Istio's HTTPRoute corsPolicy (the data plane's Cors, Envoy's CORS filter).
     cors: schema.Cors | None = None
+    # Istio's mirror and mirrorPercentage: a copy of the rule's requests to this
+    # destination (the data plane's request_mirror_policies); with
+    # mirror_response_diff, its responses compared with the primary's (the rule needs a
+    # name: mirror.<name>.*).
+    mirror: Destination | None = None
+    mirror_percentage: schema.Percent = 100
+    mirror_response_diff: schema.ResponseDiff | None = None
 
 
 class RouteSpec(Base, frozen=True):
@@ -299,6 +306,8 @@ def _check(kind: str, meta: Metadata, spec: Any, errors: list[str]) -> None:
             check_retry_policy(rule.retries, f"{rp}.retries", errors)
             check_fault(rule.fault, f"{rp}.fault", errors)
             check_cors(rule.cors, f"{rp}.cors", errors)
+            if rule.mirror_response_diff is not None and (rule.mirror is None or not rule.name):
+                errors.append(f"{rp}.mirror_response_diff: needs a mirror and a rule name")
             if rule.prefix_rewrite is not None and any(m.prefix is None for m in rule.match):
                 errors.append(f"{rp}.prefix_rewrite: every match needs a prefix")
         names = [r.name for r in spec.rules if r.name]

@@ -340,7 +340,25 @@ class _Builder:
         return schema.RouteAction(
             weighted_clusters=weighted, prefix_rewrite=rule.prefix_rewrite,
             host_rewrite=rule.host_rewrite, timeout=rule.timeout, retry_policy=rule.retries,
-            hash_policy=list(policy.hash_policy) if policy else [])
+            hash_policy=list(policy.hash_policy) if policy else [],
+            request_mirror_policies=self.mirrors(key, rule, where))
+
+    def mirrors(self, key: str, rule: RouteRule, where: str
+                ) -> list[schema.RequestMirrorPolicy]:
+        """Istio's mirror: the destination's cluster (made before the route that names it,
+        like any destination's), or nothing with a warning when it does not exist."""
+        m = rule.mirror
+        if m is None:
+            return []
+        dest_key = service_key(m.service, key.split("/", 1)[0])
+        port = self.port_of(dest_key, m.port)
+        name = None if port is None else self.cluster(dest_key, port, m.subset)
+        if name is None:
+            self.warnings.append(f"{where}.mirror: {dest_key} has no such destination; "
+                                 "not mirrored")
+            return []
+        return [schema.RequestMirrorPolicy(cluster=name, percentage=rule.mirror_percentage,
+                                           response_diff=rule.mirror_response_diff)]
 
     def rule_limit(self, key: str, rule: str | None) -> schema.LocalRateLimit | None:
         if rule is None:

@@ -29,6 +29,8 @@ class SnapshotMsg(msgspec.Struct, tag="snapshot", frozen=True):
     material: dict[str, bytes] = {}
     # Rate-limit bucket tables: name -> first cell in the shared bucket memory.
     bucket_slots: dict[str, int] = {}
+    # Mirrored routes whose responses are compared: route name -> stats slot.
+    mirror_slots: dict[str, int] = {}
 
 
 class DrainMsg(msgspec.Struct, tag="drain", frozen=True):

@@ -44,7 +44,7 @@ import msgspec
 import trio
 
 from meshproxy.config import schema
-from meshproxy.config.compile import compile_config, rate_limit_tables
+from meshproxy.config.compile import compared_routes, compile_config, rate_limit_tables
 from meshproxy.config.load import ConfigError, load_file
 from meshproxy.control.messages import ROOT_CA
 from meshproxy.process import cert_watch
@@ -54,6 +54,7 @@ from meshproxy.process.demand_memory import DemandMemory
 from meshproxy.process.discovery_client import DiscoveryClient
 from meshproxy.process.identity import Identity
 from meshproxy.process.messages import DrainMsg, SnapshotMsg, encode
+from meshproxy.stats.diff_samples import DiffSamples
 from meshproxy.stats.names import Scope, offset
 from meshproxy.stats.shared_memory import Capacity, Layout, Segment, Slots
 from meshproxy.stats.sink import endpoint_key
@@ -112,6 +113,7 @@ class Supervisor:
         self.slots = Slots()
         self.buckets = BucketMemory()
         self.demand = DemandMemory(opts.workers) if discovery is not None else None
+        self.samples = DiffSamples(opts.workers)  # mirrored routes' differing pairs
         self.workers = [WorkerHandle(i) for i in range(opts.workers)]
         self.reserved: dict[tuple[str, str, int], socket.socket] = {}
         self.version = 0
@@ -181,7 +183,7 @@ class Supervisor:
             before = copy.deepcopy(self.slots.__dict__)
             errors = self.slots.assign([lst.name for lst in config.listeners],
                                        [c.name for c in config.clusters], endpoints, self.cap,
-                                       time.monotonic())
+                                       time.monotonic(), compared_routes(config))
             if not errors:
                 errors = self.buckets.assign(rate_limit_tables(config), time.monotonic())
                 if errors:
@@ -199,7 +201,8 @@ class Supervisor:
         self.message = SnapshotMsg(self.version, self.config, self.opts.access_log,
                                    dict(self.slots.listeners), dict(self.slots.clusters),
                                    dict(self.slots.endpoints), len(self.workers),
-                                   material.files, dict(self.buckets.slots))
+                                   material.files, dict(self.buckets.slots),
+                                   dict(self.slots.mirrors))
         return []
 
     def _compiles(self, config: schema.Config, files: dict[str, bytes]) -> list[str]:
@@ -352,7 +355,8 @@ class Supervisor:
             cmd.append("--no-stats")
         if not self.opts.fast_path:
             cmd.append("--no-fast-path")
-        fds = [r, self.segment.fd, self.buckets.fd]
+        cmd += ["--samples-fd", str(self.samples.fd)]
+        fds = [r, self.segment.fd, self.buckets.fd, self.samples.fd]
         if self.demand is not None:
             self.demand.reset(w.index)
             cmd += ["--demand-fd", str(self.demand.fd)]

@@ -25,6 +25,7 @@ from meshproxy.process.demand_memory import DemandMemory
 from meshproxy.process.errors import leaves
 from meshproxy.process.messages import DrainMsg, FrameReader, SnapshotMsg
 from meshproxy.process.worker import Worker
+from meshproxy.stats.diff_samples import DiffSamples
 from meshproxy.stats.shared_memory import Capacity, Layout, Segment, Slots
 from meshproxy.stats.sink import Sink
 
@@ -32,7 +33,8 @@ log = logging.getLogger("meshproxy.worker")
 
 
 def _slots(msg: SnapshotMsg) -> Slots:
-    return Slots(dict(msg.listener_slots), dict(msg.cluster_slots), dict(msg.endpoint_slots))
+    return Slots(dict(msg.listener_slots), dict(msg.cluster_slots), dict(msg.endpoint_slots),
+                 dict(msg.mirror_slots))
 
 
 async def _main(args: argparse.Namespace, segment: Segment) -> None:
@@ -60,6 +62,9 @@ async def _main(args: argparse.Namespace, segment: Segment) -> None:
     if args.demand_fd is not None:
         demand = DemandMemory(first.workers, args.demand_fd)
         worker.state.demand = partial(demand.note, args.index)
+    if args.samples_fd is not None:
+        samples = DiffSamples(first.workers, args.samples_fd)
+        worker.state.diff_sample = partial(samples.record, args.index)
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(worker.run)
@@ -107,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stats-fd", type=int, required=True)
     ap.add_argument("--buckets-fd", type=int, required=True)
     ap.add_argument("--demand-fd", type=int, default=None)
+    ap.add_argument("--samples-fd", type=int, default=None)
     ap.add_argument("--slabs", type=int, required=True)
     ap.add_argument("--capacity", type=int, nargs=3, required=True)
     ap.add_argument("--cpu", type=int, default=None)

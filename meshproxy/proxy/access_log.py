@@ -145,6 +145,25 @@ class AccessLogger:
         if self._size >= FLUSH_SIZE:
             self.flush()
 
+    def log_mirror_diff(self, route: str, request: dict[str, str],
+                        differences: list[str]) -> None:
+        """A mirrored request whose copy's response differed from the primary's
+        (proxy.mirror): a line of its own, after the request's."""
+        now = time.time()
+        if self._json:
+            line = self._encoder.encode({"start_time": format_time(now), "mirror_diff": {
+                "route": route, **request, "differences": differences}}) + b"\n"
+        else:
+            fields = (route, f"{request['method']} {request['path']}",
+                      request["x_request_id"], request["shadow_cluster"],
+                      "; ".join(differences))
+            line = b"[%s] MIRROR_DIFF %s\n" % (format_time(now).encode(), b" ".join(
+                b'"%s"' % _qb(f.encode("utf-8", "replace")) for f in fields))
+        self._batch.append(line)
+        self._size += len(line)
+        if self._size >= FLUSH_SIZE:
+            self.flush()
+
     def flush(self) -> None:
         if self._batch:
             data = b"".join(self._batch)

@@ -38,7 +38,7 @@ class WorkerState:
     the event set when the next snapshot is in (`changed`, replaced at each)."""
 
     __slots__ = ("stats", "draining", "demand", "changed", "asked", "wake", "leave",
-                 "fast_path", "spawn", "shadows")
+                 "fast_path", "spawn", "shadows", "diff_sample")
 
     def __init__(self, stats: Any) -> None:
         self.stats = stats
@@ -55,6 +55,9 @@ class WorkerState:
         # mirror copies in flight.
         self.spawn: Any = None
         self.shadows = 0
+        # Set by the worker: `diff_sample(dict)` records a mirrored pair that differed
+        # (stats.diff_samples, read by the admin server); None: kept nowhere.
+        self.diff_sample: Any = None
         self.changed = trio.Event()
         self.asked: set[bytes] = set()  # authorities asked for since the last snapshot
 
@@ -69,7 +72,7 @@ class ListenerContext:
     `parser` and `clusters` in place; a request in flight keeps what it already looked up."""
 
     __slots__ = ("spec", "parser", "clusters", "logger", "scheme", "reactor", "state",
-                 "lstats", "hstats", "tracer", "tls", "slabs")
+                 "lstats", "hstats", "tracer", "tls", "slabs", "sink", "mirror_stats")
 
     def __init__(self, spec: ListenerSpec, clusters: ClusterManager,
                  logger: AccessLogger | None, reactor: Reactor, state: WorkerState,
@@ -81,6 +84,9 @@ class ListenerContext:
         # Every worker's stats, to read a proxy-wide gauge (fault.active_faults against
         # max_active_faults, filters.fault).
         self.slabs = sink.worker_blocks()
+        self.sink = sink
+        # mirror.<route> stats bound so far (proxy.mirror binds a route's at first use).
+        self.mirror_stats: dict[str, Any] = {}
         self.tracer: Tracer | None = None
         self.tls: ListenerTLS | None = None
         self.update(spec, clusters, logger)

@@ -76,8 +76,12 @@ async def dispatch(side: ClientSide, head: MessageHead, ex: Exchange) -> bool:
             return await reply(side, ex, head, refusal)
     if type(action) is ClusterAction:
         side.forwarding(head, action)
-        tap = start_mirrors(side, head, ex, action) if action.mirrors else None
-        return await forward_or_reply(side, head, ex, action, None, tap)
+        if action.mirrors:
+            tap = start_mirrors(side, head, ex, action)
+            if tap is not None and tap.capture is not None:
+                return await _compared(side, head, ex, action, tap)
+            return await forward_or_reply(side, head, ex, action, None, tap)
+        return await forward_or_reply(side, head, ex, action, None)
     return await reply(side, ex, head, answer(action, side.ctx.scheme, host, target))
 
 
@@ -91,6 +95,33 @@ async def forward_or_reply(side: ClientSide, head: MessageHead, ex: Exchange,
         return result
     assert isinstance(result, LocalReply)
     return await reply(side, ex, head, result)
+
+
+async def _compared(side: ClientSide, head: MessageHead, ex: Exchange, action: ClusterAction,
+                    tap: Any) -> bool:
+    """A request whose copies' responses are compared with its own (proxy.mirror): what it
+    writes to the client is captured meanwhile (an HTTP/1.1 connection's sends; an HTTP/2
+    stream's HEADERS and DATA)."""
+    capture = tap.capture
+    if side.multiplexed:
+        side.capture = capture  # type: ignore[attr-defined]
+        try:
+            return await forward_or_reply(side, head, ex, action, None, tap)
+        finally:
+            side.capture = None  # type: ignore[attr-defined]
+            tap.primary_ended()
+    send = side.send
+
+    async def captured(data: bytes) -> None:
+        capture.wire(data)
+        await send(data)
+
+    side.send = captured
+    try:
+        return await forward_or_reply(side, head, ex, action, None, tap)
+    finally:
+        side.send = send
+        tap.primary_ended()
 
 
 async def reply(side: ClientSide, ex: Exchange, head: MessageHead, r: LocalReply) -> bool:

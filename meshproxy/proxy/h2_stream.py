@@ -62,7 +62,7 @@ class H2Stream(ClientSide):
     __slots__ = ("conn", "sid", "cs", "inbox", "ended", "chunked", "trailers", "gone",
                  "waiter", "window_waiter", "response_done", "ex", "head_bytes",
                  "headers_sent", "expired", "tail_sent", "tunnel", "flight", "requests",
-                 "fast_hint", "never_indexed")
+                 "fast_hint", "never_indexed", "capture")
 
     def __init__(self, conn: Any, sid: int, head_bytes: bytes, ended: bool) -> None:
         """`conn`: the proxy.downstream_h2.H2Driver of the connection (which imports this
@@ -112,6 +112,8 @@ class H2Stream(ClientSide):
         self.fast_hint = False
         # The request fields the client sent never-indexed, kept so upstream (RFC 7541 7.1.3).
         self.never_indexed: frozenset[tuple[bytes, bytes]] | None = None
+        # A mirrored request's response, captured as it is written (proxy.mirror).
+        self.capture: Any = None
 
     # ------------------------------------------------------------------ from the driver
 
@@ -312,6 +314,8 @@ class H2Stream(ClientSide):
     async def send_head(self, fields: list[tuple[bytes, bytes]], end: bool) -> None:
         if self.gone:
             raise PeerClosed("the client reset the stream")
+        if self.capture is not None:
+            self.capture.h2_fields(fields, end)
         try:
             self.conn.codec.h2.send_headers(self.sid, fields, end_stream=end)
         except _H2_ERRORS:
@@ -323,6 +327,8 @@ class H2Stream(ClientSide):
 
     async def send_body(self, data: bytes, end: bool) -> None:
         """DATA within the peer's windows and the frame size; END_STREAM with the last."""
+        if self.capture is not None:
+            self.capture.h2_data(data, end)
         conn = self.conn
         h2 = conn.codec.h2
         sid = self.sid

@@ -18,6 +18,15 @@ A share of a route's requests is copied to another cluster, fire and forget:
   retries; the response is read and dropped.
 Stats on the shadow cluster: shadow_rq_total, shadow_rq_failed (no whole response: the
 shadow is down, timed out, or reset), shadow_rq_body_too_large, shadow_rq_overflow.
+
+Dark launches (a policy's response_diff): the primary's response is captured as it is
+written to the client (the HTTP/1.1 bytes, or an HTTP/2 stream's fields and DATA), the
+copy's as the router relays it to its ShadowSide, and when both have ended they are
+compared (filters.mirror_diff), counted on the route's mirror.<route>.same, different or
+shadow_failed. A differing pair is recorded with what differed: the worker's latest
+RING of them are on the admin server's /mirror_diffs (stats.diff_samples), and each is an
+access log line (MIRROR_DIFF). A primary that did not end whole (the client went away)
+is not compared.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import dataclasses
 import logging
 import math
 import random
+import time
 from time import perf_counter
 from typing import Any
 
@@ -33,6 +43,7 @@ import trio
 
 from meshproxy._core.http1_parser import MessageHead, encode_chunk, encode_last_chunk
 from meshproxy.config.snapshot import ClusterAction
+from meshproxy.filters.mirror_diff import Capture, DiffSpec, compare
 from meshproxy.proxy.client_side import ClientSide
 from meshproxy.proxy.exchange import Exchange
 from meshproxy.proxy.phases import PH_UPSTREAM
@@ -68,7 +79,7 @@ class ShadowSide(ClientSide):
     kept (the first RESPONSE_KEPT bytes) and dropped. No socket: nothing to read or close."""
 
     __slots__ = ("tx", "rx", "chunked", "framed", "fed", "limit", "pending", "tail",
-                 "status", "broken", "ended", "cluster", "kept")
+                 "status", "broken", "ended", "cluster", "kept", "pair")
 
     def __init__(self, primary: ClientSide, head: MessageHead, cluster: Any,
                  limit: int) -> None:
@@ -101,6 +112,7 @@ class ShadowSide(ClientSide):
         self.ended = False
         self.cluster = cluster
         self.kept = b""
+        self.pair: Pair | None = None  # when its response is compared with the primary's
 
     # The body, from the primary (BodyState.tap)
 
@@ -148,7 +160,10 @@ class ShadowSide(ClientSide):
     recv_wait = recv
 
     async def send(self, data: bytes) -> None:
-        """What a client would be sent: the status line is kept, the rest dropped."""
+        """What a client would be sent: the status line is kept, the rest dropped (or
+        captured whole when it is compared)."""
+        if self.pair is not None:
+            self.pair.shadow.wire(data)
         if len(self.kept) < RESPONSE_KEPT:
             self.kept += data[:RESPONSE_KEPT - len(self.kept)]
             if not self.status and self.kept.startswith(b"HTTP/1.1 ") and len(self.kept) >= 12:
@@ -160,13 +175,87 @@ class ShadowSide(ClientSide):
         self.broken = True
 
 
+class Pair:
+    """A primary response and its copy's, compared once both have ended."""
+
+    __slots__ = ("spec", "ctx", "route", "primary", "shadow", "primary_done", "shadow_done",
+                 "shadow_ok", "ex", "cluster")
+
+    def __init__(self, spec: DiffSpec, ctx: Any, route: str, primary: Capture,
+                 head: MessageHead, ex: Exchange, cluster: str) -> None:
+        self.spec = spec
+        self.ctx = ctx
+        self.route = route
+        self.primary = primary
+        self.shadow = Capture(spec.max_body, head.method == b"HEAD")
+        self.primary_done = self.shadow_done = self.shadow_ok = False
+        self.ex = ex
+        self.cluster = cluster
+
+    def ended(self, primary: bool, ok: bool = True) -> None:
+        if primary:
+            self.primary_done = True
+        else:
+            self.shadow_done = True
+            self.shadow_ok = ok
+        if self.primary_done and self.shadow_done:
+            try:
+                self._compare()
+            except Exception:  # a comparison must never cost a request or the worker
+                log.exception("comparing a mirrored response failed")
+
+    def _compare(self) -> None:
+        ctx = self.ctx
+        st = ctx.mirror_stats.get(self.route)
+        if st is None:
+            st = ctx.mirror_stats[self.route] = ctx.sink.mirror(self.route)
+        p, s = self.primary, self.shadow
+        if not self.shadow_ok or not s.complete or s.status <= 0:
+            st.block.inc(st.shadow_failed)
+            return
+        if not p.complete or p.status <= 0:
+            return  # the primary did not end whole: nothing to compare it with
+        reasons = compare(self.spec, p, s)
+        if not reasons:
+            st.block.inc(st.same)
+            return
+        st.block.inc(st.different)
+        ex = self.ex
+        request = {"method": ex.method.decode("latin-1"), "path": ex.target.decode("latin-1"),
+                   "x_request_id": (ex.request_id or (ex.head.request_id if ex.head else None)
+                                    or b"-").decode("latin-1"),
+                   "shadow_cluster": self.cluster}
+        sample = {"time": time.time(), "route": self.route, **request,
+                  "differences": reasons, "primary": _summary(p), "shadow": _summary(s)}
+        record = ctx.state.diff_sample
+        if record is not None:
+            record(sample)
+        if ctx.logger is not None:
+            ctx.logger.log_mirror_diff(self.route, request, reasons)
+
+
+def _summary(c: Capture) -> dict[str, Any]:
+    return {"status": c.status, "body_bytes": c.size, "sha256": c.sha.hexdigest()}
+
+
 class Tap:
-    """The primary's body, given to every copy of the request (BodyState.tap)."""
+    """The primary's body, given to every copy of the request (BodyState.tap), and the
+    primary's response capture when copies are compared."""
 
-    __slots__ = ("shadows",)
+    __slots__ = ("shadows", "capture", "pairs")
 
-    def __init__(self, shadows: list[ShadowSide]) -> None:
+    def __init__(self, shadows: list[ShadowSide], capture: Capture | None,
+                 pairs: list[Pair]) -> None:
         self.shadows = shadows
+        self.capture = capture
+        self.pairs = pairs
+
+    def primary_ended(self) -> None:
+        """The primary's response is written (or never will be)."""
+        if self.capture is not None:
+            self.capture.closed()
+        for pair in self.pairs:
+            pair.ended(primary=True)
 
     # A copy must never cost the primary request: whatever goes wrong in giving it the
     # body abandons that copy, never raises into the primary's relay.
@@ -201,7 +290,9 @@ def start_mirrors(side: ClientSide, head: MessageHead, ex: Exchange,
     if state.spawn is None:
         return None
     shadows = []
-    for name, fraction, limit in action.mirrors:
+    pairs: list[Pair] = []
+    capture: Capture | None = None
+    for name, fraction, limit, spec, route in action.mirrors:
         if fraction < 1.0 and random.random() >= fraction:
             continue
         cluster = side.ctx.clusters.get(name)
@@ -217,15 +308,21 @@ def start_mirrors(side: ClientSide, head: MessageHead, ex: Exchange,
             continue
         blk.inc(st.shadow_rq_total)
         shadow = ShadowSide(side, head, cluster, limit)
+        if spec is not None:
+            if capture is None:
+                capture = Capture(max(s.max_body for *_x, s, _r in action.mirrors
+                                      if s is not None), head.method == b"HEAD")
+            shadow.pair = Pair(spec, side.ctx, route, capture, head, ex, name)
+            pairs.append(shadow.pair)
         shadows.append(shadow)
         state.shadows += 1
         state.spawn(_copy, shadow, head, ex, action, name)
     if not shadows:
         return None
     if not (head.chunked or head.content_length > 0):
-        for s in shadows:
-            s.end()
-    return Tap(shadows)
+        for sh in shadows:
+            sh.end()
+    return Tap(shadows, capture, pairs)
 
 
 async def _copy(shadow: ShadowSide, head: MessageHead, ex: Exchange, action: ClusterAction,
@@ -256,3 +353,6 @@ async def _copy(shadow: ShadowSide, head: MessageHead, ex: Exchange, action: Clu
             shadow.upstream = None
         if not ok:
             st.block.inc(st.shadow_rq_failed)
+        if shadow.pair is not None:
+            shadow.pair.shadow.closed()
+            shadow.pair.ended(primary=False, ok=ok)

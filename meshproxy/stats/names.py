@@ -262,6 +262,14 @@ TRACING = (
 )
 
 
+# A mirrored route's response diffs (proxy.mirror_diff), per route: mirror.<route>.*.
+MIRROR = (
+    counter("same", "request copies whose response matched the primary's"),
+    counter("different", "request copies whose response differed from the primary's"),
+    counter("shadow_failed", "request copies that got no whole response to compare"),
+)
+
+
 class Scope(Enum):
     """Kinds of scope, each with its stats and the prefix of their full names."""
 
@@ -271,6 +279,7 @@ class Scope(Enum):
     ENDPOINT = ("endpoint", ENDPOINT)
     WORKER = ("server", WORKER)
     TRACING = ("tracing", TRACING)
+    MIRROR = ("mirror", MIRROR)
 
     def __init__(self, prefix: str, stats: tuple[Stat, ...]) -> None:
         self.prefix = prefix

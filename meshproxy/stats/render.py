@@ -71,6 +71,9 @@ def collect(seg: Segment, slots: Slots, live: dict[int, int], server: dict[str, 
     for name, slot in sorted(slots.clusters.items()):
         out += _scope_samples(seg, Scope.CLUSTER, slot, every, f"cluster.{name}",
                               {"cluster_name": name})
+    for name, slot in sorted(slots.mirrors.items()):
+        out += _scope_samples(seg, Scope.MIRROR, slot, every, f"mirror.{name}",
+                              {"route_name": name})
     return out
 
 

@@ -37,11 +37,13 @@ class Capacity:
     listeners: int = 64
     clusters: int = 1024
     endpoints: int = 8192
+    mirrors: int = 256  # routes whose mirrored responses are compared (mirror.<route>.*)
 
 
 ORDER = ((Scope.WORKER, "workers"), (Scope.TRACING, "workers"),
          (Scope.LISTENER, "listeners"), (Scope.HTTP, "listeners"),
-         (Scope.CLUSTER, "clusters"), (Scope.ENDPOINT, "endpoints"))
+         (Scope.CLUSTER, "clusters"), (Scope.ENDPOINT, "endpoints"),
+         (Scope.MIRROR, "mirrors"))
 
 
 class Layout:
@@ -80,7 +82,7 @@ class Layout:
 REUSE_AFTER = 60.0
 
 KINDS = (("listeners", (Scope.LISTENER, Scope.HTTP)), ("clusters", (Scope.CLUSTER,)),
-         ("endpoints", (Scope.ENDPOINT,)))
+         ("endpoints", (Scope.ENDPOINT,)), ("mirrors", (Scope.MIRROR,)))
 
 
 @dataclass
@@ -90,10 +92,11 @@ class Slots:
     listeners: dict[str, int] = field(default_factory=dict)
     clusters: dict[str, int] = field(default_factory=dict)
     endpoints: dict[str, int] = field(default_factory=dict)  # "cluster/host:port"
+    mirrors: dict[str, int] = field(default_factory=dict)  # route names
     # Per kind: slots never used yet start at `fresh`; `free` were used and zeroed;
     # `parked` (departed_at, slot) wait REUSE_AFTER.
     fresh: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("listeners", "clusters", "endpoints"), 0))
+        ("listeners", "clusters", "endpoints", "mirrors"), 0))
     free: dict[str, list[int]] = field(default_factory=lambda: {k: [] for k, _ in KINDS})
     parked: dict[str, list[tuple[float, int]]] = field(
         default_factory=lambda: {k: [] for k, _ in KINDS})
@@ -112,14 +115,16 @@ class Slots:
         return out
 
     def assign(self, listeners: list[str], clusters: list[str], endpoints: list[str],
-               cap: Capacity, now: float = 0.0) -> list[str]:
+               cap: Capacity, now: float = 0.0, mirrors: list[str] | None = None
+               ) -> list[str]:
         """Give new names slots and park the slots of names that left; returns errors when
         a capacity would be exceeded (nothing is assigned then)."""
         errors = []
         plans = []
         for kind, names, limit in (("listeners", listeners, cap.listeners),
                                    ("clusters", clusters, cap.clusters),
-                                   ("endpoints", endpoints, cap.endpoints)):
+                                   ("endpoints", endpoints, cap.endpoints),
+                                   ("mirrors", mirrors or [], cap.mirrors)):
             table: dict[str, int] = getattr(self, kind)
             wanted = dict.fromkeys(names)
             new = [n for n in wanted if n not in table]

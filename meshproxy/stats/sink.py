@@ -102,6 +102,11 @@ class Sink:
         return (seg.block(seg.retired),
                 self.layout.first(Scope.ENDPOINT, slot) + Scope.ENDPOINT.offsets["hc_failed"])
 
+    def mirror(self, route: str) -> Any:
+        """A mirrored route's response diff counters (mirror.<route>.*)."""
+        return self._bind(Scope.MIRROR, self._slot(self.slots.mirrors, route,
+                                                   self.layout.cap.mirrors))
+
     def endpoint(self, cluster: str, label: str) -> Any:
         return self._bind(Scope.ENDPOINT, self._slot(self.slots.endpoints,
                                                      endpoint_key(cluster, label),
