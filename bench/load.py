@@ -225,6 +225,11 @@ VARIANTS: dict[str, object] = {
     "meshproxy +access-log": lambda t, p, o: start_meshproxy(t, p, o, access_log=True),
     # Every request served from a task (the compiled fast path off): what it saves.
     "meshproxy --no-fast-path": lambda t, p, o: start_meshproxy(t, p, o, "--no-fast-path"),
+    # A no-op Python filter on the listener (meshproxy.examples.noop): what the filter
+    # machinery costs a request. A filtered route is served by the task path, so compare
+    # it with --no-fast-path, the same path without a filter.
+    "meshproxy +python-filter": lambda t, p, o: start_meshproxy(t, p, o, listener_options={
+        "filters": [{"python": "meshproxy.examples.noop:NoOp"}]}),
     # Two workers on the two cores, sharing them with wrk and the origin: shows how the
     # pool scales when the proxy is not the only thing running (CPU/request summed).
     "meshproxy --workers 2": lambda t, p, o: start_meshproxy(t, p, o, "--workers", "2",

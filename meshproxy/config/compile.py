@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from meshproxy._core.route_table import HeaderMatcher, Route, RouteTable, VirtualHost
 from meshproxy.config import schema
 from meshproxy.config.durations import parse_duration
+from meshproxy.config.load import ConfigError
 from meshproxy.config.snapshot import (
     PRINCIPAL_HEADER,
     REQUEST_SKIP,
@@ -52,6 +53,7 @@ from meshproxy.filters.local_ratelimit import (
     private_memory,
 )
 from meshproxy.filters.mirror_diff import DiffSpec, json_path
+from meshproxy.filters.python import FilterLoadError, LoadedFilter, load
 from meshproxy.transport.tls_material import Bundle, KeyPair
 
 
@@ -268,8 +270,10 @@ def compile_config(config: schema.Config, version: int = 1,
     for lst in config.listeners:
         vhosts = []
         listener_authz = compile_policies(lst.authorization_policies)
+        listener_python = python_filters(lst.filters, lst.name) if lst.filters else ()
         for vh in lst.virtual_hosts:
-            routes = [_route(vh, r, _filters(lst, vh, k, r, memory, limiters, listener_authz))
+            routes = [_route(vh, r, _filters(lst, vh, k, r, memory, limiters, listener_authz,
+                                             listener_python))
                       for k, r in enumerate(vh.routes)]
             vhosts.append((VirtualHost(vh.name, routes), list(vh.domains)))
         listeners.append(ListenerSpec(
@@ -363,9 +367,25 @@ def rate_limit_tables(config: schema.Config) -> dict[str, int]:
     return out
 
 
+def python_filters(filters: list[schema.PythonFilter], where: str) -> tuple[LoadedFilter, ...]:
+    """Import and build a list of Python filters (filters.python) once for this snapshot;
+    ConfigError names the filter that could not be."""
+    out = []
+    errors = []
+    for k, f in enumerate(filters):
+        try:
+            out.append(load(f.python, f.config, parse_duration(f.timeout), f.name))
+        except FilterLoadError as exc:
+            errors.append(f"{where}.filters[{k}].python: {exc}")
+    if errors:
+        raise ConfigError(errors)
+    return tuple(out)
+
+
 def _filters(lst: schema.Listener, vh: schema.VirtualHost, k: int, r: schema.Route,
              memory: Memory, limiters: dict[str, LocalRateLimiter],
-             listener_authz: Authorizer | None) -> RouteFilters | None:
+             listener_authz: Authorizer | None,
+             listener_python: tuple[LoadedFilter, ...] = ()) -> RouteFilters | None:
     # Compiled once per listener; a route with its own policies compiles those.
     authz = (compile_policies(r.authorization_policies)
              if r.authorization_policies is not None else listener_authz)
@@ -377,9 +397,11 @@ def _filters(lst: schema.Listener, vh: schema.VirtualHost, k: int, r: schema.Rou
             limiter = limiters[spec.name] = LocalRateLimiter(spec, memory)
     fault = fault_policy(r.fault) if r.fault is not None else None
     cors = cors_policy(r.cors) if r.cors is not None else None
-    if authz is None and limiter is None and fault is None and cors is None:
+    python = listener_python + (python_filters(r.filters, f"{lst.name}/{vh.name}/routes[{k}]")
+                                if r.filters else ())
+    if authz is None and limiter is None and fault is None and cors is None and not python:
         return None
-    return RouteFilters(authz, limiter, fault, cors)
+    return RouteFilters(authz, limiter, fault, cors, python)
 
 
 def cors_policy(c: schema.Cors) -> CorsPolicy:

@@ -459,6 +459,17 @@ class Fault(Base, frozen=True):
     max_active_faults: Annotated[int, Meta(ge=0)] | None = None
 
 
+class PythonFilter(Base, frozen=True):
+    """A Python filter (filters.python): "package.module:Class", built once per snapshot
+    with `config`; every call of a phase is bounded by `timeout`. `name` (default: the
+    class path) is what the log and stats call it."""
+
+    python: Annotated[str, Meta(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]
+    config: dict[str, object] = {}
+    timeout: Duration = "1s"
+    name: str = ""
+
+
 class StringMatch(Base, frozen=True):
     """Exactly one of exact, prefix, suffix, regex (full match); Envoy's StringMatcher."""
 
@@ -506,6 +517,8 @@ class Route(Base, frozen=True):
     # CORS, the first filter: a preflight is answered before authorization (a browser
     # sends it without credentials).
     cors: Cors | None = None
+    # Python filters, after the listener's and the built-in ones, in order.
+    filters: list[PythonFilter] = []
 
 
 class VirtualHost(Base, frozen=True):
@@ -608,6 +621,8 @@ class Listener(Base, frozen=True):
     tls: ListenerTLS | None = None
     # Checked for every request of the listener, after routing (a route may replace them).
     authorization_policies: list[AuthorizationPolicy] = []
+    # Python filters every route's requests pass first (filters.python).
+    filters: list[PythonFilter] = []
     # A sidecar's outbound listener under a control plane: a request for an authority no
     # virtual host serves asks the control plane for it and waits up to this long for the
     # config that serves it (Envoy's on-demand VHDS/ODCDS), then 404 NR. 0: off.

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from meshproxy.filters.cors import CorsPolicy
     from meshproxy.filters.fault import FaultPolicy
     from meshproxy.filters.local_ratelimit import LocalRateLimiter
+    from meshproxy.filters.python import LoadedFilter
 
 # Retry conditions (Envoy's retry_on), as bits of RetrySpec.conditions.
 RETRY_5XX = 1
@@ -158,6 +159,8 @@ class RouteFilters:
     rate_limit: LocalRateLimiter | None
     fault: FaultPolicy | None = None
     cors: CorsPolicy | None = None
+    # Python filters (filters.python): the listener's, then the route's, in order.
+    python: tuple[LoadedFilter, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

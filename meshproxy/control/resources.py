@@ -133,6 +133,9 @@ class RouteRule(Base, frozen=True):
     mirror: Destination | None = None
     mirror_percentage: schema.Percent = 100
     mirror_response_diff: schema.ResponseDiff | None = None
+    # Python filters (the data plane's route `filters`): classes installed beside the
+    # sidecars, named here; a sidecar that cannot import one NACKs the push.
+    filters: list[schema.PythonFilter] = []
 
 
 class RouteSpec(Base, frozen=True):

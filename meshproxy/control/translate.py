@@ -417,6 +417,7 @@ class _Builder:
                 routes.append(schema.Route(
                     match=m, name=rule.name, route=action, direct_response=refused,
                     local_rate_limit=limit, fault=rule.fault, cors=rule.cors,
+                    filters=rule.filters,
                     request_headers_to_add=rule.request_headers_to_add,
                     request_headers_to_remove=rule.request_headers_to_remove,
                     response_headers_to_add=rule.response_headers_to_add,

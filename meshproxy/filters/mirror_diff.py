@@ -75,9 +75,13 @@ class Capture:
     max_body, and whether it ended whole."""
 
     __slots__ = ("max_body", "head_request", "status", "fields", "sha", "body", "size",
-                 "kept_whole", "complete", "_head", "_dec", "_left", "_parser", "_close")
+                 "kept_whole", "complete", "on_body", "_head", "_dec", "_left", "_parser",
+                 "_close")
 
-    def __init__(self, max_body: int, head_request: bool = False) -> None:
+    def __init__(self, max_body: int, head_request: bool = False,
+                 on_body: Any = None) -> None:
+        """`on_body(piece)`: called with each body piece as it is read (the Python
+        filters' response body phase, proxy.python_filters)."""
         self.max_body = max_body
         self.head_request = head_request
         self.status = 0
@@ -87,6 +91,7 @@ class Capture:
         self.size = 0
         self.kept_whole = True
         self.complete = False
+        self.on_body = on_body
         self._head = b""       # HTTP/1.1: the head while it is incomplete
         self._dec: ChunkedDecoder | None = None
         self._left = -1        # HTTP/1.1: content-length bytes still to come (-1: none)
@@ -98,6 +103,8 @@ class Capture:
     def _body(self, data: bytes) -> None:
         if not data:
             return
+        if self.on_body is not None:
+            self.on_body(data)
         self.sha.update(data)
         self.size += len(data)
         if self.kept_whole:

@@ -53,3 +53,4 @@ RATE_LIMITED = "RL"                # a local rate limit refused the request: 429
 STREAM_IDLE_TIMEOUT = "SI"         # the client stalled: request headers or body timeout: 408
 DELAY_INJECTED = "DI"              # a fault filter delayed the request
 FAULT_INJECTED = "FI"              # a fault filter aborted the request
+FILTER_ERROR = "FE"                # a Python filter raised or outlasted its timeout: 500

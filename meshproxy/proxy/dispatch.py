@@ -30,6 +30,7 @@ from meshproxy.proxy.exchange import Exchange
 from meshproxy.proxy.filter_chain import on_cors, on_fault, on_request_headers
 from meshproxy.proxy.local_reply import LocalReply
 from meshproxy.proxy.mirror import start_mirrors
+from meshproxy.proxy.python_filters import on_request
 from meshproxy.proxy.router import answer, forward
 
 
@@ -72,15 +73,33 @@ async def dispatch(side: ClientSide, head: MessageHead, ex: Exchange) -> bool:
             refusal = on_request_headers(side, filters, head, ex, host, target)
         if refusal is None and filters.fault is not None:
             refusal = await on_fault(side, filters.fault, head, ex, action)
+        if refusal is None and filters.python:
+            refusal = await on_request(side, filters.python, head, ex)
+            if refusal is None and ex.python.req.headers.changed:
+                # Envoy's clearRouteCache: fields a filter changed may route the request
+                # elsewhere (its filters ran already; the new route's action is taken).
+                headers = head.headers
+                if spec.match_principal and side.identity is not None:
+                    headers = headers + [(PRINCIPAL_HEADER, side.identity.principal)]
+                again = spec.route_table.route(host, head.method, target, headers)[1]
+                if again is not None:
+                    action = again.action
         if refusal is not None:
             return await reply(side, ex, head, refusal)
     if type(action) is ClusterAction:
         side.forwarding(head, action)
-        if action.mirrors:
-            tap = start_mirrors(side, head, ex, action)
-            if tap is not None and tap.capture is not None:
-                return await _compared(side, head, ex, action, tap)
-            return await forward_or_reply(side, head, ex, action, None, tap)
+        py = ex.python
+        if action.mirrors or py is not None:
+            tap = start_mirrors(side, head, ex, action) if action.mirrors else None
+            # What sees the request body as it goes (BodyState.tap), and what reads the
+            # response back as it is written to the client (mirror_diff Captures).
+            taps = [t for t in (tap, py) if t is not None]
+            captures = [c for c in (tap.capture if tap is not None else None,
+                                    py.capture if py is not None else None) if c is not None]
+            body_tap = taps[0] if len(taps) == 1 else Taps(taps)
+            if captures:
+                return await _observed(side, head, ex, action, body_tap, captures, taps)
+            return await forward_or_reply(side, head, ex, action, None, body_tap)
         return await forward_or_reply(side, head, ex, action, None)
     return await reply(side, ex, head, answer(action, side.ctx.scheme, host, target))
 
@@ -97,31 +116,72 @@ async def forward_or_reply(side: ClientSide, head: MessageHead, ex: Exchange,
     return await reply(side, ex, head, result)
 
 
-async def _compared(side: ClientSide, head: MessageHead, ex: Exchange, action: ClusterAction,
-                    tap: Any) -> bool:
-    """A request whose copies' responses are compared with its own (proxy.mirror): what it
-    writes to the client is captured meanwhile (an HTTP/1.1 connection's sends; an HTTP/2
-    stream's HEADERS and DATA)."""
-    capture = tap.capture
-    if side.multiplexed:
-        side.capture = capture  # type: ignore[attr-defined]
+class Taps:
+    """Several takers of the request body (BodyState.tap): mirrors and Python filters."""
+
+    __slots__ = ("taps",)
+
+    def __init__(self, taps: list[Any]) -> None:
+        self.taps = taps
+
+    def feed(self, data: bytes) -> None:
+        for t in self.taps:
+            t.feed(data)
+
+    def end(self) -> None:
+        for t in self.taps:
+            t.end()
+
+    def unframed(self) -> None:
+        for t in self.taps:
+            t.unframed()
+
+
+async def _observed(side: ClientSide, head: MessageHead, ex: Exchange, action: ClusterAction,
+                    tap: Any, captures: list[Any], ended: list[Any]) -> bool:
+    """A request whose response is read back as it is written to the client (mirrored
+    responses compared, Python filters' response body phase): an HTTP/1.1 connection's
+    sends, an HTTP/2 stream's HEADERS and DATA; each of `ended` is told once it is
+    written (response_written)."""
+    try:
+        if side.multiplexed:
+            side.capture = captures[0] if len(captures) == 1 else _Fanout(captures)  # type: ignore[attr-defined]
+            try:
+                return await forward_or_reply(side, head, ex, action, None, tap)
+            finally:
+                side.capture = None  # type: ignore[attr-defined]
+        send = side.send
+
+        async def captured(data: bytes) -> None:
+            for c in captures:
+                c.wire(data)
+            await send(data)
+
+        side.send = captured
         try:
             return await forward_or_reply(side, head, ex, action, None, tap)
         finally:
-            side.capture = None  # type: ignore[attr-defined]
-            tap.primary_ended()
-    send = side.send
-
-    async def captured(data: bytes) -> None:
-        capture.wire(data)
-        await send(data)
-
-    side.send = captured
-    try:
-        return await forward_or_reply(side, head, ex, action, None, tap)
+            side.send = send
     finally:
-        side.send = send
-        tap.primary_ended()
+        for t in ended:
+            t.response_written()
+
+
+class _Fanout:
+    """Several Captures of an HTTP/2 stream's response."""
+
+    __slots__ = ("captures",)
+
+    def __init__(self, captures: list[Any]) -> None:
+        self.captures = captures
+
+    def h2_fields(self, fields: list[tuple[bytes, bytes]], end: bool) -> None:
+        for c in self.captures:
+            c.h2_fields(fields, end)
+
+    def h2_data(self, data: bytes, end: bool) -> None:
+        for c in self.captures:
+            c.h2_data(data, end)
 
 
 async def reply(side: ClientSide, ex: Exchange, head: MessageHead, r: LocalReply) -> bool:

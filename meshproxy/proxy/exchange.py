@@ -25,7 +25,7 @@ class Exchange:
     __slots__ = ("head", "method", "target", "host", "start", "wall_start", "status", "flags",
                  "bytes_in", "bytes_out", "upstream_host", "request_id", "response_started",
                  "upstream_status", "trace", "cluster", "details", "resp_extra", "logged",
-                 "grpc", "grpc_status", "fault_flag", "fault_delay")
+                 "grpc", "grpc_status", "fault_flag", "fault_delay", "python")
 
     def __init__(self, head: MessageHead | None, start: float) -> None:
         self.head = head
@@ -54,6 +54,8 @@ class Exchange:
         # the seconds it took, which the route's timeout no longer has.
         self.fault_flag = ""
         self.fault_delay = 0.0
+        # The request's Python filters (proxy.python_filters.PyExchange), or None.
+        self.python: Any = None
 
 
 class BodyState:
@@ -145,6 +147,8 @@ def finish(side: ClientSide, ex: Exchange) -> None:
         _span(side, ctx.tracer, ex)
     if ctx.logger is not None:
         _log(side, ex, int(elapsed_ms))
+    if ex.python is not None:
+        ex.python.log()  # the Python filters' log phase (proxy.python_filters)
 
 
 def _count_call(ctx: Any, ex: Exchange) -> None:

@@ -250,7 +250,7 @@ class Tap:
         self.capture = capture
         self.pairs = pairs
 
-    def primary_ended(self) -> None:
+    def response_written(self) -> None:
         """The primary's response is written (or never will be)."""
         if self.capture is not None:
             self.capture.closed()

@@ -59,6 +59,7 @@ from meshproxy.proxy.head_rewrite import relayed_trailers, serialize
 from meshproxy.proxy.local_reply import reason
 from meshproxy.proxy.origin_body import open_body, per_try_timeout, upstream_protocol_error
 from meshproxy.proxy.phases import PH_REQ_BODY, PH_RESP_BODY, PH_UPSTREAM
+from meshproxy.proxy.python_filters import on_response
 from meshproxy.proxy.relay_h2 import attempt_h2
 from meshproxy.proxy.tunnel import tunnel
 from meshproxy.transport.sockio import RECV_SIZE, PeerClosed, send_all
@@ -234,7 +235,10 @@ def _decode_chunks(dec: ChunkedDecoder, buf: bytes, pos: int,
 async def deliver(side: ClientSide, head: MessageHead, ex: Exchange,
                  action: ClusterAction, conn: UpstreamConn, resp: MessageHead, ubuf: bytes,
                  websocket: bool, request_complete: bool) -> bool:
-    """Relay the final response (or open the WebSocket tunnel)."""
+    """Relay the final response (or open the WebSocket tunnel), after the Python filters'
+    response headers phase (which may change its fields and status)."""
+    if ex.python is not None and resp.status != 101:
+        await on_response(side, ex, resp)
     if resp.status == 101:
         if not websocket:
             raise ProxyError(502, flags.UPSTREAM_PROTOCOL_ERROR, "upstream",

@@ -1,0 +1,16 @@
+"""A Python filter that does nothing (filters.python): what bench.load's
+`meshproxy +python-filter` variant measures, the cost of the filter machinery itself."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshproxy.filters.python import Request
+
+
+class NoOp:
+    def __init__(self, config: dict[str, Any]) -> None:
+        pass
+
+    def on_request_headers(self, req: Request) -> None:
+        return None
