@@ -230,6 +230,8 @@ VARIANTS: dict[str, object] = {
     # it with --no-fast-path, the same path without a filter.
     "meshproxy +python-filter": lambda t, p, o: start_meshproxy(t, p, o, listener_options={
         "filters": [{"python": "meshproxy.examples.noop:NoOp"}]}),
+    "meshproxy +async-python-filter": lambda t, p, o: start_meshproxy(
+        t, p, o, listener_options={"filters": [{"python": "meshproxy.examples.noop:AsyncNoOp"}]}),
     # Two workers on the two cores, sharing them with wrk and the origin: shows how the
     # pool scales when the proxy is not the only thing running (CPU/request summed).
     "meshproxy --workers 2": lambda t, p, o: start_meshproxy(t, p, o, "--workers", "2",

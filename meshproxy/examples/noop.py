@@ -14,3 +14,13 @@ class NoOp:
 
     def on_request_headers(self, req: Request) -> None:
         return None
+
+
+class AsyncNoOp:
+    """The same as an async phase: what its timeout's cancel scope costs."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        pass
+
+    async def on_request_headers(self, req: Request) -> None:
+        return None

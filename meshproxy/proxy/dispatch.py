@@ -89,6 +89,8 @@ async def dispatch(side: ClientSide, head: MessageHead, ex: Exchange) -> bool:
     if type(action) is ClusterAction:
         side.forwarding(head, action)
         py = ex.python
+        if py is not None and not py.wants_body and py.capture is None:
+            py = None  # nothing of the body phases to run
         if action.mirrors or py is not None:
             tap = start_mirrors(side, head, ex, action) if action.mirrors else None
             # What sees the request body as it goes (BodyState.tap), and what reads the
