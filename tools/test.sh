@@ -29,8 +29,14 @@ python -m pytest
 # The second pass skips what the fast path cannot change: the sans-IO unit tests, the
 # control plane's own modules (operator API, stores, meshctl, registry, CA scale), whose
 # sidecars' traffic is covered by the mesh tests that stay in, the minute the control
-# plane spends down (static stability) and testssl.sh's scan of the TLS configuration.
+# plane spends down (static stability), testssl.sh's scan of the TLS configuration, and
+# the traffic-control filters (faults, CORS, mirrors, Python filters), whose routes the
+# fast path never serves: they run on the task path in both passes.
 MESHPROXY_FAST_PATH=off exec python -m pytest tests/integration tests/e2e \
+    --deselect tests/integration/test_fault.py \
+    --deselect tests/integration/test_cors.py \
+    --deselect tests/integration/test_mirror.py \
+    --deselect tests/integration/test_python_filters.py \
     --deselect tests/integration/test_control_api.py \
     --deselect tests/integration/test_store.py \
     --deselect tests/integration/test_meshctl.py \
