@@ -50,6 +50,10 @@ counts the frame it queued.
 Receive windows are given back as h2's WindowManager does: once half the window was
 processed (acknowledge_received_data), or 1,024 bytes (a quarter of a smaller window) when
 the window is empty.
+
+Size: past 700 lines because it is one state machine, every frame type's rules and every
+stream state's, which are read together (a frame's answer depends on the state the others
+left); the events take a hundred of them.
 """
 
 cimport cython
