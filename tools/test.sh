@@ -30,9 +30,14 @@ python -m pytest
 # control plane's own modules (operator API, stores, meshctl, registry, CA scale), whose
 # sidecars' traffic is covered by the mesh tests that stay in, the minute the control
 # plane spends down (static stability), testssl.sh's scan of the TLS configuration, and
-# the traffic-control filters (faults, CORS, mirrors, Python filters), whose routes the
-# fast path never serves: they run on the task path in both passes.
+# the tests whose requests the fast path never serves, which run on the task path in both
+# passes: the traffic-control filters (faults, CORS, mirrors, Python filters), and HTTP/2
+# origins, gRPC calls and WebSockets over HTTP/2 (the fast path declines an HTTP/2
+# cluster, a request with a body on a stream, and an upgrade).
 MESHPROXY_FAST_PATH=off exec python -m pytest tests/integration tests/e2e \
+    --deselect tests/integration/test_http2_upstream.py \
+    --deselect tests/integration/test_grpc.py \
+    --deselect tests/integration/test_http2_websocket.py \
     --deselect tests/integration/test_fault.py \
     --deselect tests/integration/test_cors.py \
     --deselect tests/integration/test_mirror.py \
