@@ -26,26 +26,19 @@ if (($#)); then
     exec python -m pytest "$@"
 fi
 python -m pytest
-# The second pass skips what the fast path cannot change: the sans-IO unit tests, the
-# control plane's own modules (operator API, stores, meshctl, registry, CA scale), whose
-# sidecars' traffic is covered by the mesh tests that stay in, the minute the control
-# plane spends down (static stability), testssl.sh's scan of the TLS configuration, and
-# the tests whose requests the fast path never serves, which run on the task path in both
-# passes: the traffic-control filters (faults, CORS, mirrors, Python filters), and HTTP/2
-# origins, gRPC calls and WebSockets over HTTP/2 (the fast path declines an HTTP/2
-# cluster, a request with a body on a stream, and an upgrade).
-MESHPROXY_FAST_PATH=off exec python -m pytest tests/integration tests/e2e \
-    --deselect tests/integration/test_http2_upstream.py \
-    --deselect tests/integration/test_grpc.py \
-    --deselect tests/integration/test_http2_websocket.py \
-    --deselect tests/integration/test_fault.py \
-    --deselect tests/integration/test_cors.py \
-    --deselect tests/integration/test_mirror.py \
-    --deselect tests/integration/test_python_filters.py \
-    --deselect tests/integration/test_control_api.py \
-    --deselect tests/integration/test_store.py \
-    --deselect tests/integration/test_meshctl.py \
-    --deselect tests/integration/test_mesh_registry.py \
-    --deselect tests/integration/test_mesh_identity_scale.py \
-    --deselect tests/integration/test_mesh_push.py::test_push_survives_the_control_plane_down_for_60_seconds \
-    --deselect tests/e2e/test_tls_scan.py
+# The second pass runs again the tests whose requests the fast path can serve (a route to a
+# cluster, no route filters, no tracing, an HTTP/1.1 origin), so that the task path serves
+# the same requests and gives the same answers. It is a list of files rather than the suite
+# minus exceptions, so that a new test file runs once unless it is added here. Left out,
+# because the fast path never serves their requests and pass one already ran them on the
+# task path: authorization, rate limits, faults, CORS, mirrors, Python filters, tracing,
+# HTTP/2 origins, gRPC and WebSockets over HTTP/2. Left out because what they test is not
+# the exchange: the control plane's own modules, identities and push (their sidecars'
+# traffic is the mesh_inbound test's), the supervisor, certificate rotation, the TLS record
+# layer's own tests and testssl.sh's scan.
+off=(fast_path http2_fast_path proxy_basics proxy_bodies proxy_errors proxy_timeouts
+     smuggling http2_downstream http2_conformance idle_parking half_close tls_listener mtls
+     upstream_tls upstream_pool access_log retries routing circuit_breakers lb_policies
+     outlier_detection health_check priorities mesh_inbound)
+MESHPROXY_FAST_PATH=off exec python -m pytest $(printf "tests/integration/test_%s.py " "${off[@]}") \
+    tests/e2e/test_demo.py

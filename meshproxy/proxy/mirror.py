@@ -58,8 +58,6 @@ log = logging.getLogger("meshproxy.mirror")
 MAX_SHADOWS = 1024
 # A copy's life when its route has no timeout (Envoy's route timeout default).
 DEFAULT_TIMEOUT = 15.0
-# Bytes of a copy's response kept (its status line is all that is read now).
-RESPONSE_KEPT = 4096
 
 
 def shadow_host(host: bytes) -> bytes:
@@ -76,10 +74,11 @@ def shadow_host(host: bytes) -> bytes:
 
 class ShadowSide(ClientSide):
     """A copy's client side: its body comes from the primary's (feed, end), its response is
-    kept (the first RESPONSE_KEPT bytes) and dropped. No socket: nothing to read or close."""
+    read for its status (`response`, a Capture fed until it has one) and dropped, or read
+    whole when it is compared (the Pair's Capture). No socket: nothing to read or close."""
 
     __slots__ = ("tx", "rx", "chunked", "framed", "fed", "limit", "pending", "tail",
-                 "status", "broken", "ended", "cluster", "kept", "pair")
+                 "broken", "ended", "cluster", "response", "pair")
 
     def __init__(self, primary: ClientSide, head: MessageHead, cluster: Any,
                  limit: int) -> None:
@@ -107,12 +106,21 @@ class ShadowSide(ClientSide):
         self.limit = limit
         self.pending = b""
         self.tail = False  # the last chunk was given (a chunked body)
-        self.status = 0
         self.broken = False
         self.ended = False
         self.cluster = cluster
-        self.kept = b""
+        self.response = Capture(0, head.method == b"HEAD")
         self.pair: Pair | None = None  # when its response is compared with the primary's
+
+    def compare_with(self, pair: Pair) -> None:
+        """Its response is compared with the primary's: read whole, into the pair's."""
+        self.pair = pair
+        self.response = pair.shadow
+
+    @property
+    def status(self) -> int:
+        """The final response's status; 0 before it, -1 for a response that was not one."""
+        return self.response.status
 
     # The body, from the primary (BodyState.tap)
 
@@ -160,16 +168,10 @@ class ShadowSide(ClientSide):
     recv_wait = recv
 
     async def send(self, data: bytes) -> None:
-        """What a client would be sent: the status line is kept, the rest dropped (or
-        captured whole when it is compared)."""
-        if self.pair is not None:
-            self.pair.shadow.wire(data)
-        if len(self.kept) < RESPONSE_KEPT:
-            self.kept += data[:RESPONSE_KEPT - len(self.kept)]
-            if not self.status and self.kept.startswith(b"HTTP/1.1 ") and len(self.kept) >= 12:
-                code = self.kept[9:12]
-                if code.isdigit() and code[:1] != b"1":
-                    self.status = int(code)
+        """What a client would be sent: read until its status is known (whole when it is
+        compared), then dropped."""
+        if self.pair is not None or not self.response.status:
+            self.response.wire(data)
 
     def reset(self) -> None:
         self.broken = True
@@ -312,8 +314,9 @@ def start_mirrors(side: ClientSide, head: MessageHead, ex: Exchange,
             if capture is None:
                 capture = Capture(max(s.max_body for *_x, s, _r in action.mirrors
                                       if s is not None), head.method == b"HEAD")
-            shadow.pair = Pair(spec, side.ctx, route, capture, head, ex, name)
-            pairs.append(shadow.pair)
+            pair = Pair(spec, side.ctx, route, capture, head, ex, name)
+            shadow.compare_with(pair)
+            pairs.append(pair)
         shadows.append(shadow)
         state.shadows += 1
         state.spawn(_copy, shadow, head, ex, action, name)

@@ -43,6 +43,14 @@ class _Failed(Exception):
         self.timed_out = timed_out
 
 
+def _counted(side: ClientSide, name: str, timed_out: bool) -> str:
+    """A filter that raised or overran its timeout, counted: the access log's details
+    (python_filter_timeout[name] / python_filter_error[name])."""
+    hs = side.ctx.hstats
+    hs.block.inc(hs.python_filter_timeouts if timed_out else hs.python_filter_errors)
+    return f"python_filter_{'timeout' if timed_out else 'error'}[{name}]"
+
+
 class PyExchange:
     """A request's Python filters and what they see of it (ex.python)."""
 
@@ -67,8 +75,7 @@ class PyExchange:
             self.dec = ChunkedDecoder()
 
     def _count(self, name: str, timed_out: bool) -> None:
-        hs = self.side.ctx.hstats
-        hs.block.inc(hs.python_filter_timeouts if timed_out else hs.python_filter_errors)
+        _counted(self.side, name, timed_out)
         self.dead.add(name)
 
     def _observe(self, phase: str, chunk: bytes, end: bool) -> None:
@@ -174,10 +181,8 @@ async def _call(f: LoadedFilter, phase: str, *args: Any) -> Any:
 
 
 def _failure(side: ClientSide, ex: Exchange, exc: _Failed) -> LocalReply:
-    hs = side.ctx.hstats
-    hs.block.inc(hs.python_filter_timeouts if exc.timed_out else hs.python_filter_errors)
+    ex.details = _counted(side, exc.name, exc.timed_out)
     what = "timeout" if exc.timed_out else "error"
-    ex.details = f"python_filter_{what}[{exc.name}]"
     return LocalReply(500, f"python filter {what}: {exc.name}\n".encode(), flags.FILTER_ERROR)
 
 
@@ -223,12 +228,8 @@ async def on_response(side: ClientSide, ex: Exchange, resp: MessageHead) -> None
         try:
             await _call(f, "on_response_headers", py.req, out)
         except _Failed as exc:
-            hs = side.ctx.hstats
-            hs.block.inc(hs.python_filter_timeouts if exc.timed_out
-                         else hs.python_filter_errors)
-            what = "timeout" if exc.timed_out else "error"
             raise ProxyError(500, flags.FILTER_ERROR, "internal",
-                             f"python_filter_{what}[{exc.name}]") from None
+                             _counted(side, exc.name, exc.timed_out)) from None
     if out.status != resp.status:
         if not 200 <= out.status <= 599:
             raise ProxyError(500, flags.FILTER_ERROR, "internal",
