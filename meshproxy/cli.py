@@ -5,6 +5,7 @@
   meshproxy validate --config F
   meshproxy demo [--port P] [--check]
   meshproxy control --token-file F [--store URL] [--api-address HOST:PORT]
+  meshproxy iptables [--proxy-uid 1337] [--dry-run | --cleanup] ...
 
 Size: past 400 lines because every subcommand's flags, with their help text, are here and
 only here (the README's flag tables are read from them).
@@ -263,6 +264,84 @@ def _cmd_control(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_iptables(args: argparse.Namespace) -> int:
+    from meshproxy.sidecar import netfilter
+    from meshproxy.sidecar.iptables import Options, RulesError, parse_cidrs, parse_ports
+
+    try:
+        opts = Options(
+            proxy_uid=args.proxy_uid, proxy_gid=args.proxy_gid
+            if args.proxy_gid is not None else args.proxy_uid,
+            outbound_port=args.outbound_port, inbound_port=args.inbound_port,
+            inbound_ports=None if args.inbound_ports.strip() == "*"
+            else parse_ports(args.inbound_ports, "--inbound-ports"),
+            exclude_inbound_ports=parse_ports(args.exclude_inbound_ports,
+                                              "--exclude-inbound-ports"),
+            exclude_outbound_ports=parse_ports(args.exclude_outbound_ports,
+                                               "--exclude-outbound-ports"),
+            include_outbound_cidrs=None if args.include_outbound_cidrs.strip() == "*"
+            else parse_cidrs(args.include_outbound_cidrs, "--include-outbound-cidrs"),
+            exclude_outbound_cidrs=parse_cidrs(args.exclude_outbound_cidrs,
+                                               "--exclude-outbound-cidrs"),
+            ipv6=args.ipv6 == "on")
+    except RulesError as exc:
+        print(f"meshproxy iptables: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        if args.dry_run:
+            netfilter.dry_run(opts, print)
+        elif args.cleanup:
+            netfilter.remove(opts, print)
+        else:
+            netfilter.install(opts, print)
+    except netfilter.NetfilterError as exc:
+        print(f"meshproxy iptables: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _iptables_parser(sub: Any) -> None:
+    from meshproxy.sidecar import iptables as rules
+
+    ipt = sub.add_parser(
+        "iptables", help="redirect the workload's TCP to its sidecar (run as root in the "
+                         "workload's network namespace, before the app starts)")
+    ipt.add_argument("--proxy-uid", type=int, default=rules.PROXY_UID, metavar="UID",
+                     help="the UID the sidecar runs as: its own connections are not "
+                          f"redirected (default {rules.PROXY_UID}, Istio's)")
+    ipt.add_argument("--proxy-gid", type=int, default=None, metavar="GID",
+                     help="likewise, by group (default: the UID)")
+    ipt.add_argument("--outbound-port", type=int, default=rules.OUTBOUND_PORT,
+                     help=f"the sidecar's outbound listener (default {rules.OUTBOUND_PORT})")
+    ipt.add_argument("--inbound-port", type=int, default=rules.INBOUND_PORT,
+                     help=f"the sidecar's inbound listener (default {rules.INBOUND_PORT})")
+    ipt.add_argument("--inbound-ports", default="*", metavar="PORTS|*",
+                     help="the workload ports whose connections go to the sidecar: '*' "
+                          "(every one but the excluded ones, the default), a comma list, or "
+                          "'' for none")
+    ipt.add_argument("--exclude-inbound-ports",
+                     default=",".join(map(str, rules.EXCLUDED_INBOUND_PORTS)),
+                     metavar="PORTS",
+                     help="with --inbound-ports '*': ports left alone (default "
+                          f"{','.join(map(str, rules.EXCLUDED_INBOUND_PORTS))}: the "
+                          "sidecar's admin and readiness ports)")
+    ipt.add_argument("--exclude-outbound-ports", default="", metavar="PORTS",
+                     help="destination ports the app reaches directly, not through the "
+                          "sidecar")
+    ipt.add_argument("--include-outbound-cidrs", default="*", metavar="CIDRS|*",
+                     help="destinations that go to the sidecar (default '*': all)")
+    ipt.add_argument("--exclude-outbound-cidrs", default="", metavar="CIDRS",
+                     help="destinations the app reaches directly (IPv4 and IPv6)")
+    ipt.add_argument("--ipv6", choices=["on", "off"], default="on",
+                     help="the same rules for IPv6 with ip6tables (default on)")
+    what = ipt.add_mutually_exclusive_group()
+    what.add_argument("--dry-run", action="store_true",
+                      help="print the rules, change nothing (needs no root)")
+    what.add_argument("--cleanup", action="store_true",
+                      help="remove exactly the rules and chains this command adds")
+    ipt.set_defaults(func=_cmd_iptables, log_level="warning")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshproxy", description="meshproxy data plane")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -406,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     control.add_argument("--log-level", default=os.environ.get("MESHPROXY_LOG_LEVEL", "info"),
                          choices=["debug", "info", "warning", "error"], help="default: info")
     control.set_defaults(func=_cmd_control)
+    _iptables_parser(sub)
     return parser
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from tests.helpers import Origin, Proxy
 from tests.mesh import ControlPlane, Sidecar, stop_all
+from tests.netns import net  # noqa: F401  (the network namespaces fixture)
 
 
 @pytest.fixture(autouse=True)

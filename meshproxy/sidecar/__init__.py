@@ -1,0 +1,1 @@
+"""Sidecar mode: transparent interception (iptables rules) and its assembly."""

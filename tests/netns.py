@@ -1,0 +1,117 @@
+"""Network namespaces for the sidecar tests: hosts of the test's own, joined by veth pairs,
+with addresses only inside them (10.211.<link>.0/24, fd00:211:<link>::/64), deleted after.
+
+Needs root (`ip netns add`), which the test machine and CI have. Names carry the test
+process's pid, so that two runs on one machine never share a namespace, and a namespace
+left by a killed run is removed by the next one with the same name.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROXY_UID = 1337
+# The project's interpreter may live where only root can read it (a home directory): what
+# runs as another user is the system's (Debian's python3, tools/system-packages.txt).
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+class Net:
+    def __init__(self) -> None:
+        self.tag = f"mp{os.getpid() % 100000}"
+        self.namespaces: list[str] = []
+        self.procs: list[subprocess.Popen] = []
+        self.links = 0
+
+    def host(self, name: str) -> str:
+        ns = f"{self.tag}-{name}"
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+        _ip("netns", "add", ns)
+        self.namespaces.append(ns)
+        _ip("-n", ns, "link", "set", "lo", "up")
+        return ns
+
+    def link(self, a: str, b: str) -> tuple[tuple[str, str], tuple[str, str]]:
+        """A veth pair between namespaces a and b: ((a's IPv4, a's IPv6), (b's ...))."""
+        self.links += 1
+        n = self.links
+        va, vb = f"{self.tag}a{n}"[-15:], f"{self.tag}b{n}"[-15:]
+        _ip("link", "add", va, "type", "veth", "peer", "name", vb)
+        _ip("link", "set", va, "netns", a)
+        _ip("link", "set", vb, "netns", b)
+        addrs = []
+        for ns, dev, host in ((a, va, 2), (b, vb, 1)):
+            v4, v6 = f"10.211.{n}.{host}", f"fd00:211:{n}::{host}"
+            _ip("-n", ns, "addr", "add", f"{v4}/24", "dev", dev)
+            # nodad: usable at once, without duplicate address detection's second.
+            _ip("-n", ns, "addr", "add", f"{v6}/64", "dev", dev, "nodad")
+            _ip("-n", ns, "link", "set", dev, "up")
+            addrs.append((v4, v6))
+        return addrs[0], addrs[1]
+
+    def argv(self, ns: str, argv: list[str], uid: int | None = None) -> list[str]:
+        out = ["ip", "netns", "exec", ns]
+        if uid is not None:
+            out += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+        return out + argv
+
+    def run(self, ns: str, argv: list[str], uid: int | None = None,
+            timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(ns, argv, uid), capture_output=True, text=True,
+                              timeout=timeout, check=check, cwd=ROOT)
+
+    def start(self, ns: str, argv: list[str], uid: int | None = None,
+              **kw: object) -> subprocess.Popen:
+        p = subprocess.Popen(self.argv(ns, argv, uid), cwd=ROOT, **kw)  # type: ignore[call-overload]
+        self.procs.append(p)
+        return p
+
+    def tool(self, ns: str, *args: str, uid: int | None = None) -> str:
+        """tests/netns_tools.py's client in a namespace, as `uid` (the system's python3,
+        which any user can run); its output."""
+        return self.run(ns, [SYSTEM_PYTHON, "-m", "tests.netns_tools", *args],
+                        uid=uid).stdout.strip()
+
+    def serve(self, ns: str, *args: str) -> subprocess.Popen:
+        """A tests/netns_tools.py server, once it listens."""
+        p = self.start(ns, [sys.executable, "-m", "tests.netns_tools", "serve", *args],
+                       stdout=subprocess.PIPE, text=True)
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        assert line.startswith("listening"), line
+        return p
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + 10
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for ns in self.namespaces:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def net() -> Iterator[Net]:
+    n = Net()
+    try:
+        yield n
+    finally:
+        n.close()
