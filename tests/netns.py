@@ -8,7 +8,9 @@ left by a killed run is removed by the next one with the same name.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -61,10 +63,16 @@ class Net:
             addrs.append((v4, v6))
         return addrs[0], addrs[1]
 
-    def argv(self, ns: str, argv: list[str], uid: int | None = None) -> list[str]:
+    def argv(self, ns: str, argv: list[str], uid: int | None = None,
+             gid: int | None = None) -> list[str]:
+        """`argv` in namespace `ns`, as `uid` (and its group), or as root with group `gid`
+        (how a proxy that must read the project's interpreter runs as the proxy's group:
+        the rules match its GID)."""
         out = ["ip", "netns", "exec", ns]
         if uid is not None:
             out += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+        elif gid is not None:
+            out += ["setpriv", f"--regid={gid}", "--clear-groups"]
         return out + argv
 
     def run(self, ns: str, argv: list[str], uid: int | None = None,
@@ -73,10 +81,16 @@ class Net:
                               timeout=timeout, check=check, cwd=ROOT)
 
     def start(self, ns: str, argv: list[str], uid: int | None = None,
-              **kw: object) -> subprocess.Popen:
-        p = subprocess.Popen(self.argv(ns, argv, uid), cwd=ROOT, **kw)  # type: ignore[call-overload]
+              gid: int | None = None, **kw: object) -> subprocess.Popen:
+        p = subprocess.Popen(self.argv(ns, argv, uid, gid), cwd=ROOT,  # type: ignore[call-overload]
+                             **kw)
         self.procs.append(p)
         return p
+
+    def proxy(self, ns: str, config: dict, tmp: Path, *args: str) -> NetProxy:
+        """`meshproxy run --config` in `ns` with the proxy's GID, its admin on 15000, once
+        every listener is bound."""
+        return NetProxy(self, ns, config, tmp, args)
 
     def tool(self, ns: str, *args: str, uid: int | None = None) -> str:
         """tests/netns_tools.py's client in a namespace, as `uid` (the system's python3,
@@ -84,9 +98,9 @@ class Net:
         return self.run(ns, [SYSTEM_PYTHON, "-m", "tests.netns_tools", *args],
                         uid=uid).stdout.strip()
 
-    def serve(self, ns: str, *args: str) -> subprocess.Popen:
-        """A tests/netns_tools.py server, once it listens."""
-        p = self.start(ns, [sys.executable, "-m", "tests.netns_tools", "serve", *args],
+    def serve(self, ns: str, *args: str, mode: str = "serve") -> subprocess.Popen:
+        """A tests/netns_tools.py server (serve, echo, http), once it listens."""
+        p = self.start(ns, [sys.executable, "-m", "tests.netns_tools", mode, *args],
                        stdout=subprocess.PIPE, text=True)
         assert p.stdout is not None
         line = p.stdout.readline()
@@ -106,6 +120,42 @@ class Net:
                 p.wait()
         for ns in self.namespaces:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+class NetProxy:
+    def __init__(self, net: Net, ns: str, config: dict, tmp: Path,
+                 args: tuple[str, ...]) -> None:
+        self.net, self.ns = net, ns
+        path = tmp / f"{ns}-{time.monotonic_ns()}.json"
+        path.write_text(json.dumps(config))
+        self.log = tmp / f"{ns}-{time.monotonic_ns()}.log"
+        self.proc = net.start(ns, [sys.executable, "-m", "meshproxy", "run", "--config",
+                                   str(path), "--workers", "1", "--admin-address",
+                                   "127.0.0.1:15000", "--drain-timeout", "1", *args],
+                              gid=PROXY_UID, stdout=subprocess.DEVNULL,
+                              stderr=open(self.log, "wb"))  # noqa: SIM115
+        want = len(config["listeners"])
+        deadline = time.monotonic() + 20
+        while len(re.findall(r"listener \S+ on ", self.text())) < want:
+            assert self.proc.poll() is None, self.text()
+            assert time.monotonic() < deadline, self.text()
+            time.sleep(0.05)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stats(self) -> dict[str, int]:
+        out = self.net.run(self.ns, ["curl", "-s", "http://127.0.0.1:15000/stats"]).stdout
+        stats = {}
+        for line in out.splitlines():
+            name, _, value = line.partition(": ")
+            if value.lstrip("-").isdigit():
+                stats[name] = int(value)
+        return stats
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
 
 @pytest.fixture

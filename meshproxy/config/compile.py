@@ -14,8 +14,19 @@ from collections.abc import Mapping
 
 from meshproxy._core.route_table import HeaderMatcher, Route, RouteTable, VirtualHost
 from meshproxy.config import schema
+from meshproxy.config.destinations import (
+    BLACKHOLE,
+    PASSTHROUGH,
+    DestinationSpec,
+    DestinationTable,
+)
 from meshproxy.config.durations import parse_duration
-from meshproxy.config.load import ConfigError
+from meshproxy.config.load import (
+    BLACKHOLE_CLUSTER,
+    INBOUND_PASSTHROUGH_CLUSTER,
+    PASSTHROUGH_CLUSTER,
+    ConfigError,
+)
 from meshproxy.config.snapshot import (
     PRINCIPAL_HEADER,
     REQUEST_SKIP,
@@ -257,6 +268,33 @@ def upstream_tls(t: schema.UpstreamTLS | None, material: Mapping[str, bytes]
                            t.only_verify_leaf_cert_crl)
 
 
+ORIGINAL_DST_ENDPOINT = "original_dst"
+
+
+def _destinations(lst: schema.Listener, own_ports: frozenset[int]) -> DestinationTable:
+    if lst.outbound_traffic_policy == "REGISTRY_ONLY":
+        unmatched = DestinationSpec(BLACKHOLE_CLUSTER, BLACKHOLE, BLACKHOLE_CLUSTER)
+    elif lst.passthrough_address is not None:
+        unmatched = DestinationSpec(INBOUND_PASSTHROUGH_CLUSTER, PASSTHROUGH,
+                                    INBOUND_PASSTHROUGH_CLUSTER)
+    else:
+        unmatched = DestinationSpec(PASSTHROUGH_CLUSTER, PASSTHROUGH, PASSTHROUGH_CLUSTER)
+    return DestinationTable(list(lst.destinations), unmatched, lst.passthrough_address,
+                            parse_duration(lst.protocol_detection_timeout), own_ports)
+
+
+def own_clusters(config: schema.Config) -> list[str]:
+    """The proxy's own clusters that its intercepting listeners use (the supervisor gives
+    them stats slots like any cluster's; the passthrough ones count their connections on
+    one endpoint, ORIGINAL_DST_ENDPOINT)."""
+    names = []
+    for lst in config.listeners:
+        if lst.use_original_dst:
+            names += [BLACKHOLE_CLUSTER, INBOUND_PASSTHROUGH_CLUSTER
+                      if lst.passthrough_address is not None else PASSTHROUGH_CLUSTER]
+    return sorted(set(names))
+
+
 def compile_config(config: schema.Config, version: int = 1,
                    access_log_override: str | None = None, workers: int = 1,
                    material: Mapping[str, bytes] | None = None,
@@ -267,6 +305,7 @@ def compile_config(config: schema.Config, version: int = 1,
     material = material or {}
     limiters: dict[str, LocalRateLimiter] = {}
     listeners = []
+    own_ports = frozenset(lst.port for lst in config.listeners if lst.port)
     for lst in config.listeners:
         vhosts = []
         listener_authz = compile_policies(lst.authorization_policies)
@@ -285,7 +324,8 @@ def compile_config(config: schema.Config, version: int = 1,
             listener_tls(lst.tls, material, lst.codec),
             any(r.match.source_principals is not None
                 for vh in lst.virtual_hosts for r in vh.routes), listener_authz,
-            parse_duration(lst.on_demand_timeout), lst.codec, _http2(lst.http2)))
+            parse_duration(lst.on_demand_timeout), lst.codec, _http2(lst.http2),
+            _destinations(lst, own_ports) if lst.use_original_dst else None))
     clusters = {
         c.name: ClusterSpec(
             c.name, tuple((e.address, e.port, e.weight) for e in c.endpoints),
@@ -307,6 +347,10 @@ def compile_config(config: schema.Config, version: int = 1,
                               c.http2.hpack_table_size))
         for c in config.clusters
     }
+    for name in own_clusters(config):
+        # No endpoints: a passed-through connection goes to its original destination,
+        # a refused one nowhere; the spec gives them their stats and breakers.
+        clusters[name] = ClusterSpec(name, (), 10.0, 60.0, 0)
     return Snapshot(version, config, tuple(listeners), clusters, _tracing(config.tracing))
 
 

@@ -11,6 +11,7 @@ Sans-IO apart from `load_file`, which reads the file and nothing else.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import types
@@ -315,6 +316,9 @@ def check(config: schema.Config) -> list[str]:
         p = f"clusters[{i}]"
         if c.name in clusters:
             errors.append(f"{p}.name: duplicate cluster name {c.name!r}")
+        if c.name in RESERVED_CLUSTERS:
+            errors.append(f"{p}.name: {c.name!r} is the proxy's own (listeners that use "
+                          "original destinations pass through to it or refuse with it)")
         clusters.add(c.name)
         check_duration(c.connect_timeout, f"{p}.connect_timeout", errors)
         check_duration(c.idle_timeout, f"{p}.idle_timeout", errors)
@@ -371,6 +375,7 @@ def check(config: schema.Config) -> list[str]:
                         errors.append(f"{p}.tls.{fname}: needs trusted_ca (client "
                                       "certificates are verified against it)")
         check_policies(lst.authorization_policies, f"{p}.authorization_policies", errors)
+        _check_destinations(lst, p, clusters, errors)
         seen: dict[str, str] = {}
         for j, vh in enumerate(lst.virtual_hosts):
             vp = f"{p}.virtual_hosts[{j}]"
@@ -389,6 +394,50 @@ def check(config: schema.Config) -> list[str]:
         if not path.startswith("sds:") and not os.path.isfile(path):
             errors.append(f"{where}: no such file {path!r}")
     return errors
+
+
+# The clusters a listener with use_original_dst passes through to and refuses with
+# (Istio's names); a config's own cluster may not take them.
+PASSTHROUGH_CLUSTER = "PassthroughCluster"
+INBOUND_PASSTHROUGH_CLUSTER = "InboundPassthroughCluster"
+BLACKHOLE_CLUSTER = "BlackHoleCluster"
+RESERVED_CLUSTERS = (PASSTHROUGH_CLUSTER, INBOUND_PASSTHROUGH_CLUSTER, BLACKHOLE_CLUSTER)
+
+
+def _check_destinations(lst: schema.Listener, p: str, clusters: set[str],
+                        errors: list[str]) -> None:
+    check_duration(lst.protocol_detection_timeout, f"{p}.protocol_detection_timeout", errors)
+    if lst.destinations and not lst.use_original_dst:
+        errors.append(f"{p}.destinations: need use_original_dst (they match the original "
+                      "destination of intercepted connections)")
+    if lst.passthrough_address is not None:
+        try:
+            ipaddress.ip_address(lst.passthrough_address)
+        except ValueError:
+            errors.append(f"{p}.passthrough_address: {lst.passthrough_address!r} is not an "
+                          "IP address")
+    seen: set[tuple[str, int]] = set()
+    for j, d in enumerate(lst.destinations):
+        dp = f"{p}.destinations[{j}]"
+        for k, a in enumerate(d.addresses):
+            try:
+                net = ipaddress.ip_network(a, strict=True)
+            except ValueError as exc:
+                errors.append(f"{dp}.addresses[{k}]: {exc}")
+                continue
+            if (str(net), d.port) in seen:
+                errors.append(f"{dp}.addresses[{k}]: {a}:{d.port} is matched by an earlier "
+                              "destination")
+            seen.add((str(net), d.port))
+        if not d.addresses:
+            if ("", d.port) in seen:
+                errors.append(f"{dp}.port: any address on port {d.port} is matched by an "
+                              "earlier destination")
+            seen.add(("", d.port))
+        if d.protocol in ("tcp", "auto") and d.cluster is None:
+            errors.append(f"{dp}.cluster: a {d.protocol} destination needs a cluster")
+        if d.cluster is not None and d.cluster not in clusters:
+            errors.append(f"{dp}.cluster: no cluster named {d.cluster!r}")
 
 
 def tls_files(config: schema.Config) -> list[tuple[str, str]]:

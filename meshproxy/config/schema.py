@@ -601,6 +601,25 @@ class Http2Options(Base, frozen=True):
     allow_connect: bool = True
 
 
+class DestinationMatch(Base, frozen=True):
+    """What a connection to an original destination becomes, on a listener that uses them
+    (a sidecar's intercepting listener, `use_original_dst`); Envoy's filter_chain_match on
+    destination_port and prefix_ranges. The most specific match wins: an address with the
+    port, an address with any port, a CIDR (the longest prefix) with the port then any,
+    then the port at any address, then any."""
+
+    # IPs or CIDRs the connection was going to; []: any address.
+    addresses: list[NonEmptyStr] = []
+    port: Annotated[int, Meta(ge=0, le=65535)] = 0  # 0: any port
+    # http: the listener's virtual hosts route it (by Host); tcp: proxied as bytes to
+    # `cluster`; auto: told apart by its first bytes (Envoy's HTTP inspector), HTTP to the
+    # virtual hosts, anything else to `cluster` as TCP.
+    protocol: Literal["http", "tcp", "auto"] = "http"
+    cluster: NonEmptyStr | None = None
+    # The stats and access log name it (Envoy's stat_prefix); default: the cluster's.
+    name: str = ""
+
+
 class Listener(Base, frozen=True):
     name: NonEmptyStr
     port: Annotated[int, Meta(ge=0, le=65535)]
@@ -631,6 +650,23 @@ class Listener(Base, frozen=True):
     # plaintext (RFC 9113 3.4) and by ALPN on TLS; http1 and http2 take only that one.
     codec: Literal["auto", "http1", "http2"] = "auto"
     http2: Http2Options = Http2Options()
+    # A sidecar's intercepting listener (sidecar mode): each connection's original
+    # destination (SO_ORIGINAL_DST, where the iptables rules redirected it from) picks what
+    # it becomes among `destinations`; one that was not redirected (addressed to the
+    # listener itself) is served as HTTP by the virtual hosts.
+    use_original_dst: bool = False
+    destinations: list[DestinationMatch] = []
+    # Istio's outboundTrafficPolicy for a destination that matches none: ALLOW_ANY passes
+    # it through as TCP (PassthroughCluster), REGISTRY_ONLY refuses it (BlackHoleCluster).
+    outbound_traffic_policy: Literal["ALLOW_ANY", "REGISTRY_ONLY"] = "ALLOW_ANY"
+    # Where a passed-through connection goes: None, its original destination (outbound);
+    # an address, that address with the original port (inbound: the workload's own
+    # ports on its local address, InboundPassthroughCluster).
+    passthrough_address: NonEmptyStr | None = None
+    # How long the HTTP inspector waits for a client's first bytes on an `auto`
+    # destination before it takes the connection for TCP (a protocol where the server
+    # speaks first); Istio's protocolDetectionTimeout was 100 ms.
+    protocol_detection_timeout: Duration = "100ms"
 
 
 class TracingCollector(Base, frozen=True):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from meshproxy._core.route_table import RouteTable
 from meshproxy.config import schema
+from meshproxy.config.destinations import DestinationTable
 from meshproxy.transport.tls_material import Bundle, KeyPair
 
 if TYPE_CHECKING:
@@ -312,6 +313,8 @@ class ListenerSpec:
     on_demand_timeout: float = 0.0  # seconds; 0: a missing authority is 404 NR at once
     codec: str = "auto"  # auto | http1 | http2 (schema.Listener.codec)
     http2: Http2Spec = field(default_factory=lambda: Http2Spec())
+    # use_original_dst: what each intercepted connection becomes (config.destinations).
+    destinations: DestinationTable | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,8 +44,14 @@ import msgspec
 import trio
 
 from meshproxy.config import schema
-from meshproxy.config.compile import compared_routes, compile_config, rate_limit_tables
-from meshproxy.config.load import ConfigError, load_file
+from meshproxy.config.compile import (
+    ORIGINAL_DST_ENDPOINT,
+    compared_routes,
+    compile_config,
+    own_clusters,
+    rate_limit_tables,
+)
+from meshproxy.config.load import BLACKHOLE_CLUSTER, ConfigError, load_file
 from meshproxy.control.messages import ROOT_CA
 from meshproxy.process import cert_watch
 from meshproxy.process.bucket_memory import BucketMemory
@@ -170,6 +176,9 @@ class Supervisor:
             listeners.append(msgspec.structs.replace(lst, port=sock.getsockname()[1]))
         endpoints = [endpoint_key(c.name, f"{e.address}:{e.port}")
                      for c in config.clusters for e in c.endpoints]
+        own = own_clusters(config)  # the intercepting listeners' passthrough and blackhole
+        endpoints += [endpoint_key(n, ORIGINAL_DST_ENDPOINT) for n in own
+                      if n != BLACKHOLE_CLUSTER]
         if not errors:
             # Compiled here first, exactly as every worker will compile it: a snapshot that
             # does not compile is refused here, never sent (it would crash-loop every worker).
@@ -182,7 +191,8 @@ class Supervisor:
             # still writes the slots this assignment would park.
             before = copy.deepcopy(self.slots.__dict__)
             errors = self.slots.assign([lst.name for lst in config.listeners],
-                                       [c.name for c in config.clusters], endpoints, self.cap,
+                                       [c.name for c in config.clusters] + own, endpoints,
+                                       self.cap,
                                        time.monotonic(), compared_routes(config))
             if not errors:
                 errors = self.buckets.assign(rate_limit_tables(config), time.monotonic())

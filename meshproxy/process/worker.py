@@ -22,6 +22,7 @@ import socket
 
 import trio
 
+from meshproxy.config.destinations import HTTP, PASSTHROUGH
 from meshproxy.config.snapshot import AccessLogSpec, ListenerSpec, Snapshot
 from meshproxy.proxy.access_log import AccessLogger
 from meshproxy.proxy.context import ListenerContext, WorkerState
@@ -29,6 +30,7 @@ from meshproxy.proxy.downstream import DownstreamConnection
 from meshproxy.stats.sink import Sink
 from meshproxy.tracing.tracer import Tracer
 from meshproxy.transport.listener import Admission, accept_loop, bind_listener
+from meshproxy.transport.original_dst import original_dst
 from meshproxy.transport.reactor import Reactor
 from meshproxy.upstream.cluster_manager import ClusterManager
 
@@ -210,8 +212,24 @@ class Worker:
         nursery = self._nursery
         assert nursery is not None
 
+        table = ctx.spec.destinations
+
         def handler(sock: socket.socket, peer: tuple) -> None:
             conn = DownstreamConnection(ctx, sock, peer)
+            if table is not None:
+                # An intercepting listener: where the connection was going decides what
+                # it is (config.destinations); one addressed to the listener itself is
+                # HTTP, as on any listener.
+                dst = conn.original_dst = original_dst(sock, peer)
+                if dst is not None:
+                    dest = table.match(dst[0], dst[1])
+                    if dest.kind != HTTP:
+                        if dest.kind >= PASSTHROUGH:
+                            ls = ctx.lstats
+                            ls.block.inc(ls.no_filter_chain_match)
+                        conn.destination = dest
+                        nursery.start_soon(self._drive, conn)
+                        return
             if self.fast_path:
                 conn.open_fast()
             else:

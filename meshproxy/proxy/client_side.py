@@ -47,7 +47,7 @@ class ClientSide:
 
     __slots__ = ("ctx", "reactor", "ch", "sock", "peer", "peer_ip", "buf", "pos", "phase",
                  "upstream", "deadline", "born", "recv", "recv_wait", "send",
-                 "identity", "_remote")
+                 "identity", "_remote", "original_dst")
 
     def __init__(self, ctx: ListenerContext, sock: socket.socket, peer: tuple) -> None:
         self.ctx = ctx
@@ -61,6 +61,13 @@ class ClientSide:
         self.send: Callable[[bytes], Awaitable[None]] = partial(send_all, sock)
         # The verified client certificate's identity (mTLS), the source principal.
         self.identity: PeerIdentity | None = None
+        # Where an intercepted connection was going (use_original_dst listeners), or None.
+        self.original_dst: tuple[str, int] | None = None
+        if peer and peer[0].startswith("::ffff:"):
+            # An IPv4 client of a dual-stack ("::") listener: its address as IPv4, so that
+            # X-Forwarded-For, the access log and authorization's ip_blocks see 10.0.0.1,
+            # not ::ffff:10.0.0.1.
+            peer = (peer[0][7:], peer[1])
         self.peer = peer
         self.peer_ip = peer[0].encode("ascii") if peer else b"-"
         self._remote = b""

@@ -35,9 +35,11 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from meshproxy._core.http1_parser import MessageHead, ParseError
+from meshproxy.config.destinations import DestinationSpec
 from meshproxy.config.snapshot import ClusterAction
 from meshproxy.protocol import errors as flags
 from meshproxy.protocol.http2 import PREFACE_LEN, preface_state
+from meshproxy.proxy import tcp_proxy
 from meshproxy.proxy.attempt import Resume
 from meshproxy.proxy.context import ListenerContext
 from meshproxy.proxy.dispatch import dispatch, forward_or_reply, reply
@@ -45,7 +47,7 @@ from meshproxy.proxy.downstream_h2 import H2Driver
 from meshproxy.proxy.exchange import Exchange, begin, finish
 from meshproxy.proxy.fast_path import Flight, serves
 from meshproxy.proxy.local_reply import LocalReply
-from meshproxy.proxy.phases import PH_HEAD, PH_IDLE, PH_REQ_BODY
+from meshproxy.proxy.phases import PH_HEAD, PH_IDLE, PH_REQ_BODY, PH_TCP
 from meshproxy.proxy.tls_accept import Handshake
 from meshproxy.proxy.tls_termination import TLSTermination
 from meshproxy.transport.sockio import PeerClosed, abort, close
@@ -70,7 +72,7 @@ class DownstreamConnection(TLSTermination):
     """The driver of one client connection (the I/O state the layers below share is
     ClientSide's, TLS termination TLSTermination's)."""
 
-    __slots__ = ("ex", "requests", "cs", "cont", "counted", "h2")
+    __slots__ = ("ex", "requests", "cs", "cont", "counted", "h2", "destination")
 
     def __init__(self, ctx: ListenerContext, sock: socket.socket, peer: tuple) -> None:
         super().__init__(ctx, sock, peer)
@@ -82,6 +84,8 @@ class DownstreamConnection(TLSTermination):
         # `cont`: what a task does first when the fast path hands it an exchange it began.
         self.cont: Callable[[], Awaitable[bool]] | None = None
         self.h2: H2Driver | None = None  # the HTTP/2 codec, once the connection speaks it
+        # An intercepted connection that is not (known to be) HTTP: proxy.tcp_proxy's.
+        self.destination: DestinationSpec | None = None
 
     def open(self) -> None:
         """Count the connection in (cx stats, the reactor's deadlines), once."""
@@ -163,6 +167,13 @@ class DownstreamConnection(TLSTermination):
             with self.cs:
                 if first and self.ctx.tls is not None and not await self._handshake():
                     return False
+                dest = self.destination
+                if dest is not None:
+                    self.destination = None
+                    assert self.original_dst is not None
+                    if not await tcp_proxy.serve(self, dest, self.original_dst):
+                        return False
+                    self.phase = PH_HEAD  # AUTO found HTTP: served as such
                 try:
                     cont = self.cont
                     if cont is not None:
@@ -420,6 +431,8 @@ class DownstreamConnection(TLSTermination):
 
     async def _on_timeout(self) -> None:
         ex, phase = self.ex, self.phase
+        if phase == PH_TCP:
+            return  # a TCP session is closed and logged by proxy.tcp_proxy
         if self.upstream is not None:
             self.upstream.abort()
             self.upstream = None

@@ -104,7 +104,10 @@ def _authz_request(side: ClientSide, head: MessageHead, host: bytes,
 
     return AuthzRequest(
         head.method.decode("latin-1"), target.partition(b"?")[0].decode("latin-1"),
-        hostname.decode("latin-1"), side.ctx.spec.port, side.peer[0] if side.peer else "",
+        # Istio's destination port: where the client was going, for an intercepted one.
+        hostname.decode("latin-1"),
+        side.original_dst[1] if side.original_dst is not None else side.ctx.spec.port,
+        side.peer[0] if side.peer else "",
         ident.principal.decode() if ident is not None else "",
         ident.namespace if ident is not None else "", header)
 

@@ -77,6 +77,7 @@ class H2Stream(ClientSide):
         self.peer = dc.peer
         self.peer_ip = dc.peer_ip
         self.identity = dc.identity
+        self.original_dst = dc.original_dst
         self._remote = b""
         self.send = _no_bytes
         self.conn = conn

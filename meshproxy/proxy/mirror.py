@@ -90,6 +90,7 @@ class ShadowSide(ClientSide):
         self.peer = primary.peer
         self.peer_ip = primary.peer_ip
         self.identity = primary.identity
+        self.original_dst = primary.original_dst
         self._remote = b""
         self.buf = b""
         self.pos = 0

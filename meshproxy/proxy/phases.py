@@ -6,3 +6,4 @@ PH_REQ_BODY = 2    # reading the request body from the client
 PH_UPSTREAM = 3    # waiting for the upstream's response head (route timeout)
 PH_RESP_BODY = 4   # relaying the response body (route timeout)
 PH_TUNNEL = 5      # an upgraded (WebSocket) connection relayed as bytes
+PH_TCP = 6         # an intercepted connection proxied as TCP (proxy.tcp_proxy)

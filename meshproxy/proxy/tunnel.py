@@ -47,7 +47,8 @@ def _stream_writers(stream: _Stream) -> tuple[Callable[[bytes], Awaitable[None]]
     return send, end
 
 
-def _shutdown(sock: socket.socket) -> Callable[[], Awaitable[None]]:
+def shutdown_writer(sock: socket.socket) -> Callable[[], Awaitable[None]]:
+    """A FIN to pass on: the socket's write half shut (RFC 9293)."""
     async def end() -> None:
         try:
             sock.shutdown(socket.SHUT_WR)  # pass the half-close on (RFC 9293 FIN)
@@ -56,34 +57,18 @@ def _shutdown(sock: socket.socket) -> Callable[[], Awaitable[None]]:
     return end
 
 
-async def tunnel(side: ClientSide, ex: Exchange, conn: UpstreamConn, resp: MessageHead,
-                 ubuf: bytes) -> None:
-    rest = ubuf[resp.end:]
-    ex.upstream_status = 101
-    ex.response_started = True
-    side.phase = PH_TUNNEL
+async def splice(side: ClientSide, up_recv: Callable[[], Awaitable[bytes]],
+                 up_send: Callable[[bytes], Awaitable[None]],
+                 up_end: Callable[[], Awaitable[None]],
+                 down_send: Callable[[bytes], Awaitable[None]],
+                 down_end: Callable[[], Awaitable[None]],
+                 counted: Callable[[bool, int], None]) -> bool:
+    """Bytes both ways between the client and an upstream until both sides are done (a
+    tunnel, or a TCP-proxied connection, proxy.tcp_proxy): a FIN is passed on as the
+    other side's half-close, a reset on either side ends both (True: it broke). Every
+    piece renews the connection's idle deadline and is counted, `counted(upstream_bound,
+    n)`, after it was written."""
     idle = side.ctx.spec.idle_timeout
-    side.deadline = side.reactor.now + idle
-    stream: _Stream | None = None
-    if side.multiplexed:
-        stream = cast(_Stream, side)
-        ex.status = 200
-        await stream.send_head(tunnel_fields(resp), False)
-        if rest:
-            await stream.send_body(rest, False)
-        down_send, down_end = _stream_writers(stream)
-    else:
-        extra = [CONN_UPGRADE, (b"upgrade", resp.upgrade or b"websocket")]
-        out = serialize_head(b"HTTP/1.1 101 %s" % (resp.reason or b"Switching Protocols"),
-                             resp.headers, RESPONSE_SKIP, extra)
-        ex.status = 101
-        await side.send(out + rest)
-        down_send, down_end = side.send, _shutdown(side.sock)
-    ex.bytes_out += len(rest)
-    if side.pos < len(side.buf):
-        await conn.send(side.buf[side.pos:])
-        ex.bytes_in += len(side.buf) - side.pos
-        side.pos = len(side.buf)
     broken = False
 
     async def pump(recv: Callable[[], Awaitable[bytes]],
@@ -98,18 +83,54 @@ async def tunnel(side: ClientSide, ex: Exchange, conn: UpstreamConn, resp: Messa
                     break
                 side.deadline = side.reactor.now + idle
                 await send(data)
-                if upstream_bound:
-                    ex.bytes_in += len(data)
-                else:
-                    ex.bytes_out += len(data)
+                counted(upstream_bound, len(data))
             await end()
         except PeerClosed:
             broken = True
             nursery.cancel_scope.cancel()  # a reset on one side ends the tunnel
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(pump, side.recv, conn.send, _shutdown(conn.sock), True, nursery)
-        nursery.start_soon(pump, conn.recv, down_send, down_end, False, nursery)
+        nursery.start_soon(pump, side.recv, up_send, up_end, True, nursery)
+        nursery.start_soon(pump, up_recv, down_send, down_end, False, nursery)
+    return broken
+
+
+async def tunnel(side: ClientSide, ex: Exchange, conn: UpstreamConn, resp: MessageHead,
+                 ubuf: bytes) -> None:
+    rest = ubuf[resp.end:]
+    ex.upstream_status = 101
+    ex.response_started = True
+    side.phase = PH_TUNNEL
+    side.deadline = side.reactor.now + side.ctx.spec.idle_timeout
+    stream: _Stream | None = None
+    if side.multiplexed:
+        stream = cast(_Stream, side)
+        ex.status = 200
+        await stream.send_head(tunnel_fields(resp), False)
+        if rest:
+            await stream.send_body(rest, False)
+        down_send, down_end = _stream_writers(stream)
+    else:
+        extra = [CONN_UPGRADE, (b"upgrade", resp.upgrade or b"websocket")]
+        out = serialize_head(b"HTTP/1.1 101 %s" % (resp.reason or b"Switching Protocols"),
+                             resp.headers, RESPONSE_SKIP, extra)
+        ex.status = 101
+        await side.send(out + rest)
+        down_send, down_end = side.send, shutdown_writer(side.sock)
+    ex.bytes_out += len(rest)
+    if side.pos < len(side.buf):
+        await conn.send(side.buf[side.pos:])
+        ex.bytes_in += len(side.buf) - side.pos
+        side.pos = len(side.buf)
+
+    def counted(upstream_bound: bool, n: int) -> None:
+        if upstream_bound:
+            ex.bytes_in += n
+        else:
+            ex.bytes_out += n
+
+    broken = await splice(side, conn.recv, conn.send, shutdown_writer(conn.sock), down_send,
+                          down_end, counted)
     side.upstream = None
     conn.close()
     if broken and stream is not None:

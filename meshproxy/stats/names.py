@@ -86,6 +86,23 @@ LISTENER = (
             "client certificates refused by match_subject_alt_names (bad_certificate)"),
     counter("downstream_cx_plaintext",
             "connections a PERMISSIVE TLS listener served as plaintext (first byte not 0x16)"),
+    # Intercepting listeners (use_original_dst; Envoy's listener, tcp_proxy and
+    # http_inspector stats, the TCP proxy's under tcp.* here rather than tcp.<prefix>.*).
+    counter("no_filter_chain_match",
+            "intercepted connections whose original destination matched no destination "
+            "(passed through, or refused under REGISTRY_ONLY)"),
+    counter("tcp.downstream_cx_total", "connections proxied as TCP"),
+    counter("tcp.downstream_cx_no_route",
+            "TCP connections refused: REGISTRY_ONLY, no healthy endpoint, or a loop"),
+    counter("tcp.downstream_cx_rx_bytes_total", "bytes received from TCP clients"),
+    counter("tcp.downstream_cx_tx_bytes_total", "bytes sent to TCP clients"),
+    counter("tcp.idle_timeout", "TCP connections closed idle (idle_timeout)"),
+    counter("http_inspector.http10_found", "auto destinations whose client spoke HTTP/1.0"),
+    counter("http_inspector.http11_found", "auto destinations whose client spoke HTTP/1.1"),
+    counter("http_inspector.http2_found",
+            "auto destinations whose client spoke HTTP/2 (the connection preface)"),
+    counter("http_inspector.http_not_found",
+            "auto destinations whose client did not speak HTTP (proxied as TCP)"),
 )
 
 HTTP = (
@@ -176,6 +193,8 @@ CLUSTER = (
     counter("upstream_rq_retry_limit_exceeded", "retries not made: num_retries was reached"),
     counter("upstream_rq_per_try_timeout", "attempts that hit the per-try timeout"),
     gauge("upstream_rq_retry_active", "retries in progress"),
+    counter("upstream_cx_rx_bytes_total", "bytes received from TCP-proxied connections"),
+    counter("upstream_cx_tx_bytes_total", "bytes sent on TCP-proxied connections"),
     counter("upstream_cx_total", "upstream connections opened"),
     gauge("upstream_cx_active", "upstream connections open", ends_as="upstream_cx_destroy"),
     counter("upstream_cx_destroy", "upstream connections closed"),

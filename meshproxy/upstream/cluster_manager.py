@@ -13,6 +13,7 @@ import trio
 
 from meshproxy._core.circuit_state import Breaker, RetryBudget
 from meshproxy._core.lb_select import Balancer, make
+from meshproxy.config.compile import ORIGINAL_DST_ENDPOINT
 from meshproxy.config.snapshot import BreakerSpec, ClusterSpec
 from meshproxy.protocol.http2 import ClientCodec
 from meshproxy.stats.sink import Sink
@@ -48,7 +49,7 @@ class _Group:
 
 class Cluster:
     __slots__ = ("spec", "name", "endpoints", "lb", "stats", "breaker", "budget", "_freed",
-                 "outlier", "levels", "tls", "tls_h2", "spawn")
+                 "outlier", "levels", "tls", "tls_h2", "spawn", "_sink", "_original_dst")
 
     def __init__(self, spec: ClusterSpec, sink: Sink,
                  previous: dict[tuple[str, int], Endpoint] | None = None,
@@ -57,6 +58,8 @@ class Cluster:
         # Starts a task in the worker's nursery: an HTTP/2 connection's (upstream.h2_origin)
         # outlives the request that opened it.
         self.spawn = spawn
+        self._sink = sink
+        self._original_dst: Endpoint | None = None
         self.name = spec.name
         self.stats = sink.cluster(spec.name)
         # Circuit breakers: this worker's share of the pool-wide thresholds (BreakerSpec).
@@ -116,6 +119,18 @@ class Cluster:
         else:
             for i, ep in enumerate(self.endpoints):
                 ep.index, ep.lb = i, self.lb
+
+    def original_dst(self) -> Endpoint:
+        """The one endpoint a cluster without endpoints of its own (PassthroughCluster,
+        proxy.tcp_proxy) counts its connections on, each of which goes where its client
+        was going; made on first use, labelled `original_dst` in /clusters."""
+        ep = self._original_dst
+        if ep is None:
+            spec = self.spec
+            ep = self._original_dst = Endpoint(
+                "0.0.0.0", 0, 1, spec.idle_timeout, 0,
+                self._sink.endpoint(spec.name, ORIGINAL_DST_ENDPOINT), self.stats)
+        return ep
 
     def _balancer(self, eps: list[Endpoint]) -> Balancer:
         spec = self.spec
