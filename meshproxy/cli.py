@@ -47,10 +47,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sidecar(args: argparse.Namespace, workers: int) -> tuple[schema.Config, Any]:
+def _sidecar(args: argparse.Namespace, workers: int) -> tuple[schema.Config, Any, bool]:
     """The initial config and the discovery client of `run --control-plane`: the persisted
     last good config (served stale until the control plane confirms it) or an empty
-    outbound listener."""
+    outbound listener; and whether the listeners wait for the first config (`--sidecar`
+    with nothing persisted)."""
     from pathlib import Path
 
     from meshproxy.control.messages import Hello
@@ -60,6 +61,7 @@ def _sidecar(args: argparse.Namespace, workers: int) -> tuple[schema.Config, Any
         load_persisted,
         needs_identity,
     )
+    from meshproxy.sidecar.iptables import INBOUND_PORT
 
     token = _read_token(args.token_file, "--token-file") if args.token_file else ""
     if not token:
@@ -85,6 +87,24 @@ def _sidecar(args: argparse.Namespace, workers: int) -> tuple[schema.Config, Any
         labels[k] = v
     if args.service is not None and args.workload_port is None:
         raise ValueError("--service needs --workload-port (the port the workload serves on)")
+    if args.sidecar:
+        # Sidecar mode: both listeners take intercepted connections (meshproxy iptables),
+        # dual-stack, on Istio's ports; every service up front, since an intercepted
+        # connection names no service a request could ask for.
+        if args.outbound_address is None:
+            args.outbound_address = "::"
+        if args.service is not None:
+            if args.workload_address is None:
+                raise ValueError("--sidecar --service needs --workload-address (the "
+                                 "workload's own address, which its callers connect to)")
+            if args.inbound_port is None:
+                args.inbound_port = INBOUND_PORT
+        if args.calls is None:
+            args.calls = "*"
+    if args.outbound_address is None:
+        args.outbound_address = "127.0.0.1"
+    if args.workload_address is None:
+        args.workload_address = "127.0.0.1"
     if args.inbound_port is not None and args.service is None:
         raise ValueError("--inbound-port needs --service and --workload-port")
     node = args.node or f"{args.service or 'proxy'}-{os.getpid()}"
@@ -117,11 +137,13 @@ def _sidecar(args: argparse.Namespace, workers: int) -> tuple[schema.Config, Any
                   outbound_address=args.outbound_address, outbound_port=args.outbound_port,
                   prefetch=None if args.calls == "*" else [
                       c for c in (args.calls or "").split(",") if c],
-                  on_demand=args.calls != "*", version=version, workers=workers)
+                  on_demand=args.calls != "*", version=version, workers=workers,
+                  intercept=args.sidecar, outbound_traffic_policy=args.outbound_traffic_policy,
+                  ready=not (args.sidecar and persisted is None))
     client = DiscoveryClient(args.control_plane, token, hello, path,
                              (float(base), float(cap or base)), ca_bundle, trust,
                              args.renewal_jitter)
-    return config, client
+    return config, client, not hello.ready
 
 
 def _token_claims(token: str) -> dict[str, Any]:
@@ -153,10 +175,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         if args.control_plane:
             try:
-                config, client = _sidecar(args, args.workers)
+                config, client, hold = _sidecar(args, args.workers)
             except ValueError as exc:
                 print(f"meshproxy run: {exc}", file=sys.stderr)
                 return EXIT_CONFIG
+            opts.hold_until_config = hold
             sup = Supervisor(None, config, opts, client)
         elif args.config:
             sup = Supervisor(args.config, load_file(args.config), opts)
@@ -401,8 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--service", help="register the workload as an instance of this service")
     cp.add_argument("--workload-port", type=int, metavar="N",
                     help="the port the workload serves on (registered)")
-    cp.add_argument("--workload-address", default="127.0.0.1",
-                    help="the workload's address (registered; default 127.0.0.1)")
+    cp.add_argument("--workload-address", default=None,
+                    help="the workload's address (registered; default 127.0.0.1, with "
+                         "--sidecar required: the address its callers connect to)")
     cp.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                     help="a label of the workload, e.g. version=v2 or zone=a (repeatable)")
     cp.add_argument("--service-account", default=None,
@@ -410,11 +434,24 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--inbound-port", type=int, metavar="N",
                     help="an inbound listener on the workload address for its callers, "
                          "with the authorization policies and rate limits that select it; "
-                         "registered instead of --workload-port")
+                         "registered instead of --workload-port (with --sidecar: where "
+                         "the rules redirect callers, default 15006, and the workload port "
+                         "is registered)")
+    cp.add_argument("--sidecar", action="store_true",
+                    help="transparent sidecar mode, behind `meshproxy iptables`: the "
+                         "outbound listener takes the app's intercepted connections and "
+                         "the inbound one its callers', by their original destination; "
+                         "no listener accepts before the first config is applied, and the "
+                         "workload is registered \"starting\" until then")
+    cp.add_argument("--outbound-traffic-policy", choices=["ALLOW_ANY", "REGISTRY_ONLY"],
+                    default="ALLOW_ANY",
+                    help="with --sidecar, a connection to no mesh service: passed through "
+                         "(ALLOW_ANY, the default) or refused (REGISTRY_ONLY)")
     cp.add_argument("--lease-ttl", type=float, default=10.0, metavar="SECONDS",
                     help="the registration's lease; heartbeats every TTL/3 (default 10)")
-    cp.add_argument("--outbound-address", default="127.0.0.1",
-                    help="where the outbound listener listens (default 127.0.0.1)")
+    cp.add_argument("--outbound-address", default=None,
+                    help="where the outbound listener listens (default 127.0.0.1; with "
+                         "--sidecar '::', dual-stack)")
     cp.add_argument("--outbound-port", type=int, default=15001,
                     help="the outbound listener's port (default 15001)")
     cp.add_argument("--calls", metavar="SVC[,SVC...]",

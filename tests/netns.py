@@ -16,8 +16,11 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from tests.mesh import TOKEN, ControlPlane
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXY_UID = 1337
@@ -152,6 +155,77 @@ class NetProxy:
             if value.lstrip("-").isdigit():
                 stats[name] = int(value)
         return stats
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+class NetControlPlane(ControlPlane):
+    """`meshproxy control` in namespace `ns`, listening on every address there; the test
+    reaches its API with curl inside the namespace (ControlPlane's calls, over it)."""
+
+    def __init__(self, net: Net, ns: str, tmp: Path, names: list[str]) -> None:
+        # Not ControlPlane.__init__: the process runs in the namespace, its ports fixed.
+        self.net, self.ns, self.tmp = net, ns, tmp
+        (tmp / "cp-token").write_text(TOKEN + "\n")
+        self.log = tmp / "control.log"
+        serving = [a for n in names for a in ("--serving-name", n)]
+        self.proc = net.start(ns, [
+            sys.executable, "-m", "meshproxy", "control", "--store",
+            f"sqlite:///{tmp / 'cp.db'}", "--api-address", "127.0.0.1:15080",
+            "--admin-address", "127.0.0.1:0", "--token-file", str(tmp / "cp-token"),
+            "--discovery-address", "0.0.0.0:15012", "--ca-dir", str(tmp / "ca"), *serving],
+            stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))  # noqa: SIM115
+        deadline = time.monotonic() + 20
+        while "operator API on" not in self.text():
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.text()
+            time.sleep(0.05)
+
+    def call(self, method: str, path: str, body: Any = None,
+             token: str | None = TOKEN) -> tuple[int, Any]:
+        argv = ["curl", "-s", "-X", method, "-H", f"Authorization: Bearer {token}",
+                "-w", "\n%{http_code}", f"http://127.0.0.1:15080{path}"]
+        if body is not None:
+            argv += ["-H", "content-type: application/json", "-d", json.dumps(body)]
+        out = self.net.run(self.ns, argv).stdout
+        text, _, code = out.rpartition("\n")
+        return int(code), json.loads(text) if text.strip() else {}
+
+    def token_file(self, service_account: str) -> Path:
+        path = self.tmp / f"join-{service_account}"
+        path.write_text(self.join_token(service_account=service_account) + "\n")
+        return path
+
+
+class NetSidecar:
+    """`meshproxy run --sidecar` in a pod namespace (behind `meshproxy iptables`), with
+    the proxy's GID, its admin on 15000, once it serves its first config."""
+
+    def __init__(self, net: Net, ns: str, cp: NetControlPlane, cp_address: str, node: str,
+                 service_account: str, *args: str, wait: bool = True) -> None:
+        self.net, self.ns = net, ns
+        tmp = cp.tmp
+        self.log = tmp / f"sidecar-{node}-{time.monotonic_ns()}.log"
+        self.access_log = tmp / f"access-{node}.log"
+        self.proc = net.start(ns, [
+            sys.executable, "-m", "meshproxy", "run", "--sidecar", "--control-plane",
+            f"https://{cp_address}:15012", "--token-file", str(cp.token_file(service_account)),
+            "--ca-bundle", str(cp.bundle()), "--node", node, "--admin-address",
+            "127.0.0.1:15000", "--workers", "1", "--state-dir", str(tmp / f"state-{node}"),
+            "--drain-timeout", "1", "--access-log", str(self.access_log), *args],
+            gid=PROXY_UID, stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))  # noqa: SIM115
+        deadline = time.monotonic() + 30
+        while wait and "serving config version" not in self.text():
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.text()
+            time.sleep(0.05)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def access(self) -> str:
+        """Its access log so far (text layout; flushed every second)."""
+        return self.access_log.read_text() if self.access_log.exists() else ""
 
     def kill(self) -> None:
         self.proc.kill()

@@ -40,7 +40,7 @@ rotation's second phase).
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -86,6 +86,15 @@ class Hello(msgspec.Struct, tag="hello", frozen=True, forbid_unknown_fields=True
     workers: int = 1
     # The root (ca.fingerprint) of the certificate the proxy serves now, "" for none.
     identity_root: str = ""
+    # Sidecar mode (`run --sidecar`): the listeners take intercepted connections by their
+    # original destination; `inbound_port` is then the inbound listener's (15006) and
+    # `port` the workload's own, which is what gets registered. Connections to no mesh
+    # service: ALLOW_ANY (passed through) or REGISTRY_ONLY (refused).
+    intercept: bool = False
+    outbound_traffic_policy: Literal["ALLOW_ANY", "REGISTRY_ONLY"] = "ALLOW_ANY"
+    # False: the proxy serves nothing yet (no config applied); the workload is registered
+    # "starting", out of every caller's endpoints, until the proxy ACKs its first push.
+    ready: bool = True
 
 
 class Push(msgspec.Struct, tag="push", frozen=True):

@@ -103,6 +103,9 @@ class Subscription:
     sent_bundle: str = ""  # hash of the trust bundle of the push in flight
     bundle: str = ""  # ... of the last push the proxy ACKed (root rotation waits on it)
     send_lock: trio.Lock = field(default_factory=trio.Lock)
+    # The proxy serves a config (Hello's `ready`, else its first ACK): until then its
+    # workload is registered "starting", and callers are not sent to it.
+    ready: bool = True
 
     def poke(self) -> None:
         self.wake.set()
@@ -251,10 +254,11 @@ class PushServer:
                          hello.outbound_port, scope_of(hello),
                          ON_DEMAND_TIMEOUT if hello.on_demand and hello.prefetch is not None
                          else 0.0, workload, hello.address, hello.inbound_port or 0,
-                         mtls=claims is not None)
+                         mtls=claims is not None, intercept=hello.intercept,
+                         outbound_traffic_policy=hello.outbound_traffic_policy)
         sub = Subscription(hello, node, stream, now, hello.version, last_seen=now,
                            claims=claims, spiffe_id=spiffe_id,
-                           identity_root=hello.identity_root)
+                           identity_root=hello.identity_root, ready=hello.ready)
         old = self.subscriptions.get(hello.node)
         if old is not None:  # the proxy reconnected here before the old stream broke
             await old.stream.aclose()
@@ -308,6 +312,9 @@ class PushServer:
                 sub.bundle = sub.sent_bundle
                 sub.acked_at = time.time()
                 sub.nack_version, sub.nack_errors = "", []
+                if not sub.ready:
+                    sub.ready = True
+                    await self.hooks.heartbeat(sub)  # registered "up" now
                 if sub.pushed_change is not None:
                     sub.convergence = trio.current_time() - sub.pushed_change
                     self.metrics.convergence.observe(sub.convergence)

@@ -60,7 +60,9 @@ class Registration(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     renewed: float  # wall-clock seconds of the last heartbeat
     registered: float
     replica: str  # the replica whose stream carries it
-    state: Literal["up", "draining"] = "up"
+    # starting: its sidecar has no config yet (Hello.ready False); only "up" workloads are
+    # anybody's endpoints.
+    state: Literal["up", "starting", "draining"] = "up"
     # The SPIFFE ID its sidecar authenticated as (a join token): its callers speak mTLS to
     # it and expect this identity. "": a sidecar without a mesh identity.
     identity: str = ""
@@ -83,8 +85,9 @@ def from_hello(hello: Hello, now: float, replica: str, identity: str = ""
                ) -> Registration | None:
     if hello.service is None or hello.port is None:
         return None
-    # Callers reach a workload with an inbound listener through it.
-    port = hello.inbound_port or hello.port
+    # Callers reach a workload with an inbound listener through it; an intercepting
+    # sidecar's callers connect to the workload's own port, and the rules take them in.
+    port = hello.port if hello.intercept else (hello.inbound_port or hello.port)
     return Registration(node=hello.node, namespace=hello.namespace, service=hello.service,
                         address=hello.address, port=port, labels=dict(hello.labels),
                         service_account=hello.service_account, lease_ttl=hello.lease_ttl,

@@ -238,6 +238,8 @@ class Replica(Hooks):
                                 now - rec.renewed)
 
     async def _register(self, sub: Subscription, state: str = "up") -> None:
+        if state == "up" and not sub.ready:
+            state = "starting"
         h = sub.hello
         now = time.time()
         key = reg.registration_key(h.namespace, h.service or "", h.node)

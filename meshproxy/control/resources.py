@@ -72,11 +72,18 @@ class Metadata(Base, frozen=True):
 class ServicePort(Base, frozen=True):
     port: Port
     name: NonEmptyStr = "http"
-    protocol: Literal["http", "http2", "grpc", "tcp"] = "http"
+    # What intercepting sidecars make of a connection to it: http (also http2, grpc):
+    # routed by the Route; tcp: proxied as bytes; auto: told apart by its first bytes
+    # (Istio's protocol sniffing for a port that declares none).
+    protocol: Literal["http", "http2", "grpc", "tcp", "auto"] = "http"
 
 
 class ServiceSpec(Base, frozen=True):
     ports: Annotated[list[ServicePort], Meta(min_length=1)]
+    # The addresses clients call the service by (Kubernetes' ClusterIP, Istio's
+    # ServiceEntry addresses): an intercepting sidecar takes a connection to one of them
+    # on a service port for the service. Its workloads' own addresses are taken too.
+    addresses: list[NonEmptyStr] = []
 
 
 class WorkloadSpec(Base, frozen=True):
@@ -298,6 +305,15 @@ def _check(kind: str, meta: Metadata, spec: Any, errors: list[str]) -> None:
             ipaddress.ip_address(spec.address)
         except ValueError:
             errors.append(f"spec.address: not an IP address: {spec.address!r}")
+    elif kind == "Service":
+        for i, a in enumerate(spec.addresses):
+            try:
+                ipaddress.ip_address(a)
+            except ValueError:
+                errors.append(f"spec.addresses[{i}]: not an IP address: {a!r}")
+        ports = [p.port for p in spec.ports]
+        for dup in sorted({p for p in ports if ports.count(p) > 1}):
+            errors.append(f"spec.ports: duplicate port {dup}")
     elif kind == "Route":
         for i, rule in enumerate(spec.rules):
             rp = f"spec.rules[{i}]"

@@ -34,6 +34,14 @@ What a sidecar gets:
   only, PERMISSIVE mTLS and plaintext on the one port (told apart by the first byte),
   DISABLE plaintext. The certificates are named as secrets (messages.WORKLOAD_CHAIN, ...)
   that the proxy fills in from its own identity.
+- sidecar mode (`intercept`, behind `meshproxy iptables`): the outbound listener takes the
+  app's intercepted connections (use_original_dst) by where they were going: a service's
+  addresses on its ports, and its workloads' own address and port, as that service port
+  says (http: the routes, by Host, the service's addresses being domains too; tcp: its
+  cluster as bytes; auto: sniffed); anything else ALLOW_ANY or REGISTRY_ONLY, as the
+  proxy asked. The inbound listener takes callers' connections to the workload's port,
+  forwarded to it on 127.0.0.1, and passes through (to 127.0.0.1, same port) those to
+  ports the service does not declare.
 Make before break: a route is emitted only with clusters that are emitted with it. A
 destination whose subset no DestinationPolicy defines is dropped with a warning, and a rule
 left without destinations answers 503 itself (Istio's NC: no cluster), never traffic meant
@@ -48,6 +56,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from meshproxy.config import schema
 from meshproxy.control.messages import ROOT_CA, WORKLOAD_CHAIN, WORKLOAD_KEY
@@ -66,6 +75,10 @@ from meshproxy.control.resources import (
     WorkloadSpec,
 )
 
+# A service port's protocol -> what an intercepting listener makes of it.
+Sniff = Literal["http", "tcp", "auto"]
+_SNIFF: dict[str, Sniff] = {"http": "http", "http2": "http", "grpc": "http", "tcp": "tcp",
+                            "auto": "auto"}
 OUTBOUND = "outbound"
 INBOUND = "inbound"
 # The dependency every inbound listener has: a policy changed somewhere (policies are few
@@ -93,6 +106,10 @@ class ProxyNode:
     inbound_port: int = 0
     # It holds a mesh identity (joined with a join token): mTLS by policy.
     mtls: bool = False
+    # Sidecar mode (`run --sidecar`, behind `meshproxy iptables`): both listeners take
+    # intercepted connections by their original destination.
+    intercept: bool = False
+    outbound_traffic_policy: str = "ALLOW_ANY"
 
 
 @dataclass
@@ -367,11 +384,40 @@ class _Builder:
                  if self.mesh.limits[key][n].route_rule == rule]
         return found[0] if found else None
 
+    def destinations(self, keys: list[str]) -> list[schema.DestinationMatch]:
+        """Sidecar mode's outbound destinations (see the module's rules); an address and
+        port that two services claim goes to the first by name, with a warning."""
+        groups: dict[tuple[int, Sniff, str | None], list[str]] = {}
+        seen: dict[tuple[str, int], str] = {}
+        for key in keys:
+            svc = self.mesh.services[key]
+            spec: ServiceSpec = svc.spec
+            targets = [(a, p.port) for p in spec.ports for a in spec.addresses]
+            first = spec.ports[0]
+            targets += [(w.address, w.port) for w in self.mesh.workloads(key)]
+            for address, port in targets:
+                sp = next((p for p in spec.ports if p.port == port), first)
+                protocol = _SNIFF.get(sp.protocol, "http")
+                cluster = (self.cluster(key, sp.port, None) if protocol != "http" else None)
+                where = (address, port)
+                if where in seen:
+                    if seen[where] != key:
+                        self.warnings.append(f"Service {key}: {address}:{port} is already "
+                                             f"{seen[where]}'s; ignored")
+                    continue
+                seen[where] = key
+                groups.setdefault((port, protocol, cluster), []).append(address)
+        return [schema.DestinationMatch(addresses=addrs, port=port, protocol=protocol,
+                                        cluster=cluster, name=cluster or "")
+                for (port, protocol, cluster), addrs in sorted(
+                    groups.items(), key=lambda g: (g[0][0], g[0][1], g[0][2] or ""))]
+
     def inbound(self, node: ProxyNode) -> tuple[schema.Listener, schema.Cluster]:
         w = node.workload
         assert w is not None
         key = f"{node.namespace}/{w.service}"
-        name = f"inbound|{node.inbound_port}||{w.service}.{node.namespace}"
+        port = w.port if node.intercept else node.inbound_port
+        name = f"inbound|{port}||{w.service}.{node.namespace}"
         policies = [schema.AuthorizationPolicy(name=f"{node.namespace}/{n}", action=p.action,
                                                rules=p.rules)
                     for n, p in sorted(self.mesh.authz.get(node.namespace, {}).items())
@@ -390,9 +436,19 @@ class _Builder:
                                                     private_key=WORKLOAD_KEY)],
                 trusted_ca=ROOT_CA, require_client_certificate=mode == "STRICT",
                 accept_plaintext=mode == "PERMISSIVE")
-        listener = schema.Listener(name=INBOUND, address=node.inbound_address,
-                                   port=node.inbound_port, virtual_hosts=[vhost],
-                                   authorization_policies=policies, tls=tls)
+        intercept: dict = {}
+        if node.intercept:
+            svc = self.mesh.services.get(key)
+            sp = svc.spec.ports[0].protocol if svc is not None else "http"
+            intercept = {"address": "::", "use_original_dst": True,
+                         "passthrough_address": "127.0.0.1",
+                         "destinations": [schema.DestinationMatch(
+                             port=w.port, protocol=_SNIFF.get(sp, "http"),
+                             cluster=name, name=name)]}
+        listener = schema.Listener(**{"name": INBOUND, "address": node.inbound_address,
+                                      "port": node.inbound_port, "virtual_hosts": [vhost],
+                                      "authorization_policies": policies, "tls": tls,
+                                      **intercept})
         cluster = schema.Cluster(name=name, endpoints=[
             schema.Endpoint(address="127.0.0.1", port=w.port)])
         return listener, cluster
@@ -423,6 +479,9 @@ class _Builder:
                     response_headers_to_add=rule.response_headers_to_add,
                     response_headers_to_remove=rule.response_headers_to_remove))
         domains = [name, f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.{CLUSTER_DOMAIN}"]
+        svc: ServiceSpec = self.mesh.services[key].spec
+        # Its addresses name it too (a Host of 10.96.0.10:8080, or [fd00::10]:8080).
+        domains += [f"[{a}]" if ":" in a else a for a in svc.addresses]
         return schema.VirtualHost(name=key, domains=domains, routes=routes)
 
 
@@ -438,9 +497,13 @@ def translate(resources: Iterable[Resource] | MeshIndex, node: ProxyNode) -> Tra
         for k in sorted(node.scope - set(mesh.services)):
             warnings.append(f"scope: no service {k}")
     vhosts = [vh for vh in (builder.virtual_host(k) for k in keys) if vh is not None]
-    listener = schema.Listener(name=OUTBOUND, address=node.outbound_address,
-                               port=node.outbound_port, virtual_hosts=vhosts,
-                               on_demand_timeout=node.on_demand_timeout)
+    intercept: dict = {}
+    if node.intercept:
+        intercept = {"use_original_dst": True, "destinations": builder.destinations(keys),
+                     "outbound_traffic_policy": node.outbound_traffic_policy}
+    listener = schema.Listener(**{"name": OUTBOUND, "address": node.outbound_address,
+                                  "port": node.outbound_port, "virtual_hosts": vhosts,
+                                  "on_demand_timeout": node.on_demand_timeout, **intercept})
     listeners = [listener]
     clusters = [builder.clusters[n] for n in sorted(builder.clusters)]
     extra: set[str] = set()

@@ -90,6 +90,10 @@ class Options:
     access_log: str | None = None
     stats: bool = True
     capacity: Capacity = field(default_factory=Capacity)
+    # Sidecar mode without a persisted config: no worker starts (no listener accepts, so an
+    # intercepted app's connections are refused, never let around the mesh) until the
+    # first config from the control plane is adopted.
+    hold_until_config: bool = False
 
 
 class WorkerHandle:
@@ -114,6 +118,9 @@ class Supervisor:
             discovery.adopt, discovery.applied = self.adopt, self.applied
             discovery.install = self.install_identity
         self.opts = opts
+        self._adopted = trio.Event()  # a config came from the control plane
+        self._workers_started = False
+        self._serving = trio.Event()  # the workers serve (run())
         self.cap = opts.capacity
         self.segment = Segment(Layout(self.cap), opts.workers + 1)
         self.slots = Slots()
@@ -270,6 +277,7 @@ class Supervisor:
             return errors
         log.info("adopted config version %d from the control plane", self.version)
         await self._publish()
+        self._adopted.set()
         return []
 
     async def install_identity(self, identity: Identity) -> list[str]:
@@ -297,6 +305,10 @@ class Supervisor:
         replacement starts with the latest snapshot."""
         want = self.version
         cell = self.segment.layout.first(Scope.WORKER, 0) + _CONFIG_VERSION
+        if not self._workers_started:
+            if not self._adopted.is_set():
+                return  # an identity before any config: no worker runs yet
+            await self._serving.wait()  # held workers start with this config (run())
         while not all(w.proc is None or self.segment.block(w.index).get(cell) >= want
                       for w in self.workers):
             await trio.sleep(0.005)
@@ -482,13 +494,19 @@ class Supervisor:
                 if admin is not None:
                     self.admin_bound = await nursery.start(AdminServer(self).serve, *admin)
                     log.info("admin on %s:%d", *self.admin_bound)
+                if self.opts.hold_until_config and self.discovery is not None:
+                    nursery.start_soon(self.discovery.run)
+                    log.info("holding the listeners until the first config is applied")
+                    await self._adopted.wait()
                 for w in self.workers:
                     await self._start(w)
+                self._workers_started = True
                 nursery.start_soon(self._monitor)
                 nursery.start_soon(self._signals, sigs)
                 nursery.start_soon(self._watch_certificates)
                 if self.discovery is not None:
-                    nursery.start_soon(self.discovery.run)
+                    if not self.opts.hold_until_config:
+                        nursery.start_soon(self.discovery.run)
                     nursery.start_soon(self._demands)
                 self._nursery = nursery
                 self.health.apply(self.config, nursery, self.material.files)
@@ -499,6 +517,7 @@ class Supervisor:
                     log.info("listener %s on %s:%d", lst.name, lst.address, lst.port)
                 log.info("serving config version %d with %d workers", self.version,
                          len(self.workers))
+                self._serving.set()
                 await self._stop.wait()
                 await self._shutdown()
                 nursery.cancel_scope.cancel()

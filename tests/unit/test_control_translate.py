@@ -214,3 +214,58 @@ def test_control_translate_peer_authentication_most_specific_wins() -> None:
                                                             {"app": "other"}))
     assert t.require_client_certificate  # a selector that does not pick it
     assert _inbound_tls(base + _pa("ns", "shop", "STRICT"), mtls=False) is None
+
+
+SIDECAR_MESH = MESH + """
+---
+apiVersion: mesh/v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {ports: [{port: 5432, protocol: tcp, name: pg}], addresses: [10.96.0.20, "fd00::20"]}
+---
+apiVersion: mesh/v1
+kind: Workload
+metadata: {name: db-0, namespace: shop}
+spec: {service: db, address: 10.0.2.1, port: 5432}
+---
+apiVersion: mesh/v1
+kind: Service
+metadata: {name: legacy, namespace: shop}
+spec: {ports: [{port: 7000, protocol: auto}], addresses: [10.96.0.30]}
+---
+apiVersion: mesh/v1
+kind: Workload
+metadata: {name: legacy-0, namespace: shop}
+spec: {service: legacy, address: 10.0.1.1, port: 8080}
+"""
+
+
+def test_control_translate_sidecar_mode_takes_connections_by_destination() -> None:
+    from meshproxy.control.resources import WorkloadSpec
+
+    node = ProxyNode("ratings-0", namespace="shop", outbound_address="::",
+                     intercept=True, outbound_traffic_policy="REGISTRY_ONLY",
+                     workload=WorkloadSpec(service="ratings", address="10.0.1.1", port=8080),
+                     inbound_address="10.0.1.1", inbound_port=15006)
+    out = translate(resources(SIDECAR_MESH), node)
+    valid(out.config)
+    outbound, inbound = out.config.listeners
+    assert outbound.use_original_dst and outbound.outbound_traffic_policy == "REGISTRY_ONLY"
+    found = {(a, d.port): (d.protocol, d.cluster) for d in outbound.destinations
+             for a in d.addresses}
+    db = cluster_name("shop/db", 5432, None)
+    assert found[("10.96.0.20", 5432)] == ("tcp", db)
+    assert found[("fd00::20", 5432)] == ("tcp", db)
+    assert found[("10.0.2.1", 5432)] == ("tcp", db)  # the workload's own address
+    assert found[("10.0.0.11", 9080)] == ("http", None)
+    assert found[("10.96.0.30", 7000)] == ("auto", cluster_name("shop/legacy", 7000, None))
+    # 10.0.1.1:8080 is both ratings-0's and legacy-0's: the first service by name keeps it.
+    assert found[("10.0.1.1", 8080)] == ("auto", cluster_name("shop/legacy", 7000, None))
+    assert any("10.0.1.1:8080 is already shop/legacy's" in w for w in out.warnings)
+    hosts = {vh.name: vh for vh in outbound.virtual_hosts}
+    assert "[fd00::20]" in hosts["shop/db"].domains and "10.96.0.20" in hosts["shop/db"].domains
+    # Inbound: the workload's port to the app on loopback, the rest passed through there.
+    assert (inbound.address, inbound.port, inbound.use_original_dst) == ("::", 15006, True)
+    assert inbound.passthrough_address == "127.0.0.1"
+    (d,) = inbound.destinations
+    assert (d.port, d.protocol, d.cluster) == (8080, "http", "inbound|8080||ratings.shop")
