@@ -203,13 +203,15 @@ class NetSidecar:
     the proxy's GID, its admin on 15000, once it serves its first config."""
 
     def __init__(self, net: Net, ns: str, cp: NetControlPlane, cp_address: str, node: str,
-                 service_account: str, *args: str, wait: bool = True) -> None:
+                 service_account: str, *args: str, wait: bool = True,
+                 prefix: tuple[str, ...] | list[str] = ()) -> None:
+        """`prefix`: what the command runs under (bench.sidecar_hop pins it: taskset)."""
         self.net, self.ns = net, ns
         tmp = cp.tmp
         self.log = tmp / f"sidecar-{node}-{time.monotonic_ns()}.log"
         self.access_log = tmp / f"access-{node}.log"
         self.proc = net.start(ns, [
-            sys.executable, "-m", "meshproxy", "run", "--sidecar", "--control-plane",
+            *prefix, sys.executable, "-m", "meshproxy", "run", "--sidecar", "--control-plane",
             f"https://{cp_address}:15012", "--token-file", str(cp.token_file(service_account)),
             "--ca-bundle", str(cp.bundle()), "--node", node, "--admin-address",
             "127.0.0.1:15000", "--workers", "1", "--state-dir", str(tmp / f"state-{node}"),
