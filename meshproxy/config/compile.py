@@ -279,8 +279,12 @@ def _destinations(lst: schema.Listener, own_ports: frozenset[int]) -> Destinatio
                                     INBOUND_PASSTHROUGH_CLUSTER)
     else:
         unmatched = DestinationSpec(PASSTHROUGH_CLUSTER, PASSTHROUGH, PASSTHROUGH_CLUSTER)
+    # A domain that routes to each virtual host, wildcards made concrete ("*.a" -> "x.a",
+    # "b*" -> "b", "*" -> "*": the route table takes "*" as any host).
+    hosts = {vh.name: vh.domains[0].replace("*.", "x.", 1).rstrip("*").encode() or b"*"
+             for vh in lst.virtual_hosts if vh.domains}
     return DestinationTable(list(lst.destinations), unmatched, lst.passthrough_address,
-                            parse_duration(lst.protocol_detection_timeout), own_ports)
+                            parse_duration(lst.protocol_detection_timeout), own_ports, hosts)
 
 
 def own_clusters(config: schema.Config) -> list[str]:

@@ -31,6 +31,9 @@ class DestinationSpec:
     name: str        # for the stats and the access log
     kind: int
     cluster: str     # "" for HTTP
+    # HTTP: a Host that routes to the destination's virtual host (its first domain), for
+    # a request whose own Host no virtual host serves; b"" for none.
+    host: bytes = b""
 
 
 class DestinationTable:
@@ -39,7 +42,8 @@ class DestinationTable:
 
     def __init__(self, matches: list[schema.DestinationMatch], unmatched: DestinationSpec,
                  passthrough_address: str | None, detection_timeout: float,
-                 own_ports: frozenset[int]) -> None:
+                 own_ports: frozenset[int], hosts: dict[str, bytes] | None = None) -> None:
+        """`hosts`: a virtual host's name -> a Host it serves (DestinationSpec.host)."""
         self._exact: dict[tuple[str, int], DestinationSpec] = {}
         self._cidrs: list[tuple[int, IPNetwork, int, DestinationSpec]] = []
         self._ports: dict[int, DestinationSpec] = {}
@@ -52,7 +56,8 @@ class DestinationTable:
         self.own_ports = own_ports
         for m in matches:
             spec = DestinationSpec(m.name or m.cluster or f"{m.protocol}:{m.port}",
-                                   _KINDS[m.protocol], m.cluster or "")
+                                   _KINDS[m.protocol], m.cluster or "",
+                                   (hosts or {}).get(m.virtual_host or "", b""))
             if not m.addresses:
                 if m.port:
                     self._ports.setdefault(m.port, spec)

@@ -438,6 +438,11 @@ def _check_destinations(lst: schema.Listener, p: str, clusters: set[str],
             errors.append(f"{dp}.cluster: a {d.protocol} destination needs a cluster")
         if d.cluster is not None and d.cluster not in clusters:
             errors.append(f"{dp}.cluster: no cluster named {d.cluster!r}")
+        if d.virtual_host is not None:
+            vh = next((v for v in lst.virtual_hosts if v.name == d.virtual_host), None)
+            if vh is None or not vh.domains:
+                errors.append(f"{dp}.virtual_host: no virtual host named {d.virtual_host!r} "
+                              "with a domain")
 
 
 def tls_files(config: schema.Config) -> list[tuple[str, str]]:

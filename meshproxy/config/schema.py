@@ -618,6 +618,10 @@ class DestinationMatch(Base, frozen=True):
     cluster: NonEmptyStr | None = None
     # The stats and access log name it (Envoy's stat_prefix); default: the cluster's.
     name: str = ""
+    # http, auto: the virtual host that routes a request whose Host no virtual host
+    # serves (a client that called the service by an address): the service this
+    # destination is.
+    virtual_host: NonEmptyStr | None = None
 
 
 class Listener(Base, frozen=True):

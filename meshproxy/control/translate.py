@@ -387,7 +387,7 @@ class _Builder:
     def destinations(self, keys: list[str]) -> list[schema.DestinationMatch]:
         """Sidecar mode's outbound destinations (see the module's rules); an address and
         port that two services claim goes to the first by name, with a warning."""
-        groups: dict[tuple[int, Sniff, str | None], list[str]] = {}
+        groups: dict[tuple[int, Sniff, str | None, str], list[str]] = {}
         seen: dict[tuple[str, int], str] = {}
         for key in keys:
             svc = self.mesh.services[key]
@@ -406,11 +406,12 @@ class _Builder:
                                              f"{seen[where]}'s; ignored")
                     continue
                 seen[where] = key
-                groups.setdefault((port, protocol, cluster), []).append(address)
+                groups.setdefault((port, protocol, cluster, key), []).append(address)
         return [schema.DestinationMatch(addresses=addrs, port=port, protocol=protocol,
-                                        cluster=cluster, name=cluster or "")
-                for (port, protocol, cluster), addrs in sorted(
-                    groups.items(), key=lambda g: (g[0][0], g[0][1], g[0][2] or ""))]
+                                        cluster=cluster, name=cluster or key,
+                                        virtual_host=key if protocol != "tcp" else None)
+                for (port, protocol, cluster, key), addrs in sorted(
+                    groups.items(), key=lambda g: (g[0][0], g[0][1], g[0][2] or "", g[0][3]))]
 
     def inbound(self, node: ProxyNode) -> tuple[schema.Listener, schema.Cluster]:
         w = node.workload

@@ -53,7 +53,13 @@ async def dispatch(side: ClientSide, head: MessageHead, ex: Exchange) -> bool:
     headers = head.headers
     if spec.match_principal and side.identity is not None:
         headers = headers + [(PRINCIPAL_HEADER, side.identity.principal)]
-    _vh, route = spec.route_table.route(host, head.method, target, headers)
+    vh, route = spec.route_table.route(host, head.method, target, headers)
+    if vh is None and side.original_dst is not None and spec.destinations is not None:
+        # An intercepted request whose Host no virtual host serves (a client that called
+        # an address): the service its destination is routes it.
+        by = spec.destinations.match(*side.original_dst).host
+        if by:
+            vh, route = spec.route_table.route(by, head.method, target, headers)
     if route is None and spec.on_demand_timeout and side.ctx.state.demand is not None:
         spec, route = await _on_demand(side, host, head.method, target, headers)
     if route is None:

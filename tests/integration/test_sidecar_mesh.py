@@ -75,6 +75,10 @@ def _two_pods(net: Net, tmp: Path, a: str, b: str, cpns: str, b_ip: str, cp_from
     out = call_b()
     # B's app sees the caller's address (A's pod), through both sidecars.
     assert out.startswith("app-b /hello xff="), out
+    # Called by B's address instead of its name: the registry maps the address to the
+    # service, whose routes take it (its Host names no service).
+    out = net.run(a, [*curl, f"http://{b_ip}:8080/by-address"]).stdout
+    assert out.startswith("app-b /by-address") and out.endswith(" 200"), out
     # The hop between the sidecars was mTLS: B's inbound side logged A's identity.
     a_id = "spiffe://cluster.local/ns/default/sa/a-sa"
     _until(lambda: a_id in sb.access())

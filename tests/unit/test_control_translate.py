@@ -258,6 +258,9 @@ def test_control_translate_sidecar_mode_takes_connections_by_destination() -> No
     assert found[("fd00::20", 5432)] == ("tcp", db)
     assert found[("10.0.2.1", 5432)] == ("tcp", db)  # the workload's own address
     assert found[("10.0.0.11", 9080)] == ("http", None)
+    by_vh = {(a, d.port): d.virtual_host for d in outbound.destinations for a in d.addresses}
+    assert by_vh[("10.0.0.11", 9080)] == "shop/reviews"  # its routes take a Host of none
+    assert by_vh[("10.96.0.20", 5432)] is None
     assert found[("10.96.0.30", 7000)] == ("auto", cluster_name("shop/legacy", 7000, None))
     # 10.0.1.1:8080 is both ratings-0's and legacy-0's: the first service by name keeps it.
     assert found[("10.0.1.1", 8080)] == ("auto", cluster_name("shop/legacy", 7000, None))
