@@ -39,6 +39,6 @@ python -m pytest
 off=(fast_path http2_fast_path proxy_basics proxy_bodies proxy_errors proxy_timeouts
      smuggling http2_downstream http2_conformance idle_parking half_close tls_listener mtls
      upstream_tls upstream_pool access_log retries routing circuit_breakers lb_policies
-     outlier_detection health_check priorities mesh_inbound)
+     outlier_detection health_check priorities mesh_inbound sidecar_intercept)
 MESHPROXY_FAST_PATH=off exec python -m pytest $(printf "tests/integration/test_%s.py " "${off[@]}") \
     tests/e2e/test_demo.py

@@ -15,6 +15,11 @@ shadow-rules stat) and named in the log.
 Values are Istio's string matches: exact, "prefix*", "*suffix", or "*" (present). Each
 field's values are compiled once per config snapshot into one full-match regex, so a check
 is a handful of regex calls on short strings, only for requests a policy applies to.
+TCP connections (an intercepting listener's, proxy.tcp_proxy) are decided as Istio decides
+them: `check_tcp` on a Request with no method, path, host or headers, where a rule of an
+ALLOW (or AUDIT) policy that needs an HTTP-only field (hosts, methods, paths, a request.*
+condition, or their not_ forms) never matches, and a rule of a DENY policy is evaluated
+without its HTTP-only fields (so it denies more, never less).
 Principals are SPIFFE IDs without the scheme (cluster.local/ns/default/sa/web); a request
 without a verified client certificate has no principal and no namespace, so it never
 matches `principals: ["*"]` (Istio's way of saying "any authenticated client").
@@ -71,13 +76,14 @@ def _pattern(values: list[str], lower: bool = False, strip_scheme: bool = False)
 
 
 class _Field:
-    """One field of a source or operation: any of `values`, none of `not_values`."""
+    """One field of a source or operation: any of `values`, none of `not_values`; `http`:
+    a field only HTTP requests have (not a TCP connection)."""
 
-    __slots__ = ("get", "yes", "no")
+    __slots__ = ("get", "yes", "no", "http")
 
     def __init__(self, get: Callable[[Request], str | None], yes: re.Pattern[str] | None,
-                 no: re.Pattern[str] | None) -> None:
-        self.get, self.yes, self.no = get, yes, no
+                 no: re.Pattern[str] | None, http: bool = False) -> None:
+        self.get, self.yes, self.no, self.http = get, yes, no, http
 
     def matches(self, r: Request) -> bool:
         value = self.get(r)
@@ -88,6 +94,7 @@ class _Field:
 
 class _IPField:
     __slots__ = ("yes", "no")
+    http = False
 
     def __init__(self, yes: list[IPNetwork], no: list[IPNetwork]) -> None:
         self.yes, self.no = yes, no
@@ -106,11 +113,12 @@ Matcher = _Field | _IPField
 
 
 def _field(get: Callable[[Request], str | None], yes: list[str], no: list[str],
-           lower: bool = False, strip_scheme: bool = False) -> _Field | None:
+           lower: bool = False, strip_scheme: bool = False,
+           http: bool = False) -> _Field | None:
     if not yes and not no:
         return None
     return _Field(get, _pattern(yes, lower, strip_scheme) if yes else None,
-                  _pattern(no, lower, strip_scheme) if no else None)
+                  _pattern(no, lower, strip_scheme) if no else None, http)
 
 
 def _networks(blocks: list[str]) -> list[IPNetwork]:
@@ -133,10 +141,10 @@ def _source(s: schema.AuthzSource) -> tuple[Matcher, ...]:
 
 def _operation(o: schema.AuthzOperation) -> tuple[Matcher, ...]:
     return _all([
-        _field(lambda r: r.host, o.hosts, o.not_hosts, lower=True),
+        _field(lambda r: r.host, o.hosts, o.not_hosts, lower=True, http=True),
         _field(lambda r: str(r.port), [str(p) for p in o.ports], [str(p) for p in o.not_ports]),
-        _field(lambda r: r.method, o.methods, o.not_methods),
-        _field(lambda r: r.path, o.paths, o.not_paths),
+        _field(lambda r: r.method, o.methods, o.not_methods, http=True),
+        _field(lambda r: r.path, o.paths, o.not_paths, http=True),
     ])
 
 
@@ -170,7 +178,7 @@ def _condition(c: schema.AuthzCondition) -> Matcher:
     if c.key == "source.ip":
         return _IPField(_networks(c.values), _networks(c.not_values))
     f = _field(_condition_value(c.key), c.values, c.not_values,
-               strip_scheme=c.key == "source.principal")
+               strip_scheme=c.key == "source.principal", http=c.key.startswith("request."))
     assert f is not None  # load.check(): values or not_values
     return f
 
@@ -178,10 +186,26 @@ def _condition(c: schema.AuthzCondition) -> Matcher:
 class _Rule:
     __slots__ = ("sources", "operations", "conditions")
 
-    def __init__(self, rule: schema.AuthzRule) -> None:
+    def __init__(self, rule: schema.AuthzRule | None) -> None:
+        if rule is None:
+            return  # _Rule.for_tcp fills it in
         self.sources = [_source(s) for s in rule.from_]
         self.operations = [_operation(o) for o in rule.to]
         self.conditions = _all([_condition(c) for c in rule.when])
+
+    def for_tcp(self, deny: bool) -> _Rule | None:
+        """This rule as it applies to a TCP connection (the module's rules): None when it
+        can never match one."""
+        groups = [*self.sources, *self.operations, self.conditions]
+        if not any(f.http for g in groups for f in g):
+            return self
+        if not deny:
+            return None
+        out = _Rule(None)
+        out.sources = self.sources
+        out.operations = [tuple(f for f in g if not f.http) for g in self.operations]
+        out.conditions = tuple(f for f in self.conditions if not f.http)
+        return out
 
     def matches(self, r: Request) -> bool:
         # Plain loops, not any()/all() over generators: this runs per request.
@@ -209,9 +233,17 @@ def _any_group(groups: list[tuple[Matcher, ...]], r: Request) -> bool:
 class _Policy:
     __slots__ = ("name", "rules")
 
-    def __init__(self, p: schema.AuthorizationPolicy) -> None:
+    def __init__(self, p: schema.AuthorizationPolicy | None) -> None:
+        if p is None:
+            return  # _Policy.for_tcp fills it in
         self.name = p.name
         self.rules = [_Rule(r) for r in p.rules]
+
+    def for_tcp(self, deny: bool) -> _Policy:
+        out = _Policy(None)
+        out.name = self.name
+        out.rules = [t for t in (r.for_tcp(deny) for r in self.rules) if t is not None]
+        return out
 
     def matches(self, r: Request) -> bool:
         for rule in self.rules:  # noqa: SIM110 - a loop: no generator per request
@@ -230,12 +262,25 @@ class Decision:
 class Authorizer:
     """The compiled policies of one listener or route."""
 
-    __slots__ = ("deny", "allow", "audit")
+    __slots__ = ("deny", "allow", "audit", "_tcp")
 
-    def __init__(self, policies: list[schema.AuthorizationPolicy]) -> None:
+    def __init__(self, policies: list[schema.AuthorizationPolicy] | None) -> None:
+        if policies is None:
+            return  # Authorizer.check_tcp's copy
         self.deny = [_Policy(p) for p in policies if p.action == "DENY"]
         self.allow = [_Policy(p) for p in policies if p.action == "ALLOW"]
         self.audit = [_Policy(p) for p in policies if p.action == "AUDIT"]
+        self._tcp: Authorizer | None = None
+
+    def check_tcp(self, r: Request) -> Decision:
+        """A TCP connection's decision (the module's rules for HTTP-only fields)."""
+        tcp = self._tcp
+        if tcp is None:
+            tcp = self._tcp = Authorizer(None)
+            tcp.deny = [p.for_tcp(True) for p in self.deny]
+            tcp.allow = [p.for_tcp(False) for p in self.allow]
+            tcp.audit = [p.for_tcp(False) for p in self.audit]
+        return tcp.check(r)
 
     def check(self, r: Request) -> Decision:
         audited = ""

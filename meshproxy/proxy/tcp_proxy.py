@@ -7,9 +7,8 @@ says TCP, AUTO, PASSTHROUGH or BLACKHOLE, once its TLS (if the listener has any)
   it with the virtual hosts, the bytes read still in its buffer; anything else, or
   silence (a protocol whose server speaks first), goes on as TCP to the destination's
   cluster;
-- the authorization policies decide, as Istio's do for TCP: on the caller's identity,
-  address and the destination port; a rule that needs HTTP fields matches no TCP
-  connection;
+- the authorization policies decide, as Istio's do for TCP (filters.authz.check_tcp): on
+  the caller's identity, address and the destination port;
 - TCP: an endpoint of the cluster (its balancer, its TLS: mTLS to another sidecar),
   connected within the cluster's connect_timeout;
 - PASSTHROUGH: the original destination itself (PassthroughCluster), or the listener's
@@ -138,7 +137,7 @@ async def _proxy(side: ClientSide, dest: DestinationSpec, dst: tuple[str, int],
     authz = ctx.spec.authz
     if authz is not None:
         ident = side.identity
-        decision = authz.check(AuthzRequest(
+        decision = authz.check_tcp(AuthzRequest(
             "", "", "", dst[1], side.peer[0] if side.peer else "",
             ident.principal.decode() if ident is not None else "",
             ident.namespace if ident is not None else "", _no_header))

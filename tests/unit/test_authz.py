@@ -133,3 +133,28 @@ def test_authz_listener_policies_compiled_once_per_snapshot() -> None:
     shared = {id(r.action.filters.authz) for r in vh.routes[:3]}
     assert shared == {id(listener.authz)}  # one Authorizer for the listener's routes
     assert vh.routes[3].action.filters.authz is not listener.authz
+
+
+def test_authz_tcp_connections_follow_istios_rules_for_http_only_fields() -> None:
+    a = policies(
+        {"name": "web-gets", "action": "ALLOW",
+         "rules": [{"from": [{"principals": [WEB]}], "to": [{"methods": ["GET"]}]},
+                   {"from": [{"principals": [OPS]}], "to": [{"ports": [5432]}]}]},
+        {"name": "no-web-posts", "action": "DENY",
+         "rules": [{"from": [{"principals": [WEB]}], "to": [{"methods": ["POST"]}]}]})
+
+    def tcp(principal: str, port: int = 5432) -> Request:
+        return req("", method="", host="", principal=principal, port=port)
+
+    # HTTP: web may GET, not POST.
+    assert a.check(req(principal=WEB)).allowed
+    assert not a.check(req(principal=WEB, method="POST")).allowed
+    # TCP: the ALLOW rule that needs a method never matches, the DENY rule is taken
+    # without its method (it denies web's connections outright).
+    d = a.check_tcp(tcp(WEB))
+    assert not d.allowed and d.policy == "no-web-posts"
+    # The other ALLOW rule has no HTTP-only field: it applies as written.
+    assert a.check_tcp(tcp(OPS)).allowed
+    assert not a.check_tcp(tcp(OPS, port=22)).allowed
+    # The HTTP decisions are unchanged by the TCP copy.
+    assert a.check(req(principal=WEB)).allowed
