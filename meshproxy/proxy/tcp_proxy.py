@@ -80,14 +80,13 @@ class _Session:
 async def inspect_http(side: ClientSide, timeout: float) -> bool:
     """AUTO: whether the client speaks HTTP, from its first bytes (kept in side.buf)."""
     ls = side.ctx.lstats
-    deadline = side.reactor.now + timeout
     found = NEED_MORE
-    with trio.move_on_after(timeout):
+    with trio.move_on_after(timeout):  # the one bound: the reads have no deadline of their own
         while True:
             found = inspect(side.buf[side.pos:])
             if found != NEED_MORE:
                 break
-            data = await side.recv(65536, deadline)
+            data = await side.recv()
             if not data:
                 break
             side.buf = side.buf[side.pos:] + data

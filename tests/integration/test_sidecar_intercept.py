@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import Net, NetProxy
+from tests.netns import SYSTEM_PYTHON, Net, NetProxy
 
 MESHPROXY = [sys.executable, "-m", "meshproxy"]
 
 
-def _pod(net: Net, tmp: Path, policy: str = "ALLOW_ANY") -> tuple[str, str, str, str,
-                                                                     NetProxy]:
+def _pod(net: Net, tmp: Path, policy: str = "ALLOW_ANY", idle: str = "60s"
+         ) -> tuple[str, str, str, str, NetProxy]:
     pod, peer = net.host("pod"), net.host("peer")
     (_pod4, _pod6), (peer4, peer6) = net.link(pod, peer)
     net.serve(peer, peer4, "8080", "web", peer6, "8080", "web6", mode="http")
@@ -28,7 +28,7 @@ def _pod(net: Net, tmp: Path, policy: str = "ALLOW_ANY") -> tuple[str, str, str,
     cfg = {
         "listeners": [{
             "name": "outbound", "address": "::", "port": 15001, "use_original_dst": True,
-            "outbound_traffic_policy": policy,
+            "outbound_traffic_policy": policy, "idle_timeout": idle,
             "access_log": {"path": str(tmp / "access.log"), "format": "json",
                            "flush_interval": "10ms"},
             "destinations": [
@@ -102,6 +102,27 @@ def test_sidecar_intercept_registry_only_refuses_what_is_not_in_the_mesh(
     refused = [e for e in _log(tmp_path) if e["authority"] == f"{peer4}:7000"]
     assert [(e["response_flags"], e["response_code_details"]) for e in refused] == [
         ("UH", "blackhole")]
+
+
+def test_sidecar_intercept_tcp_idle_timeout_and_a_silent_auto_client(
+        net: Net, tmp_path: Path) -> None:
+    pod, _peer, peer4, _peer6, proxy = _pod(net, tmp_path, idle="700ms")
+    # A client that connects and says nothing: on the tcp port it is closed once the
+    # listener's idle_timeout passes; on the auto port the inspector gives up after
+    # protocol_detection_timeout and takes it for TCP (a server-first protocol), so it is
+    # connected upstream, then closed idle too.
+    script = ("import socket, sys, time; s = socket.create_connection((sys.argv[1], "
+              "int(sys.argv[2])), timeout=10); t = time.monotonic(); d = s.recv(10); "
+              "print(repr(d), round(time.monotonic() - t, 1))")
+    for port in ("9000", "9100"):
+        out = net.run(pod, [SYSTEM_PYTHON, "-c", script, peer4, port]).stdout.split()
+        assert out[0] == "b''" and 0.5 <= float(out[1]) < 5, out
+    st = proxy.stats()
+    assert st["listener.outbound.tcp.idle_timeout"] == 2
+    assert st["listener.outbound.http_inspector.http_not_found"] == 1
+    assert st["cluster.echo-auto.upstream_cx_total"] == 1
+    idle = [e for e in _log(tmp_path) if e["response_code_details"] == "idle_timeout"]
+    assert len(idle) == 2
 
 
 def test_sidecar_intercept_without_the_proxy_calls_fail_closed(
