@@ -31,7 +31,7 @@ def test_sidecar_mesh_two_pods_speak_mtls_through_intercepting_sidecars(
     a, b, cpns = net.host("a"), net.host("b"), net.host("cp")
     (a_ip, _a6), (b_ip, _b6) = net.link(a, b)
     (_x, _y), (cp_from_a, _z) = net.link(a, cpns)
-    (_x, _y), (cp_from_b, _z) = net.link(b, cpns)
+    (b_cp, _y), (cp_from_b, _z) = net.link(b, cpns)
     # A resolves service-b to B's address, and routes the echo service's address to B's
     # side of the link (only so that the app's connect gets as far as the rules).
     hosts = Path("/etc/netns") / a / "hosts"
@@ -39,14 +39,14 @@ def test_sidecar_mesh_two_pods_speak_mtls_through_intercepting_sidecars(
     hosts.write_text(f"127.0.0.1 localhost\n{b_ip} service-b\n")
     try:
         net.run(a, ["ip", "route", "add", f"{ECHO_VIP}/32", "via", b_ip])
-        _two_pods(net, tmp_path, a, b, cpns, b_ip, cp_from_a, cp_from_b)
+        _two_pods(net, tmp_path, a, b, cpns, b_ip, cp_from_a, cp_from_b, b_cp)
     finally:
         hosts.unlink()
         hosts.parent.rmdir()
 
 
 def _two_pods(net: Net, tmp: Path, a: str, b: str, cpns: str, b_ip: str, cp_from_a: str,
-              cp_from_b: str) -> None:
+              cp_from_b: str, b_cp: str) -> None:
     cp = NetControlPlane(net, cpns, tmp, [cp_from_a, cp_from_b])
     cp.apply({"apiVersion": "mesh/v1", "kind": "Service", "metadata": {"name": "service-b"},
               "spec": {"ports": [{"port": 8080}]}})
@@ -92,6 +92,18 @@ def _two_pods(net: Net, tmp: Path, a: str, b: str, cpns: str, b_ip: str, cp_from
                        "rules": [{"from": [{"principals": ["cluster.local/ns/default/sa/a-sa"]}]}]}})
     _until(lambda: call_b().endswith(" 403"))
     assert "rbac_access_denied_matched_policy[default/no-a]" in _wait_text(sb.access, "no-a")
+    # A caller with no sidecar (from the control plane's host, straight to B's address on
+    # that link) is taken in by B's rules too: plaintext while B is PERMISSIVE, refused
+    # once a PeerAuthentication makes it STRICT.
+    def plain() -> str:
+        return net.run(cpns, ["curl", "-s", "--max-time", "3", "-o", "/dev/null", "-w",
+                              "%{http_code}", f"http://{b_cp}:8080/"], check=False).stdout
+
+    assert plain() == "200"
+    cp.apply({"apiVersion": "mesh/v1", "kind": "PeerAuthentication",
+              "metadata": {"name": "strict-b"},
+              "spec": {"selector": {"match_labels": {"app": "b"}}, "mtls": {"mode": "STRICT"}}})
+    _until(lambda: plain() == "000")
     # A's sidecar killed: the rules still send A's app to its port, where nothing listens.
     sa.kill()
     assert net.run(a, [*curl, "http://service-b:8080/hello"], check=False).stdout == " 000"
