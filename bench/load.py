@@ -85,6 +85,17 @@ def start_nginx(tmp: Path, port: int, body_size: int = BODY_SIZE,
                 tls: tuple[Path, Path] | None = None, http2: bool = False) -> subprocess.Popen:
     """The origin; with `tls` (chain, key) it serves HTTPS (TLS 1.3) on the port; with
     `http2`, HTTP/2 (h2c with prior knowledge on plaintext)."""
+    conf = nginx_conf(tmp, f"127.0.0.1:{port} reuseport", body_size, tls, http2)
+    proc = subprocess.Popen(["taskset", "-c", LOAD_CORE, "nginx", "-c", str(conf), "-p", str(tmp)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc
+
+
+def nginx_conf(tmp: Path, listen: str, body_size: int = BODY_SIZE,
+               tls: tuple[Path, Path] | None = None, http2: bool = False) -> Path:
+    """The origin's config (a static body of `body_size` bytes, keep-alive) listening on
+    `listen` (nginx's syntax: "127.0.0.1:8080 reuseport", "8080")."""
     (tmp / "body.txt").write_bytes(b"x" * body_size)
     # nginx's workers drop root for nobody: the directory must be readable to them.
     os.chmod(tmp, 0o755)
@@ -102,17 +113,14 @@ http {{
     keepalive_requests 1000000;
     keepalive_timeout 300s;
     server {{
-        listen 127.0.0.1:{port} reuseport backlog=4096{listen_extra};
+        listen {listen} backlog=4096{listen_extra};
         {f"ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]};" if tls else ""}
         root {tmp};
         location / {{ default_type text/plain; try_files /body.txt =404; }}
     }}
 }}
 """)
-    proc = subprocess.Popen(["taskset", "-c", LOAD_CORE, "nginx", "-c", str(conf), "-p", str(tmp)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(port)
-    return proc
+    return conf
 
 
 def start_haproxy(tmp: Path, port: int, origin: int, bind_options: str = "",

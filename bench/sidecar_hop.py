@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.load import LOAD_CORE, PROXY_CORE, cpu_split
+from bench.load import LOAD_CORE, PROXY_CORE, cpu_split, nginx_conf
 from tests.netns import Net, NetControlPlane, NetSidecar
 
 BODY = b"x" * 100
@@ -67,27 +67,8 @@ def wrk(net: Net, ns: str, url: str, connections: int, duration: float) -> Run:
 
 
 def _nginx(net: Net, ns: str, tmp: Path) -> None:
-    (tmp / "body.txt").write_bytes(BODY)
-    tmp.chmod(0o755)
-    (tmp / "body.txt").chmod(0o644)
-    conf = tmp / "nginx.conf"
-    conf.write_text(f"""
-worker_processes 1;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 1000000;
-    keepalive_timeout 300s;
-    server {{
-        listen 8080 backlog=4096;  # B's address (direct) and loopback (its sidecar)
-        root {tmp};
-        location / {{ default_type text/plain; try_files /body.txt =404; }}
-    }}
-}}
-""")
+    # Every address: B's own (the direct call) and loopback (where its sidecar forwards).
+    conf = nginx_conf(tmp, "8080", len(BODY))
     net.start(ns, ["taskset", "-c", LOAD_CORE, "nginx", "-c", str(conf), "-p", str(tmp)],
               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)

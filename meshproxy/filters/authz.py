@@ -27,6 +27,7 @@ matches `principals: ["*"]` (Istio's way of saying "any authenticated client").
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import re
 from collections.abc import Callable
@@ -186,9 +187,7 @@ def _condition(c: schema.AuthzCondition) -> Matcher:
 class _Rule:
     __slots__ = ("sources", "operations", "conditions")
 
-    def __init__(self, rule: schema.AuthzRule | None) -> None:
-        if rule is None:
-            return  # _Rule.for_tcp fills it in
+    def __init__(self, rule: schema.AuthzRule) -> None:
         self.sources = [_source(s) for s in rule.from_]
         self.operations = [_operation(o) for o in rule.to]
         self.conditions = _all([_condition(c) for c in rule.when])
@@ -201,8 +200,7 @@ class _Rule:
             return self
         if not deny:
             return None
-        out = _Rule(None)
-        out.sources = self.sources
+        out = copy.copy(self)
         out.operations = [tuple(f for f in g if not f.http) for g in self.operations]
         out.conditions = tuple(f for f in self.conditions if not f.http)
         return out
@@ -233,15 +231,12 @@ def _any_group(groups: list[tuple[Matcher, ...]], r: Request) -> bool:
 class _Policy:
     __slots__ = ("name", "rules")
 
-    def __init__(self, p: schema.AuthorizationPolicy | None) -> None:
-        if p is None:
-            return  # _Policy.for_tcp fills it in
+    def __init__(self, p: schema.AuthorizationPolicy) -> None:
         self.name = p.name
         self.rules = [_Rule(r) for r in p.rules]
 
     def for_tcp(self, deny: bool) -> _Policy:
-        out = _Policy(None)
-        out.name = self.name
+        out = copy.copy(self)
         out.rules = [t for t in (r.for_tcp(deny) for r in self.rules) if t is not None]
         return out
 
@@ -264,9 +259,7 @@ class Authorizer:
 
     __slots__ = ("deny", "allow", "audit", "_tcp")
 
-    def __init__(self, policies: list[schema.AuthorizationPolicy] | None) -> None:
-        if policies is None:
-            return  # Authorizer.check_tcp's copy
+    def __init__(self, policies: list[schema.AuthorizationPolicy]) -> None:
         self.deny = [_Policy(p) for p in policies if p.action == "DENY"]
         self.allow = [_Policy(p) for p in policies if p.action == "ALLOW"]
         self.audit = [_Policy(p) for p in policies if p.action == "AUDIT"]
@@ -276,7 +269,7 @@ class Authorizer:
         """A TCP connection's decision (the module's rules for HTTP-only fields)."""
         tcp = self._tcp
         if tcp is None:
-            tcp = self._tcp = Authorizer(None)
+            tcp = self._tcp = copy.copy(self)
             tcp.deny = [p.for_tcp(True) for p in self.deny]
             tcp.allow = [p.for_tcp(False) for p in self.allow]
             tcp.audit = [p.for_tcp(False) for p in self.audit]
